@@ -1,0 +1,102 @@
+//! The purchase event on the Kafka topic: key = user_id, value = this JSON.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::amount::Amount;
+use crate::user::UserId;
+
+/// One committed purchase, as published by the outbox relay and counted by the aggregator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurchaseEvent {
+    pub purchase_id: Uuid,
+    pub user_id: String,
+    pub amount_cents: i64,
+    /// The same amount as canonical decimal text, for people reading the topic.
+    pub amount: String,
+    /// When the purchase was committed, RFC 3339.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Why a record on the topic is not a valid purchase event.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("event has an invalid user_id: {0}")]
+    UserId(#[from] crate::user::UserIdError),
+    #[error("event has an invalid amount: {0}")]
+    Amount(#[from] crate::amount::AmountError),
+    #[error("event amount {amount:?} does not match amount_cents {amount_cents}")]
+    Mismatch { amount: String, amount_cents: i64 },
+}
+
+impl PurchaseEvent {
+    pub fn new(purchase_id: Uuid, user_id: &UserId, amount: Amount, created_at: DateTime<Utc>) -> Self {
+        Self {
+            purchase_id,
+            user_id: user_id.to_string(),
+            amount_cents: amount.cents(),
+            amount: amount.to_string(),
+            created_at,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes and validates a record value: a malformed event must never reach a total.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EventError> {
+        let event: Self = serde_json::from_slice(bytes)?;
+        UserId::parse(&event.user_id)?;
+        let amount = Amount::from_cents(event.amount_cents)?;
+        if amount.to_string() != event.amount {
+            return Err(EventError::Mismatch {
+                amount: event.amount,
+                amount_cents: event.amount_cents,
+            });
+        }
+        Ok(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_with_exact_fields() {
+        let id = Uuid::parse_str("0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60").expect("uuid");
+        let at = DateTime::parse_from_rfc3339("2026-11-26T12:00:00.123456Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let event = PurchaseEvent::new(
+            id,
+            &UserId::parse("123").expect("user"),
+            Amount::from_cents(4999).expect("amount"),
+            at,
+        );
+        let json = String::from_utf8(event.encode()).expect("utf8");
+        assert_eq!(
+            json,
+            r#"{"purchase_id":"0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60","user_id":"123","amount_cents":4999,"amount":"49.99","created_at":"2026-11-26T12:00:00.123456Z"}"#
+        );
+        assert_eq!(PurchaseEvent::decode(json.as_bytes()).expect("decode"), event);
+    }
+
+    #[test]
+    fn refuses_invalid_events() {
+        let base = r#""purchase_id":"0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60","created_at":"2026-11-26T12:00:00Z""#;
+        for bad in [
+            "garbage".to_owned(),
+            format!(r#"{{{base},"user_id":"","amount_cents":1,"amount":"0.01"}}"#),
+            format!(r#"{{{base},"user_id":"u","amount_cents":0,"amount":"0.00"}}"#),
+            format!(r#"{{{base},"user_id":"u","amount_cents":5,"amount":"0.06"}}"#),
+            format!(r#"{{{base},"user_id":"u","amount_cents":1.5,"amount":"0.01"}}"#),
+        ] {
+            assert!(PurchaseEvent::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}

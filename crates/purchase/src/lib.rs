@@ -1,0 +1,22 @@
+//! Domain types shared by every service and client of the purchase pipeline.
+//!
+//! Layout:
+//! - [`amount`]: [`Amount`], money as integer cents parsed exactly from JSON text;
+//! - [`user`]: [`UserId`], the validated user identifier;
+//! - [`inbound`]: turns one WebSocket text frame into a [`PurchaseRequest`] or a [`Rejection`];
+//! - [`reply`]: the JSON replies the WebSocket service sends back;
+//! - [`event`]: the [`PurchaseEvent`] carried on the Kafka topic.
+//!
+//! This crate never performs I/O and never touches `f64`: every value that can be constructed is valid.
+
+pub mod amount;
+pub mod event;
+pub mod inbound;
+pub mod reply;
+pub mod user;
+
+pub use amount::{Amount, AmountError};
+pub use event::{EventError, PurchaseEvent};
+pub use inbound::{PurchaseRequest, Rejection, parse_frame};
+pub use reply::{ErrorCode, Reply};
+pub use user::{UserId, UserIdError};
