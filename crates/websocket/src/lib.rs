@@ -1,1 +1,202 @@
-//! placeholder
+//! The websocket service: purchases in over WebSocket, committed to PostgreSQL, relayed to Kafka.
+//!
+//! Layout:
+//! - [`settings`]: the typed settings, from flags or environment;
+//! - [`db`]: the PostgreSQL pool and the embedded migrations;
+//! - [`store`]: group commit of purchases and their outbox rows;
+//! - [`outbox`]: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
+//! - [`server`]: HTTP accept loop, `/ws` upgrades, health endpoints;
+//! - [`connection`]: one WebSocket: parse, submit, reply in order, close;
+//! - [`wire`]: the one mapping from outcomes and errors to replies and close codes.
+//!
+//! This service never writes to Kafka outside the relay and never acknowledges a purchase that is
+//! not committed in PostgreSQL.
+
+pub mod connection;
+pub mod db;
+pub mod outbox;
+pub mod server;
+pub mod settings;
+pub mod store;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
+use rdkafka::producer::FutureProducer;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use settings::{Cli, Command, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the kafka producer: {0}")]
+    Producer(#[source] rdkafka::error::KafkaError),
+    #[error("cannot prepare the database (DATABASE_URL): {0}")]
+    Database(#[from] db::DbError),
+}
+
+/// A built service: listening, migrated, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    settings: Settings,
+    pool: db::Pool,
+    producer: FutureProducer,
+}
+
+impl Application {
+    /// Applies migrations, creates the producer and binds the listener (port 0 picks a free port).
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let pool = db::pool(
+            settings.database_url.clone(),
+            settings.database_pool_size,
+            settings.database_timeout(),
+        );
+        db::migrate(&pool).await?;
+        let producer = producer(&settings).map_err(StartError::Producer)?;
+        let addr = settings.websocket_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            settings,
+            pool,
+            producer,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.settings.websocket_addr)
+    }
+
+    /// Serves until `shutdown` is cancelled, then shuts down in order: stop accepting, answer every
+    /// accepted frame and close WebSockets with 1001, finish the commits, drain the outbox, flush
+    /// the producer.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let settings = self.settings;
+        let committed = Arc::new(Notify::new());
+        let writer_tasks = TaskTracker::new();
+        let committer = store::Committer::start(
+            self.pool.clone(),
+            settings.commit_batch_max as usize,
+            settings.commit_queue_max as usize,
+            (settings.database_pool_size as usize / 2).max(1),
+            committed.clone(),
+            &writer_tasks,
+        );
+
+        let relay_stop = CancellationToken::new();
+        let relay = outbox::Relay {
+            pool: self.pool.clone(),
+            producer: self.producer,
+            topic_spec: settings.topic_spec(),
+            batch_max: i64::from(settings.outbox_batch_max),
+            committed,
+        };
+        let relay_task = tokio::spawn(relay.run(relay_stop.clone(), settings.shutdown_timeout()));
+
+        let max_frame = settings.ws_max_frame_bytes as usize;
+        let shared = Arc::new(server::Shared {
+            committer,
+            pool: self.pool.clone(),
+            ws_config: WebSocketConfig::default()
+                .max_frame_size(Some(max_frame))
+                .max_message_size(Some(max_frame)),
+            connection: connection::ConnectionConfig {
+                max_in_flight: settings.ws_max_in_flight as usize,
+                idle_timeout: settings.idle_timeout(),
+            },
+            connection_slots: Arc::new(Semaphore::new(settings.ws_max_connections as usize)),
+            shutdown: shutdown.clone(),
+            websockets: TaskTracker::new(),
+        });
+        let http = TaskTracker::new();
+        tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");
+        server::accept_loop(self.listener, shared.clone(), http.clone()).await;
+
+        // Shutdown: the accept loop returned because `shutdown` was cancelled.
+        let deadline = tokio::time::Instant::now() + settings.shutdown_timeout();
+        http.close();
+        shared.websockets.close();
+        let websockets = shared.websockets.clone();
+        let drained = tokio::time::timeout_at(deadline, async {
+            http.wait().await;
+            websockets.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("connections still open at the shutdown deadline");
+        }
+        drop(shared);
+        writer_tasks.close();
+        if tokio::time::timeout_at(deadline, writer_tasks.wait()).await.is_err() {
+            tracing::warn!("commits still running at the shutdown deadline");
+        }
+        relay_stop.cancel();
+        let _ = relay_task.await;
+        tracing::info!("websocket service stopped");
+    }
+}
+
+fn producer(settings: &Settings) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+    kafka_common::client_config(&settings.kafka_brokers)
+        // Idempotence keeps per-partition order and avoids duplicates from the producer's own retries.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set(
+            "message.timeout.ms",
+            settings.kafka_message_timeout_ms.to_string(),
+        )
+        .create()
+}
+
+/// Default time a health check waits for an answer.
+pub const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Asks the running service's `/readyz` on `addr` (an unspecified address means this host).
+pub async fn healthcheck(addr: SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(HEALTHCHECK_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {target} within {HEALTHCHECK_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot reach {target}: {e}"))?;
+    if response.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        let status = String::from_utf8_lossy(&response);
+        Err(format!(
+            "not ready: {}",
+            status.lines().next().unwrap_or("empty answer")
+        ))
+    }
+}

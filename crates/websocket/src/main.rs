@@ -1,1 +1,64 @@
-fn main() {}
+//! Entry point of the websocket service: read settings, start logging, run until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use websocket::{Application, Cli, Command};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.settings.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = match Application::build(cli.settings).await {
+                Ok(app) => app,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(telemetry_signal(shutdown.clone()));
+            app.run_until_stopped(shutdown).await;
+            ExitCode::SUCCESS
+        }
+        Command::Migrate => {
+            let settings = cli.settings;
+            let pool = websocket::db::pool(settings.database_url.clone(), 2, settings.database_timeout());
+            match websocket::db::migrate(&pool).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "migration failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Healthcheck => match websocket::healthcheck(cli.settings.websocket_addr).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("unhealthy: {error}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+async fn telemetry_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

@@ -1,0 +1,143 @@
+//! One WebSocket connection: read purchase frames, reply to each in order.
+//!
+//! Frames are parsed and submitted as they arrive, and their replies are sent strictly in frame
+//! order. At most `WS_MAX_IN_FLIGHT` purchases await a reply; past that the connection stops reading,
+//! so a client that never reads its acks fills only its own TCP buffers, never the server's memory.
+//! A bad frame gets an error reply and never closes the connection, except an oversized one (1009).
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::stream::FuturesOrdered;
+use futures_util::{SinkExt, StreamExt};
+use hyper_tungstenite::tungstenite::error::CapacityError;
+use hyper_tungstenite::tungstenite::protocol::CloseFrame;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::{Error as WsError, Message};
+use hyper_tungstenite::HyperWebsocket;
+use purchase::{Reply, parse_frame};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::store::{Committer, NewPurchase};
+use crate::wire;
+
+/// How long the server waits for the client's close frame after sending its own.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+type PendingReply = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+pub struct ConnectionConfig {
+    pub max_in_flight: usize,
+    pub idle_timeout: Duration,
+}
+
+pub async fn serve(
+    websocket: HyperWebsocket,
+    committer: Committer,
+    config: &ConnectionConfig,
+    shutdown: CancellationToken,
+) {
+    let stream = match websocket.await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(%error, "websocket handshake failed");
+            return;
+        }
+    };
+    let (mut sink, mut frames) = stream.split();
+    let mut in_flight: FuturesOrdered<PendingReply> = FuturesOrdered::new();
+    let idle = tokio::time::sleep(config.idle_timeout);
+    tokio::pin!(idle);
+
+    let close: Option<(u16, &str)> = loop {
+        tokio::select! {
+            biased;
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(error) = sink.send(Message::text(reply.to_json())).await {
+                    tracing::debug!(%error, "client went away before its reply");
+                    break None;
+                }
+            }
+            () = shutdown.cancelled() => {
+                break Some((wire::CLOSE_GOING_AWAY, "server shutting down"));
+            }
+            () = &mut idle, if in_flight.is_empty() => {
+                break Some((wire::CLOSE_IDLE, "idle timeout"));
+            }
+            frame = frames.next(), if in_flight.len() < config.max_in_flight => {
+                idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout);
+                match frame {
+                    None | Some(Ok(Message::Close(_))) => break None,
+                    Some(Ok(Message::Text(text))) => in_flight.push_back(handle_text(&text, &committer)),
+                    Some(Ok(Message::Binary(_))) => {
+                        in_flight.push_back(Box::pin(std::future::ready(wire::binary_frame())));
+                    }
+                    Some(Ok(_ping_pong_or_raw)) => {}
+                    Some(Err(WsError::Capacity(
+                        CapacityError::MessageTooLong { .. },
+                    ))) => break Some((wire::CLOSE_TOO_BIG, "frame exceeds the size limit")),
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "websocket read failed");
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+
+    // Every accepted frame still gets its reply before the close frame, as long as the client
+    // listens. The purchases themselves are committed whatever happens to the connection.
+    while let Some(reply) = in_flight.next().await {
+        if sink.send(Message::text(reply.to_json())).await.is_err() {
+            return;
+        }
+    }
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        if sink.send(Message::Close(Some(frame))).await.is_ok() {
+            // Wait briefly for the client's close so the handshake completes cleanly.
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+                while let Some(Ok(_)) = frames.next().await {}
+            })
+            .await;
+        }
+    }
+}
+
+fn handle_text(text: &str, committer: &Committer) -> PendingReply {
+    let request = match parse_frame(text) {
+        Ok(request) => request,
+        Err(rejection) => {
+            tracing::debug!(code = rejection.code.as_str(), "rejected frame");
+            return Box::pin(std::future::ready(wire::rejected(rejection)));
+        }
+    };
+    let purchase = NewPurchase {
+        purchase_id: request.purchase_id.unwrap_or_else(Uuid::now_v7),
+        user_id: request.user_id,
+        amount: request.amount,
+    };
+    let committer = committer.clone();
+    Box::pin(async move {
+        let result = committer.submit(purchase.clone()).await;
+        match &result {
+            Ok(outcome) => tracing::debug!(
+                purchase_id = %purchase.purchase_id,
+                user_id = %purchase.user_id,
+                amount_cents = purchase.amount.cents(),
+                ?outcome,
+                "purchase stored"
+            ),
+            Err(error) => tracing::warn!(
+                purchase_id = %purchase.purchase_id,
+                %error,
+                "purchase not stored"
+            ),
+        }
+        wire::outcome(&purchase, &result)
+    })
+}

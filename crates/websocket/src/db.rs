@@ -1,0 +1,57 @@
+//! PostgreSQL access: the connection pool and the schema migrations.
+//!
+//! Migrations come from the repository's `migrations/` folder, embedded at build time, and are
+//! applied under an advisory lock so that replicas starting together apply them once.
+
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::NoTls;
+
+pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+mod embedded {
+    refinery::embed_migrations!("../../migrations");
+}
+
+/// Arbitrary, fixed key of the advisory lock that serialises migrations across replicas.
+const MIGRATION_LOCK_KEY: i64 = 0x7075_7263_6861_7365;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot reach PostgreSQL: {0}")]
+    Connect(#[from] bb8::RunError<tokio_postgres::Error>),
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+}
+
+/// Builds the pool without connecting: the service starts even while PostgreSQL is down and
+/// connects as requests arrive.
+pub fn pool(config: tokio_postgres::Config, size: u32, timeout: Duration) -> Pool {
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    bb8::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(1))
+        .connection_timeout(timeout)
+        // A connection that died with the server is found before use, not by a failed purchase.
+        .test_on_check_out(true)
+        .build_unchecked(manager)
+}
+
+/// Applies every pending migration; safe to run concurrently and repeatedly.
+pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
+    let mut conn = pool.get().await?;
+    conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    let report = embedded::migrations::runner()
+        .run_async(&mut *conn)
+        .await;
+    conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    for migration in report?.applied_migrations() {
+        tracing::info!(migration = %migration, "applied migration");
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The websocket service's settings: one typed struct, read once from flags or environment.
+//!
+//! Every field names its environment variable and default, so `websocket --help` documents them all
+//! and a missing or invalid value fails at start with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "websocket",
+    version,
+    about = "Accepts purchases over WebSocket, commits them to PostgreSQL and relays them to Kafka"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Serve WebSocket clients (the default).
+    Serve,
+    /// Apply the SQL migrations to DATABASE_URL and exit.
+    Migrate,
+    /// Exit 0 if the service at WEBSOCKET_ADDR answers its readiness check (for container health checks).
+    Healthcheck,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// PostgreSQL connection string, e.g. postgres://user:pass@host:5432/db.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: tokio_postgres::Config,
+
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Address the WebSocket server listens on; port 0 picks a free port.
+    #[arg(long, env = "WEBSOCKET_ADDR", default_value = "0.0.0.0:8080")]
+    pub websocket_addr: SocketAddr,
+
+    /// Topic the purchases are published to.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "user_purchase")]
+    pub kafka_topic: String,
+
+    /// Partitions of the topic when this service has to create it.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..))]
+    pub kafka_topic_partitions: i32,
+
+    /// How long the producer retries one event before the outbox relay tries it again.
+    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    pub kafka_message_timeout_ms: u64,
+
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
+    pub database_pool_size: u32,
+
+    /// How long a request waits for a PostgreSQL connection before it is answered `unavailable`.
+    #[arg(long, env = "DATABASE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub database_timeout_ms: u64,
+
+    /// Most purchases committed together in one transaction (group commit).
+    #[arg(long, env = "COMMIT_BATCH_MAX", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub commit_batch_max: u32,
+
+    /// Purchases waiting for a commit before new ones are answered `unavailable` (overload).
+    #[arg(long, env = "COMMIT_QUEUE_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub commit_queue_max: u32,
+
+    /// Outbox rows published per relay round.
+    #[arg(long, env = "OUTBOX_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub outbox_batch_max: u32,
+
+    /// Largest WebSocket frame or message in bytes; a larger one closes the connection with 1009.
+    #[arg(long, env = "WS_MAX_FRAME_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(64..))]
+    pub ws_max_frame_bytes: u32,
+
+    /// Purchases of one connection awaiting their reply before the server stops reading from it.
+    #[arg(long, env = "WS_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ws_max_in_flight: u32,
+
+    /// A connection that sends nothing for this long is closed.
+    #[arg(long, env = "WS_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_idle_timeout_secs: u64,
+
+    /// Most WebSocket connections served at once; more are answered HTTP 503.
+    #[arg(long, env = "WS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ws_max_connections: u32,
+
+    /// On SIGTERM, how long to wait for in-flight work and the outbox to drain.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Log output: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: telemetry::LogFormat,
+}
+
+impl Settings {
+    pub fn database_timeout(&self) -> Duration {
+        Duration::from_millis(self.database_timeout_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.ws_idle_timeout_secs)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
+    pub fn topic_spec(&self) -> kafka_common::TopicSpec {
+        kafka_common::TopicSpec {
+            brokers: self.kafka_brokers.clone(),
+            topic: self.kafka_topic.clone(),
+            partitions: self.kafka_topic_partitions,
+        }
+    }
+}
+
+fn parse_database_url(text: &str) -> Result<tokio_postgres::Config, String> {
+    text.parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("not a PostgreSQL connection string: {e}"))
+}

@@ -1,0 +1,229 @@
+//! Group commit of purchases into PostgreSQL, together with their outbox rows.
+//!
+//! Connections hand a [`NewPurchase`] to the [`Committer`] and await its [`Outcome`]. One writer task
+//! gathers whatever is queued (up to `COMMIT_BATCH_MAX`) into a single transaction that inserts the
+//! purchases and their outbox rows, so concurrent purchases share one commit. A purchase is reported
+//! `Committed` only after that transaction committed. Nothing here ever talks to Kafka.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use purchase::{Amount, UserId};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::db::{DbError, Pool};
+
+/// A validated purchase with its final id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPurchase {
+    pub purchase_id: Uuid,
+    pub user_id: UserId,
+    pub amount: Amount,
+}
+
+/// What became of one purchase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Newly committed.
+    Committed,
+    /// The same purchase (same id and content) was already committed: nothing changed.
+    AlreadyCommitted,
+    /// The id is taken by a purchase with other content: nothing changed.
+    Conflict,
+}
+
+/// Why a purchase was not committed. In every case nothing is acknowledged and a retry with the
+/// same purchase_id is safe.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("too many purchases are waiting to be committed")]
+    Overloaded,
+    #[error("the writer is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Db(#[from] Arc<DbError>),
+}
+
+struct Job {
+    purchase: NewPurchase,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+/// Handle used by connections to submit purchases. Dropping every handle stops the writer once the
+/// queue is drained.
+#[derive(Clone)]
+pub struct Committer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Starts the writer task on `tracker`; `committed` is notified after each commit that wrote
+    /// outbox rows.
+    pub fn start(
+        pool: Pool,
+        batch_max: usize,
+        queue_max: usize,
+        concurrent_commits: usize,
+        committed: Arc<Notify>,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (jobs, receiver) = mpsc::channel(queue_max);
+        let writer = Writer {
+            pool,
+            batch_max,
+            permits: Arc::new(Semaphore::new(concurrent_commits)),
+            committed,
+        };
+        tracker.spawn(writer.run(receiver, tracker.clone()));
+        Self { jobs }
+    }
+
+    /// Queues a purchase and waits for its outcome. Refuses at once when the queue is full, so an
+    /// overloaded database slows nobody down indefinitely.
+    pub async fn submit(&self, purchase: NewPurchase) -> Result<Outcome, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.jobs
+            .try_send(Job { purchase, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => StoreError::ShuttingDown,
+            })?;
+        outcome.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+}
+
+struct Writer {
+    pool: Pool,
+    batch_max: usize,
+    /// Bounds concurrent transactions, so a slow database cannot take every pooled connection.
+    permits: Arc<Semaphore>,
+    committed: Arc<Notify>,
+}
+
+impl Writer {
+    async fn run(self, mut receiver: mpsc::Receiver<Job>, tracker: TaskTracker) {
+        let this = Arc::new(self);
+        let mut batch = Vec::with_capacity(this.batch_max);
+        while receiver.recv_many(&mut batch, this.batch_max).await > 0 {
+            let Ok(permit) = this.permits.clone().acquire_owned().await else {
+                break;
+            };
+            let jobs = std::mem::replace(&mut batch, Vec::with_capacity(this.batch_max));
+            let writer = this.clone();
+            tracker.spawn(async move {
+                writer.commit(jobs).await;
+                drop(permit);
+            });
+        }
+        tracing::debug!("commit queue closed");
+    }
+
+    async fn commit(&self, jobs: Vec<Job>) {
+        let purchases: Vec<&NewPurchase> = jobs.iter().map(|job| &job.purchase).collect();
+        let size = purchases.len();
+        match commit_batch(&self.pool, &purchases).await {
+            Ok(outcomes) => {
+                if outcomes.contains(&Outcome::Committed) {
+                    self.committed.notify_one();
+                }
+                tracing::debug!(size, "committed batch");
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    let _client_gone = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(size, error = %error, "batch not committed");
+                let error = Arc::new(error);
+                for job in jobs {
+                    let _client_gone = job.reply.send(Err(StoreError::Db(error.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Commits one batch in one transaction and returns an outcome per purchase, in order.
+pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Outcome>, DbError> {
+    // The first occurrence of an id in the batch is the one inserted; later ones are compared to it.
+    let mut first: HashMap<Uuid, usize> = HashMap::with_capacity(batch.len());
+    for (index, purchase) in batch.iter().enumerate() {
+        first.entry(purchase.purchase_id).or_insert(index);
+    }
+    let mut ids = Vec::with_capacity(first.len());
+    let mut users = Vec::with_capacity(first.len());
+    let mut cents = Vec::with_capacity(first.len());
+    for (index, purchase) in batch.iter().enumerate() {
+        if first[&purchase.purchase_id] == index {
+            ids.push(purchase.purchase_id);
+            users.push(purchase.user_id.as_str());
+            cents.push(purchase.amount.cents());
+        }
+    }
+
+    let mut conn = pool.get().await?;
+    let transaction = conn.transaction().await?;
+    let inserted: HashSet<Uuid> = transaction
+        .query(
+            "INSERT INTO purchases (purchase_id, user_id, amount_cents) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[]) \
+             ON CONFLICT (purchase_id) DO NOTHING \
+             RETURNING purchase_id",
+            &[&ids, &users, &cents],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if !inserted.is_empty() {
+        // Outbox rows in submission order, so the relay publishes in the order purchases arrived.
+        let ordered: Vec<Uuid> = ids.iter().filter(|id| inserted.contains(id)).copied().collect();
+        transaction
+            .execute(
+                "INSERT INTO purchase_outbox (purchase_id) SELECT unnest($1::uuid[])",
+                &[&ordered],
+            )
+            .await?;
+    }
+    let existing_ids: Vec<Uuid> = ids
+        .iter()
+        .filter(|id| !inserted.contains(id))
+        .copied()
+        .collect();
+    let mut existing: HashMap<Uuid, (String, i64)> = HashMap::new();
+    if !existing_ids.is_empty() {
+        for row in transaction
+            .query(
+                "SELECT purchase_id, user_id, amount_cents FROM purchases WHERE purchase_id = ANY($1)",
+                &[&existing_ids],
+            )
+            .await?
+        {
+            existing.insert(row.get(0), (row.get(1), row.get(2)));
+        }
+    }
+    transaction.commit().await?;
+
+    let outcomes = batch
+        .iter()
+        .enumerate()
+        .map(|(index, purchase)| {
+            let first_index = first[&purchase.purchase_id];
+            let stored = if first_index == index && inserted.contains(&purchase.purchase_id) {
+                return Outcome::Committed;
+            } else if let Some((user, cents)) = existing.get(&purchase.purchase_id) {
+                (user.as_str(), *cents)
+            } else {
+                let original = batch[first_index];
+                (original.user_id.as_str(), original.amount.cents())
+            };
+            if stored == (purchase.user_id.as_str(), purchase.amount.cents()) {
+                Outcome::AlreadyCommitted
+            } else {
+                Outcome::Conflict
+            }
+        })
+        .collect();
+    Ok(outcomes)
+}

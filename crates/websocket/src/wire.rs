@@ -1,0 +1,54 @@
+//! The one place where outcomes and errors become what clients see: reply frames and close codes.
+//!
+//! Internal error text (SQL, connection failures) is logged by the caller and never sent.
+
+use purchase::{ErrorCode, Rejection, Reply};
+
+use crate::store::{NewPurchase, Outcome, StoreError};
+
+/// Close code sent when the server shuts down ("going away").
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code sent when a frame or message exceeds the size limit ("message too big").
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code sent to an idle connection (normal closure).
+pub const CLOSE_IDLE: u16 = 1000;
+
+pub fn rejected(rejection: Rejection) -> Reply {
+    Reply::error(rejection.code, rejection.message)
+}
+
+pub fn binary_frame() -> Reply {
+    Reply::error(
+        ErrorCode::UnsupportedFrame,
+        "binary frames are not supported; send each purchase as a JSON text frame",
+    )
+}
+
+pub fn outcome(purchase: &NewPurchase, result: &Result<Outcome, StoreError>) -> Reply {
+    let unavailable = |message: &str| Reply::Error {
+        code: ErrorCode::Unavailable,
+        message: message.to_owned(),
+        purchase_id: Some(purchase.purchase_id),
+    };
+    match result {
+        Ok(Outcome::Committed | Outcome::AlreadyCommitted) => {
+            Reply::ack(purchase.purchase_id, &purchase.user_id, purchase.amount)
+        }
+        Ok(Outcome::Conflict) => Reply::error(
+            ErrorCode::PurchaseIdConflict,
+            format!(
+                "purchase_id {} was already used for a purchase with a different user_id or amount",
+                purchase.purchase_id
+            ),
+        ),
+        Err(StoreError::Overloaded) => unavailable(
+            "the server is overloaded; the purchase was not saved; retry with the same purchase_id",
+        ),
+        Err(StoreError::ShuttingDown) => unavailable(
+            "the server is shutting down; the purchase was not saved; retry with the same purchase_id",
+        ),
+        Err(StoreError::Db(_)) => unavailable(
+            "storage is unavailable; the purchase was not acknowledged; retry with the same purchase_id",
+        ),
+    }
+}
