@@ -1,1 +1,40 @@
-fn main() {}
+//! Entry point of the grpc_kafka service: read settings, start logging, run until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use grpc_kafka::{Application, Cli, Command};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    service_kit::init_logging(cli.settings.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = match Application::build(cli.settings).await {
+                Ok(app) => app,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(service_kit::cancel_on_signal(shutdown.clone()));
+            match app.run_until_stopped(shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "stopped with an error");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Healthcheck => match grpc_kafka::healthcheck(cli.settings.grpc_addr).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("unhealthy: {error}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

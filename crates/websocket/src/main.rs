@@ -9,7 +9,7 @@ use websocket::{Application, Cli, Command};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.settings.log_format);
+    service_kit::init_logging(cli.settings.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let app = match Application::build(cli.settings).await {
@@ -20,7 +20,7 @@ async fn main() -> ExitCode {
                 }
             };
             let shutdown = CancellationToken::new();
-            tokio::spawn(telemetry_signal(shutdown.clone()));
+            tokio::spawn(service_kit::cancel_on_signal(shutdown.clone()));
             app.run_until_stopped(shutdown).await;
             ExitCode::SUCCESS
         }
@@ -43,22 +43,4 @@ async fn main() -> ExitCode {
             }
         },
     }
-}
-
-/// Cancels `shutdown` on SIGTERM or Ctrl-C.
-async fn telemetry_signal(shutdown: CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutdown requested");
-    shutdown.cancel();
 }

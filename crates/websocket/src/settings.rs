@@ -99,7 +99,7 @@ pub struct Settings {
 
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
-    pub log_format: telemetry::LogFormat,
+    pub log_format: service_kit::LogFormat,
 }
 
 impl Settings {

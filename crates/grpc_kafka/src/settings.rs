@@ -1,0 +1,113 @@
+//! The grpc_kafka service's settings: one typed struct, read once from flags or environment.
+//!
+//! Every field names its environment variable and default, so `grpc_kafka --help` documents them
+//! all and a missing or invalid value fails at start with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "grpc_kafka",
+    version,
+    about = "Counts purchase events from Kafka exactly once into Redis totals and serves them over gRPC"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Consume and serve (the default).
+    Serve,
+    /// Exit 0 if the gRPC health service at GRPC_ADDR reports SERVING (for container health checks).
+    Healthcheck,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Redis connection URL, e.g. redis://host:6379/0.
+    #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, hide_env_values = true)]
+    pub redis_url: String,
+
+    /// Address the gRPC server listens on; port 0 picks a free port.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Topic the purchase events are read from.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "user_purchase")]
+    pub kafka_topic: String,
+
+    /// Consumer group; replicas with the same group share the partitions.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "grpc_kafka")]
+    pub kafka_group_id: String,
+
+    /// Partitions of the topic when this service has to create it.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..))]
+    pub kafka_topic_partitions: i32,
+
+    /// Prefix of every Redis key this service writes (totals, dedupe sets, offsets).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "wallet:")]
+    pub redis_key_prefix: String,
+
+    /// Redis connections in the pool.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub redis_pool_size: u32,
+
+    /// How long a call waits for a Redis connection before it fails.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub redis_timeout_ms: u64,
+
+    /// Most events applied to Redis in one script call.
+    #[arg(long, env = "CONSUMER_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub consumer_batch_max: u32,
+
+    /// How long a batch waits for more events after its first one.
+    #[arg(long, env = "CONSUMER_LINGER_MS", default_value_t = 5)]
+    pub consumer_linger_ms: u64,
+
+    /// On SIGTERM, how long to wait for the current batch and in-flight calls.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Log output: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: service_kit::LogFormat,
+}
+
+impl Settings {
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.consumer_linger_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
+    pub fn topic_spec(&self) -> kafka_common::TopicSpec {
+        kafka_common::TopicSpec {
+            brokers: self.kafka_brokers.clone(),
+            topic: self.kafka_topic.clone(),
+            partitions: self.kafka_topic_partitions,
+        }
+    }
+}
+
+fn parse_redis_url(text: &str) -> Result<String, String> {
+    redis::Client::open(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("not a Redis URL: {e}"))
+}

@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# The native stack: PostgreSQL, Redis and a real Apache Kafka broker (KRaft, single node) on
+# loopback, plus the two services, with every byte of data under .stack/ (git-ignored).
+#
+#   scripts/stack.sh up       install what is missing, start everything, send a few purchases, print totals
+#   scripts/stack.sh deps     install what is missing and start PostgreSQL, Redis and Kafka only
+#   scripts/stack.sh services build and (re)start websocket and grpc_kafka against running deps
+#   scripts/stack.sh status   what runs, by pid
+#   scripts/stack.sh down     stop everything this script started, by pid
+#   scripts/stack.sh env      print the environment the services and tests use
+#
+# Processes are tracked by pid files under .stack/ and stopped by pid, never by name.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK="${STACK_DIR:-$ROOT/.stack}"
+PG_PORT="${STACK_PG_PORT:-55432}"
+REDIS_PORT="${STACK_REDIS_PORT:-56379}"
+KAFKA_PORT="${STACK_KAFKA_PORT:-59092}"
+KAFKA_CONTROLLER_PORT="${STACK_KAFKA_CONTROLLER_PORT:-59093}"
+WS_PORT="${STACK_WS_PORT:-8080}"
+GRPC_PORT="${STACK_GRPC_PORT:-50051}"
+PG_USER=postgres
+PG_DB=wallet
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+print_env() {
+  cat <<EOF
+export DATABASE_URL=postgres://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB
+export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+export REDIS_URL=redis://127.0.0.1:$REDIS_PORT/
+export WEBSOCKET_ADDR=127.0.0.1:$WS_PORT
+export GRPC_ADDR=127.0.0.1:$GRPC_PORT
+export KAFKA_TOPIC=user_purchase
+EOF
+}
+
+# ---------------------------------------------------------------- installation
+apt_install() {
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    die "missing: $*. Install them (Debian: apt-get install $*) and run again."
+  fi
+  log "installing $*"
+  if [ ! -f "$STACK/.apt-updated" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    mkdir -p "$STACK" && touch "$STACK/.apt-updated"
+  fi
+  # policy-rc.d keeps the packages from starting their own system-wide servers.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+  rm -f /usr/sbin/policy-rc.d
+}
+
+pg_bindir() {
+  local dir
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    [ -x "$dir/initdb" ] && { echo "$dir"; return; }
+  done
+}
+
+ensure_installed() {
+  local missing=()
+  [ -n "$(pg_bindir)" ] || missing+=(postgresql)
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v java >/dev/null || missing+=(default-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  # Build-time needs of the services: protoc for the gRPC code, cmake and a curl header for librdkafka.
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  command -v cmake >/dev/null || missing+=(cmake)
+  [ -f /usr/include/curl/curl.h ] || ls /usr/include/*/curl/curl.h >/dev/null 2>&1 || missing+=(libcurl4-openssl-dev)
+  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+# ---------------------------------------------------------------- helpers
+pid_alive() { [ -f "$1" ] && kill -0 "$(head -n1 "$1")" 2>/dev/null; }
+
+wait_port() { # name port seconds
+  local deadline=$((SECONDS + $3))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; do
+    [ $SECONDS -lt "$deadline" ] || die "$1 did not open port $2 within $3 s (see $STACK/*/*.log)"
+    sleep 0.2
+  done
+}
+
+stop_pidfile() { # name pidfile
+  local pidfile=$2 pid
+  pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
+  pid=$(head -n1 "$pidfile")
+  log "stopping $1 (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then log "$1 still running; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -f "$pidfile"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_run() { # run a PostgreSQL binary as the postgres user when we are root (initdb refuses root)
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start_postgres() {
+  local bindir data="$STACK/postgres/data"
+  bindir="$(pg_bindir)"
+  mkdir -p "$STACK/postgres"
+  if [ "$(id -u)" = 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir "$STACK/postgres" postgres
+    chown postgres "$STACK/postgres"
+  fi
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initialising PostgreSQL in $data"
+    pg_run "$bindir/initdb" -D "$data" -U "$PG_USER" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+  fi
+  if pg_run "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    log "PostgreSQL already running"
+  else
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    pg_run "$bindir/pg_ctl" -D "$data" -l "$STACK/postgres/postgres.log" -w -t 60 start \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories='' -c max_connections=400 -c fsync=on" >/dev/null
+  fi
+  wait_port PostgreSQL "$PG_PORT" 30
+  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$PG_DB'" | grep -q 1; then
+    psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $PG_DB" >/dev/null
+  fi
+}
+
+stop_postgres() {
+  local bindir data="$STACK/postgres/data"
+  bindir="$(pg_bindir)"
+  if [ -n "$bindir" ] && [ -f "$data/postmaster.pid" ]; then
+    log "stopping PostgreSQL (pid $(head -n1 "$data/postmaster.pid"))"
+    pg_run "$bindir/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+}
+
+# ---------------------------------------------------------------- Redis
+start_redis() {
+  mkdir -p "$STACK/redis"
+  if pid_alive "$STACK/redis/redis.pid"; then log "Redis already running"; return; fi
+  log "starting Redis on 127.0.0.1:$REDIS_PORT (AOF, fsync every second)"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$STACK/redis" \
+    --appendonly yes --appendfsync everysec --save '' \
+    --daemonize yes --pidfile "$STACK/redis/redis.pid" --logfile "$STACK/redis/redis.log"
+  wait_port Redis "$REDIS_PORT" 30
+}
+
+# ---------------------------------------------------------------- Kafka
+kafka_jars() {
+  local libs="$STACK/kafka/libs"
+  if [ ! -f "$libs/.complete" ]; then
+    log "resolving the Kafka broker's jars with Maven"
+    rm -rf "$libs" && mkdir -p "$libs"
+    mvn -q -B -Dstyle.color=never -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$libs" >&2
+    touch "$libs/.complete"
+  fi
+  echo "$libs"
+}
+
+start_kafka() {
+  local dir="$STACK/kafka" libs
+  mkdir -p "$dir"
+  if pid_alive "$dir/kafka.pid"; then log "Kafka already running"; return; fi
+  libs="$(kafka_jars)"
+  cat > "$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=4
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+EOF
+  local java=(java -Xms256m -Xmx768m -XX:+UseG1GC -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$libs/*")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    log "formatting Kafka storage (KRaft)"
+    local cluster_id
+    cluster_id="$("${java[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)"
+    "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
+      || die "cannot format Kafka storage (see $dir/format.log)"
+  fi
+  log "starting Kafka (KRaft) on 127.0.0.1:$KAFKA_PORT"
+  nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
+  echo $! > "$dir/kafka.pid"
+  wait_port Kafka "$KAFKA_PORT" 90
+  local deadline=$((SECONDS + 90))
+  until grep -q "Kafka Server started\|\[KafkaRaftServer nodeId=1\] Kafka Server started" "$dir/broker.log"; do
+    pid_alive "$dir/kafka.pid" || die "Kafka exited (see $dir/broker.log)"
+    [ $SECONDS -lt $deadline ] || die "Kafka did not report started within 90 s (see $dir/broker.log)"
+    sleep 0.2
+  done
+}
+
+# ---------------------------------------------------------------- services
+build_services() {
+  log "building the services (cargo build --release)"
+  (cd "$ROOT" && cargo build --release --bins -q)
+}
+
+start_service() { # name binary extra-env...
+  local name=$1 bin="$ROOT/target/release/$2"; shift 2
+  mkdir -p "$STACK/$name"
+  stop_pidfile "$name" "$STACK/$name/$name.pid"
+  log "starting $name"
+  # shellcheck disable=SC2046
+  env $(print_env | sed 's/^export //') "$@" nohup "$bin" >"$STACK/$name/$name.log" 2>&1 </dev/null &
+  echo $! > "$STACK/$name/$name.pid"
+}
+
+start_services() {
+  build_services
+  start_service websocket websocket
+  start_service grpc_kafka grpc_kafka
+  wait_port websocket "$WS_PORT" 60
+  wait_port grpc_kafka "$GRPC_PORT" 60
+  local deadline=$((SECONDS + 60))
+  # shellcheck disable=SC2046
+  until env $(print_env | sed 's/^export //') "$ROOT/target/release/websocket" healthcheck >/dev/null 2>&1; do
+    pid_alive "$STACK/websocket/websocket.pid" || die "websocket exited (see $STACK/websocket/websocket.log)"
+    [ $SECONDS -lt $deadline ] || die "websocket not ready within 60 s (see $STACK/websocket/websocket.log)"
+    sleep 0.2
+  done
+}
+
+demo() {
+  local ctl="$ROOT/target/release/walletctl" ws="ws://127.0.0.1:$WS_PORT/ws" grpc="http://127.0.0.1:$GRPC_PORT"
+  log "sending purchases over WebSocket"
+  "$ctl" --ws-url "$ws" send --user-id alice --amount 49.99
+  "$ctl" --ws-url "$ws" send --user-id alice --amount 0.01
+  "$ctl" --ws-url "$ws" send --user-id bob --amount "12.30"
+  log "waiting for the totals over gRPC"
+  "$ctl" --grpc-url "$grpc" total alice --wait-count 2 --wait-secs 60
+  "$ctl" --grpc-url "$grpc" total bob --wait-count 1 --wait-secs 60
+}
+
+status() {
+  local name pidfile
+  for name in postgres redis kafka websocket grpc_kafka; do
+    case $name in
+      postgres) pidfile="$STACK/postgres/data/postmaster.pid" ;;
+      redis) pidfile="$STACK/redis/redis.pid" ;;
+      kafka) pidfile="$STACK/kafka/kafka.pid" ;;
+      *) pidfile="$STACK/$name/$name.pid" ;;
+    esac
+    if pid_alive "$pidfile"; then echo "$name: running (pid $(head -n1 "$pidfile"))"; else echo "$name: stopped"; fi
+  done
+}
+
+deps() {
+  mkdir -p "$STACK"
+  ensure_installed
+  start_postgres
+  start_redis
+  start_kafka
+  log "dependencies are up; environment: scripts/stack.sh env"
+}
+
+down() {
+  stop_pidfile websocket "$STACK/websocket/websocket.pid"
+  stop_pidfile grpc_kafka "$STACK/grpc_kafka/grpc_kafka.pid"
+  stop_pidfile Kafka "$STACK/kafka/kafka.pid"
+  stop_pidfile Redis "$STACK/redis/redis.pid"
+  stop_postgres
+}
+
+case "${1:-}" in
+  up) deps; start_services; demo; log "the system is up: scripts/stack.sh status; stop it with scripts/stack.sh down" ;;
+  deps) deps ;;
+  services) start_services ;;
+  demo) demo ;;
+  status) status ;;
+  down) down ;;
+  env) print_env ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
