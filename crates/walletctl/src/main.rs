@@ -1,1 +1,171 @@
-fn main() {}
+//! walletctl: the command-line client for people. Sends purchases over WebSocket and prints each
+//! reply; queries totals over gRPC.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use purchase::Reply;
+use tokio_tungstenite::tungstenite::Message;
+use wallet_proto::GetTotalSpentRequest;
+use wallet_proto::wallet_service_client::WalletServiceClient;
+
+#[derive(Debug, Parser)]
+#[command(name = "walletctl", version, about = "Send purchases and query totals of the purchase pipeline")]
+struct Cli {
+    /// WebSocket endpoint of the websocket service.
+    #[arg(long, env = "WALLET_WS_URL", default_value = "ws://127.0.0.1:8080/ws", global = true)]
+    ws_url: String,
+    /// gRPC endpoint of the grpc_kafka service.
+    #[arg(long, env = "WALLET_GRPC_URL", default_value = "http://127.0.0.1:50051", global = true)]
+    grpc_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send one purchase and print the server's reply; exits 1 if the reply is an error.
+    Send {
+        #[arg(long)]
+        user_id: String,
+        /// Decimal amount with at most two places, e.g. 49.99 (sent as a JSON number).
+        #[arg(long)]
+        amount: String,
+        /// Idempotency key (a UUID); the server makes one when absent.
+        #[arg(long)]
+        purchase_id: Option<String>,
+    },
+    /// Send every line of a file (or - for standard input) as one frame and print each reply.
+    /// Lines are JSON objects such as {"user_id": "123", "amount": 49.99}.
+    SendFile { path: String },
+    /// Print a user's total from the grpc_kafka service.
+    Total {
+        user_id: String,
+        /// Poll until the user has at least this many purchases counted.
+        #[arg(long, default_value_t = 0)]
+        wait_count: u64,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("walletctl: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Returns whether every reply was an ack (or the total was found).
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::Send {
+            user_id,
+            amount,
+            purchase_id,
+        } => {
+            let mut frame = serde_json::Map::new();
+            frame.insert("user_id".into(), user_id.into());
+            let number: serde_json::Value = serde_json::from_str(&amount)
+                .ok()
+                .filter(serde_json::Value::is_number)
+                .unwrap_or(serde_json::Value::String(amount));
+            // Keep the amount's exact text: a number stays a number literal, anything else a string.
+            frame.insert("amount".into(), number);
+            if let Some(id) = purchase_id {
+                frame.insert("purchase_id".into(), id.into());
+            }
+            let text = serde_json::Value::Object(frame).to_string();
+            send_frames(&cli.ws_url, vec![text]).await
+        }
+        Command::SendFile { path } => {
+            let lines: Vec<String> = if path == "-" {
+                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+            } else {
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {path}"))?
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            };
+            let frames = lines.into_iter().filter(|l| !l.trim().is_empty()).collect();
+            send_frames(&cli.ws_url, frames).await
+        }
+        Command::Total {
+            user_id,
+            wait_count,
+            wait_secs,
+        } => total(&cli.grpc_url, user_id, wait_count, Duration::from_secs(wait_secs)).await,
+    }
+}
+
+async fn send_frames(url: &str, frames: Vec<String>) -> anyhow::Result<bool> {
+    let (socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let count = frames.len();
+    let mut all_acked = true;
+    let (mut sink, mut stream) = socket.split();
+    let sender = async move {
+        for frame in frames {
+            sink.send(Message::text(frame)).await?;
+        }
+        Ok::<_, anyhow::Error>(sink)
+    };
+    let receiver = async {
+        for _ in 0..count {
+            let reply = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(text))) => break text,
+                    Some(Ok(Message::Close(frame))) => bail!("server closed the connection: {frame:?}"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => bail!("connection failed: {error}"),
+                    None => bail!("server closed the connection"),
+                }
+            };
+            println!("{reply}");
+            if !matches!(serde_json::from_str::<Reply>(&reply), Ok(Reply::Ack { .. })) {
+                all_acked = false;
+            }
+        }
+        Ok(())
+    };
+    let (sink, ()) = tokio::try_join!(sender, receiver)?;
+    let mut socket = sink.reunite(stream).map_err(|_| anyhow::anyhow!("socket halves mismatch"))?;
+    let _ = socket.close(None).await;
+    Ok(all_acked)
+}
+
+async fn total(url: &str, user_id: String, wait_count: u64, wait: Duration) -> anyhow::Result<bool> {
+    let mut client = WalletServiceClient::connect(url.to_owned())
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let response = client
+            .get_total_spent(GetTotalSpentRequest {
+                user_id: user_id.clone(),
+            })
+            .await
+            .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
+            .into_inner();
+        if response.purchase_count >= wait_count || tokio::time::Instant::now() >= deadline {
+            println!(
+                "{}: total {} ({} cents) over {} purchases",
+                response.user_id, response.total, response.total_cents, response.purchase_count
+            );
+            return Ok(response.purchase_count >= wait_count);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
