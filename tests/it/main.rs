@@ -1,1 +1,9 @@
+//! One integration-test binary for the whole workspace (one link instead of many).
+//!
+//! - `websocket`: the websocket service in-process against real PostgreSQL and Kafka;
+//! - `grpc_kafka`: the aggregator and gRPC API in-process against real Kafka and Redis;
+//! - `e2e`: the real binaries as processes, the whole pipeline under concurrent load.
 
+mod e2e;
+mod grpc_kafka;
+mod websocket;

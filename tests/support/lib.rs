@@ -1,1 +1,493 @@
-//! placeholder
+//! Test harness: starts the services in-process (port 0) or as processes, against the real
+//! PostgreSQL, Kafka and Redis, each test isolated by its own database, topic, consumer group and
+//! Redis key prefix.
+//!
+//! The services' addresses come from `TEST_DATABASE_URL` (a superuser connection; each test creates
+//! its own database), `KAFKA_BROKERS` and `REDIS_URL`, defaulting to the native stack of
+//! `scripts/stack.sh`. A service that cannot be reached fails the test with a message saying how
+//! to start it: these tests never skip.
+//!
+//! Readiness is always awaited by polling a condition with a deadline ([`eventually`]), never by
+//! sleeping a fixed time.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use purchase::{PurchaseEvent, Reply};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use wallet_proto::GetTotalSpentRequest;
+use wallet_proto::wallet_service_client::WalletServiceClient;
+
+pub const HINT: &str =
+    "start the native stack with `scripts/stack.sh deps` (or run `scripts/test.sh`)";
+
+/// Where the real services are.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub admin_database_url: String,
+    pub kafka_brokers: String,
+    pub redis_url: String,
+}
+
+impl Env {
+    pub fn get() -> Self {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        Self {
+            admin_database_url: var(
+                "TEST_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:55432/postgres",
+            ),
+            kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:59092"),
+            redis_url: var("REDIS_URL", "redis://127.0.0.1:56379/"),
+        }
+    }
+}
+
+/// A short unique suffix for names of databases, topics, groups and key prefixes.
+pub fn unique(kind: &str) -> String {
+    format!("it_{kind}_{}", Uuid::new_v4().simple())
+}
+
+/// Polls `condition` until it returns `Some`, failing after `timeout` with `what` in the message.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        // Polling interval, not a readiness assumption: the condition decides.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ------------------------------------------------------------------------------------ PostgreSQL
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub client: tokio_postgres::Client,
+}
+
+pub async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("PostgreSQL unreachable at {url}; {HINT}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+pub async fn fresh_database() -> TestDb {
+    let env = Env::get();
+    let admin = connect_pg(&env.admin_database_url).await.expect("postgres");
+    let name = unique("db");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    let url = replace_dbname(&env.admin_database_url, &name);
+    let client = connect_pg(&url).await.expect("connect to test database");
+    TestDb { name, url, client }
+}
+
+fn replace_dbname(url: &str, name: &str) -> String {
+    let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
+    format!("{base}/{name}")
+}
+
+impl TestDb {
+    pub async fn purchases(&self) -> HashMap<Uuid, (String, i64)> {
+        self.client
+            .query(
+                "SELECT purchase_id, user_id, amount_cents FROM purchases",
+                &[],
+            )
+            .await
+            .expect("select purchases")
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client
+            .query_one(sql, &[])
+            .await
+            .expect("count query")
+            .get(0)
+    }
+
+    /// Per user: (SUM(amount_cents), COUNT(*)).
+    pub async fn totals(&self) -> HashMap<String, (i64, i64)> {
+        self.client
+            .query(
+                "SELECT user_id, SUM(amount_cents)::bigint, COUNT(*) FROM purchases GROUP BY user_id",
+                &[],
+            )
+            .await
+            .expect("totals query")
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect()
+    }
+}
+
+// ------------------------------------------------------------------------------------ Kafka
+
+/// Creates a topic of its own for one test.
+pub async fn fresh_topic(partitions: i32) -> String {
+    let topic = unique("topic");
+    kafka_common::ensure_topic(&kafka_common::TopicSpec {
+        brokers: Env::get().kafka_brokers,
+        topic: topic.clone(),
+        partitions,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("Kafka unreachable: {e}; {HINT}"));
+    topic
+}
+
+/// Every record on `topic`, read from the start up to the high watermarks at the time of the call.
+pub fn topic_records(topic: &str) -> Vec<(String, PurchaseEvent)> {
+    let consumer: BaseConsumer = kafka_common::client_config(&Env::get().kafka_brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut list = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    let mut ends = HashMap::new();
+    for partition in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *partition, Duration::from_secs(10))
+            .expect("watermarks");
+        list.add_partition_offset(topic, *partition, Offset::Offset(low))
+            .expect("partition");
+        remaining += high - low;
+        ends.insert(*partition, high);
+    }
+    consumer.assign(&list).expect("assign");
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while remaining > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not read topic {topic} to its end"
+        );
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = result.expect("consume");
+        if message.offset() >= ends[&message.partition()] {
+            continue;
+        }
+        remaining -= 1;
+        let key = String::from_utf8(message.key().unwrap_or_default().to_vec()).expect("utf8 key");
+        let event =
+            PurchaseEvent::decode(message.payload().unwrap_or_default()).expect("valid event");
+        records.push((key, event));
+    }
+    records
+}
+
+// ------------------------------------------------------------------------------------ services
+
+/// A service running in-process on a free port.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Triggers the graceful shutdown and waits for it to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("service did not stop within 60 s")
+            .expect("service task panicked");
+    }
+}
+
+pub fn websocket_settings(database_url: &str, topic: &str) -> websocket::Settings {
+    use clap::Parser;
+    let env = Env::get();
+    let cli = websocket::Cli::try_parse_from([
+        "websocket",
+        "--database-url",
+        database_url,
+        "--kafka-brokers",
+        &env.kafka_brokers,
+        "--kafka-topic",
+        topic,
+        "--websocket-addr",
+        "127.0.0.1:0",
+        "--database-pool-size",
+        "4",
+        "--shutdown-timeout-secs",
+        "20",
+    ])
+    .expect("websocket settings");
+    cli.settings
+}
+
+pub async fn start_websocket(settings: websocket::Settings) -> Running {
+    let app = websocket::Application::build(settings)
+        .await
+        .unwrap_or_else(|e| panic!("websocket service did not start: {e}; {HINT}"));
+    let addr = app.local_addr();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    Running {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+pub fn grpc_kafka_settings(topic: &str, prefix: &str, group: &str) -> grpc_kafka::Settings {
+    use clap::Parser;
+    let env = Env::get();
+    let cli = grpc_kafka::Cli::try_parse_from([
+        "grpc_kafka",
+        "--kafka-brokers",
+        &env.kafka_brokers,
+        "--redis-url",
+        &env.redis_url,
+        "--kafka-topic",
+        topic,
+        "--kafka-group-id",
+        group,
+        "--redis-key-prefix",
+        prefix,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--redis-pool-size",
+        "4",
+    ])
+    .expect("grpc_kafka settings");
+    cli.settings
+}
+
+pub async fn start_grpc_kafka(settings: grpc_kafka::Settings) -> Running {
+    let app = grpc_kafka::Application::build(settings)
+        .await
+        .unwrap_or_else(|e| panic!("grpc_kafka service did not start: {e}; {HINT}"));
+    let addr = app.local_addr();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        app.run_until_stopped(token).await.expect("grpc_kafka run");
+    });
+    Running {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+// ------------------------------------------------------------------------------------ clients
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub async fn ws_connect(addr: SocketAddr) -> Socket {
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("websocket connect");
+    socket
+}
+
+/// The next text reply on `socket`, parsed; fails on close or timeout.
+pub async fn next_reply(socket: &mut Socket) -> Reply {
+    let text = next_text(socket).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("reply {text:?} is not a Reply: {e}"))
+}
+
+pub async fn next_text(socket: &mut Socket) -> String {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("no reply within 30 s")
+            .expect("connection closed before a reply")
+            .expect("websocket error");
+        match message {
+            WsMessage::Text(text) => return text.to_string(),
+            WsMessage::Close(frame) => panic!("connection closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Sends one text frame and returns its reply.
+pub async fn request(socket: &mut Socket, frame: &str) -> Reply {
+    socket
+        .send(WsMessage::text(frame.to_owned()))
+        .await
+        .expect("send frame");
+    next_reply(socket).await
+}
+
+pub async fn grpc_client(addr: SocketAddr) -> WalletServiceClient<tonic::transport::Channel> {
+    WalletServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("grpc connect")
+}
+
+/// (total_cents, purchase_count) of a user over gRPC.
+pub async fn grpc_total(
+    client: &mut WalletServiceClient<tonic::transport::Channel>,
+    user_id: &str,
+) -> Result<(i64, u64), tonic::Status> {
+    let response = client
+        .get_total_spent(GetTotalSpentRequest {
+            user_id: user_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok((response.total_cents, response.purchase_count))
+}
+
+/// Waits until gRPC reports exactly `expected` (cents, count) for every user.
+pub async fn await_totals(
+    addr: SocketAddr,
+    expected: &HashMap<String, (i64, i64)>,
+    timeout: Duration,
+) {
+    let mut client = grpc_client(addr).await;
+    eventually(timeout, "grpc totals to match", || {
+        let mut client = client.clone();
+        async move {
+            for (user, (cents, count)) in expected {
+                let got = grpc_total(&mut client, user).await.ok()?;
+                if got != (*cents, *count as u64) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    // And once more, field by field, for a readable failure if a total overshot.
+    for (user, (cents, count)) in expected {
+        let got = grpc_total(&mut client, user).await.expect("grpc total");
+        assert_eq!(got, (*cents, *count as u64), "total of {user}");
+    }
+}
+
+/// Removes every Redis key under `prefix` (a FLUSHALL limited to one test's keys).
+pub async fn wipe_redis_prefix(prefix: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(Env::get().redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await?;
+    if keys.is_empty() {
+        bail!("no keys under {prefix}");
+    }
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------ faults
+
+/// A TCP proxy on loopback in front of a real server, to cut and restore the path to it: the
+/// server stays real, the test controls the network between.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let state = std::sync::Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (accept_state, accept_stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    () = accept_stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                let link = accept_state.lock().expect("proxy state").clone();
+                if link.is_cancelled() {
+                    continue; // cut: the connection is dropped at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = link.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, state, stop }
+    }
+
+    /// Drops every open connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.state.lock().expect("proxy state").cancel();
+    }
+
+    pub fn restore(&self) {
+        *self.state.lock().expect("proxy state") = CancellationToken::new();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut();
+    }
+}
+
+/// The socket address of a `host:port` in a URL-ish string such as the test PostgreSQL URL.
+pub fn host_port(url: &str) -> SocketAddr {
+    let after_at = url.rsplit_once('@').map_or(url, |(_, rest)| rest);
+    let after_scheme = after_at
+        .rsplit_once("://")
+        .map_or(after_at, |(_, rest)| rest);
+    let host_port = after_scheme.split('/').next().unwrap_or(after_scheme);
+    host_port
+        .parse()
+        .unwrap_or_else(|e| panic!("{host_port:?} is not host:port: {e}"))
+}

@@ -15,15 +15,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use purchase::PurchaseEvent;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, Offset};
-use purchase::PurchaseEvent;
 use tokio_util::sync::CancellationToken;
 
 use crate::totals::{Applied, Counted, OffsetMoves, Totals};
 
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the consume loop checks that Redis still holds the offsets it works from.
+const OFFSET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Records that a rebalance happened, so the consume loop re-reads every partition's offset.
 #[derive(Default)]
@@ -113,6 +115,7 @@ impl Aggregator {
     pub async fn run(self, stop: CancellationToken) {
         let mut positions: HashMap<i32, Position> = HashMap::new();
         let mut backoff = Duration::from_millis(100);
+        let mut last_check = tokio::time::Instant::now();
         while !stop.is_cancelled() {
             let Some(records) = self.next_batch(&stop).await else {
                 break;
@@ -120,9 +123,24 @@ impl Aggregator {
             if self.flag.changed.swap(false, Ordering::SeqCst) {
                 positions.clear();
             }
+            if last_check.elapsed() >= OFFSET_CHECK_INTERVAL {
+                // Catches offsets that vanished while idle (Redis wiped or restored from an older
+                // file): the partitions are read again from what Redis now holds.
+                if self
+                    .resync(&mut positions, &stop, &mut backoff)
+                    .await
+                    .is_none()
+                {
+                    break;
+                }
+                last_check = tokio::time::Instant::now();
+            }
             let mut batch = Vec::with_capacity(records.len());
             for record in records {
-                match self.admit(&mut positions, record, &stop, &mut backoff).await {
+                match self
+                    .admit(&mut positions, record, &stop, &mut backoff)
+                    .await
+                {
                     Some(Some(record)) => batch.push(record),
                     Some(None) => {}
                     // Stopping: what was not applied is read again from Redis' offsets next time.
@@ -132,9 +150,38 @@ impl Aggregator {
             if batch.is_empty() {
                 continue;
             }
-            self.apply_until_done(&mut positions, &batch, &stop, &mut backoff).await;
+            self.apply_until_done(&mut positions, &batch, &stop, &mut backoff)
+                .await;
         }
         tracing::info!("aggregator stopped");
+    }
+
+    /// Compares every known position with the offset stored in Redis and seeks where they differ.
+    /// Returns `None` only when stopping.
+    async fn resync(
+        &self,
+        positions: &mut HashMap<i32, Position>,
+        stop: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> Option<()> {
+        let partitions: Vec<i32> = positions.keys().copied().collect();
+        for partition in partitions {
+            let stored = self.stored_offset(partition, stop, backoff).await?;
+            let current = match positions[&partition] {
+                Position::Next(offset) | Position::SeekingTo(offset) => offset,
+            };
+            if stored != current {
+                tracing::warn!(
+                    partition,
+                    stored,
+                    current,
+                    "stored offset differs; reading again from it"
+                );
+                self.seek(partition, stored);
+                positions.insert(partition, Position::SeekingTo(stored));
+            }
+        }
+        Some(())
     }
 
     async fn sleep(&self, stop: &CancellationToken, backoff: &mut Duration) {
@@ -150,14 +197,15 @@ impl Aggregator {
         let mut records = Vec::new();
         let first = tokio::select! {
             () = stop.cancelled() => return None,
-            message = self.consumer.recv() => message,
+            message = tokio::time::timeout(OFFSET_CHECK_INTERVAL, self.consumer.recv()) => message,
         };
         match first {
-            Ok(message) => records.push(self.reduce(&message)),
-            Err(error) => {
+            Ok(Ok(message)) => records.push(self.reduce(&message)),
+            Ok(Err(error)) => {
                 tracing::warn!(%error, "kafka consume error");
                 return Some(records);
             }
+            Err(_idle) => return Some(records),
         }
         let deadline = tokio::time::Instant::now() + self.linger;
         while records.len() < self.batch_max {
@@ -220,7 +268,9 @@ impl Aggregator {
             }
         };
         let (admitted, position) = match position {
-            Position::SeekingTo(target) if record.offset == target => (true, Position::Next(target)),
+            Position::SeekingTo(target) if record.offset == target => {
+                (true, Position::Next(target))
+            }
             Position::SeekingTo(target) => (false, Position::SeekingTo(target)),
             Position::Next(next) if record.offset < next => (false, Position::Next(next)),
             Position::Next(next) => (true, Position::Next(next)),
@@ -282,16 +332,15 @@ impl Aggregator {
                     return;
                 }
                 Ok(Applied::OffsetMismatch { partition, stored }) => {
-                    tracing::warn!(partition, stored, "stored offset moved; re-reading the batch's partitions");
-                    // Seek explicitly: the batch may hold a partition's last records, which no later
-                    // record would bring back.
-                    for partition in moves.keys() {
-                        let Some(stored) = self.stored_offset(*partition, stop, backoff).await else {
-                            return;
-                        };
-                        self.seek(*partition, stored);
-                        positions.insert(*partition, Position::SeekingTo(stored));
-                    }
+                    tracing::warn!(
+                        partition,
+                        stored,
+                        "stored offset moved; re-reading the batch's partitions"
+                    );
+                    // Nothing was written. Seek explicitly, and every partition, not just this
+                    // batch's: the batch may hold a partition's last records, which no later record
+                    // would bring back, and a wiped Redis lost the other partitions' totals too.
+                    let _stopping = self.resync(positions, stop, backoff).await;
                     return;
                 }
                 Err(error) => {

@@ -32,8 +32,7 @@ impl WalletService for Wallet {
         request: Request<GetTotalSpentRequest>,
     ) -> Result<Response<GetTotalSpentResponse>, Status> {
         let user_id = request.into_inner().user_id;
-        let user = UserId::parse(&user_id)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let user = UserId::parse(&user_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let total = self.totals.total(&user).await.map_err(|error| {
             tracing::warn!(user_id = %user, %error, "cannot read total");
             status(&error)

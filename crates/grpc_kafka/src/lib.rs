@@ -70,7 +70,9 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.settings.grpc_addr)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.settings.grpc_addr)
     }
 
     /// Serves until `shutdown` is cancelled, then: report NOT_SERVING, stop consuming after the
@@ -153,7 +155,10 @@ impl Application {
             Ok(Ok(Ok(()))) => {}
         }
         server_shutdown.cancel();
-        if tokio::time::timeout_at(deadline, server_task).await.is_err() {
+        if tokio::time::timeout_at(deadline, server_task)
+            .await
+            .is_err()
+        {
             tracing::warn!("grpc calls still running at the shutdown deadline");
         }
         tracing::info!("grpc_kafka service stopped");

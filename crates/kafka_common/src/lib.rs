@@ -31,7 +31,10 @@ pub enum TopicError {
         source: KafkaError,
     },
     #[error("cannot create topic {topic}: {code}")]
-    Refused { topic: String, code: RDKafkaErrorCode },
+    Refused {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 /// A client configuration with the brokers set and the settings both services share.
@@ -47,12 +50,15 @@ pub fn client_config(brokers: &str) -> ClientConfig {
 
 /// Creates the topic if it does not exist yet; an existing topic is left as it is.
 pub async fn ensure_topic(spec: &TopicSpec) -> Result<(), TopicError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(&spec.brokers).create().map_err(TopicError::Client)?;
+    let admin: AdminClient<DefaultClientContext> = client_config(&spec.brokers)
+        .create()
+        .map_err(TopicError::Client)?;
     let topic = NewTopic::new(&spec.topic, spec.partitions, TopicReplication::Fixed(1))
         .set("retention.ms", "-1")
         .set("cleanup.policy", "delete");
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics([&topic], &options)
         .await
@@ -62,7 +68,9 @@ pub async fn ensure_topic(spec: &TopicSpec) -> Result<(), TopicError> {
         })?;
     for result in results {
         match result {
-            Ok(name) => tracing::info!(topic = %name, partitions = spec.partitions, "created topic"),
+            Ok(name) => {
+                tracing::info!(topic = %name, partitions = spec.partitions, "created topic")
+            }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => return Err(TopicError::Refused { topic: name, code }),
         }

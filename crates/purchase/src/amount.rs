@@ -63,7 +63,11 @@ impl Amount {
             // A negative amount is refused for its sign, whatever follows it.
             return Err(AmountError::NotPositive);
         }
-        if lower.contains('e') && lower.bytes().all(|b| b.is_ascii_digit() || b"e.+-".contains(&b)) {
+        if lower.contains('e')
+            && lower
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b"e.+-".contains(&b))
+        {
             return Err(AmountError::Exponent);
         }
         let (whole, fraction) = match text.split_once('.') {
@@ -147,7 +151,10 @@ mod tests {
         assert_eq!(cents("-5"), Err(AmountError::NotPositive));
         assert_eq!(cents("-0.01"), Err(AmountError::NotPositive));
         assert_eq!(cents("NaN"), Err(AmountError::NotFinite("NaN".into())));
-        assert_eq!(cents("Infinity"), Err(AmountError::NotFinite("Infinity".into())));
+        assert_eq!(
+            cents("Infinity"),
+            Err(AmountError::NotFinite("Infinity".into()))
+        );
         assert_eq!(cents("-inf"), Err(AmountError::NotFinite("-inf".into())));
         assert_eq!(cents("1e2"), Err(AmountError::Exponent));
         assert_eq!(cents("1E2"), Err(AmountError::Exponent));
@@ -157,16 +164,27 @@ mod tests {
         assert_eq!(cents("1000000.01"), Err(AmountError::TooLarge));
         assert_eq!(cents("99999999"), Err(AmountError::TooLarge));
         assert_eq!(cents(&"9".repeat(300)), Err(AmountError::TooLarge));
-        for bad in [".5", "5.", "1.2.3", " 1", "1 ", "+1", "1,00", "0x10", "١٢", "1_000", "abc"] {
+        for bad in [
+            ".5", "5.", "1.2.3", " 1", "1 ", "+1", "1,00", "0x10", "١٢", "1_000", "abc",
+        ] {
             assert_eq!(cents(bad), Err(AmountError::Syntax), "{bad:?}");
         }
     }
 
     #[test]
     fn formats_canonically() {
-        assert_eq!(Amount::from_cents(4999).map(|a| a.to_string()), Ok("49.99".into()));
-        assert_eq!(Amount::from_cents(10).map(|a| a.to_string()), Ok("0.10".into()));
-        assert_eq!(Amount::from_cents(100).map(|a| a.to_string()), Ok("1.00".into()));
+        assert_eq!(
+            Amount::from_cents(4999).map(|a| a.to_string()),
+            Ok("49.99".into())
+        );
+        assert_eq!(
+            Amount::from_cents(10).map(|a| a.to_string()),
+            Ok("0.10".into())
+        );
+        assert_eq!(
+            Amount::from_cents(100).map(|a| a.to_string()),
+            Ok("1.00".into())
+        );
         assert_eq!(cents_to_decimal(0), "0.00");
         assert_eq!(cents_to_decimal(123_456_789_012), "1234567890.12");
         assert_eq!(cents_to_decimal(-5), "-0.05");
@@ -175,7 +193,10 @@ mod tests {
     #[test]
     fn checks_range_from_cents() {
         assert_eq!(Amount::from_cents(0), Err(AmountError::NotPositive));
-        assert_eq!(Amount::from_cents(MAX_CENTS + 1), Err(AmountError::TooLarge));
+        assert_eq!(
+            Amount::from_cents(MAX_CENTS + 1),
+            Err(AmountError::TooLarge)
+        );
         assert!(Amount::from_cents(1).is_ok());
     }
 }

@@ -33,7 +33,12 @@ pub enum EventError {
 }
 
 impl PurchaseEvent {
-    pub fn new(purchase_id: Uuid, user_id: &UserId, amount: Amount, created_at: DateTime<Utc>) -> Self {
+    pub fn new(
+        purchase_id: Uuid,
+        user_id: &UserId,
+        amount: Amount,
+        created_at: DateTime<Utc>,
+    ) -> Self {
         Self {
             purchase_id,
             user_id: user_id.to_string(),
@@ -83,7 +88,10 @@ mod tests {
             json,
             r#"{"purchase_id":"0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60","user_id":"123","amount_cents":4999,"amount":"49.99","created_at":"2026-11-26T12:00:00.123456Z"}"#
         );
-        assert_eq!(PurchaseEvent::decode(json.as_bytes()).expect("decode"), event);
+        assert_eq!(
+            PurchaseEvent::decode(json.as_bytes()).expect("decode"),
+            event
+        );
     }
 
     #[test]

@@ -48,7 +48,12 @@ pub fn parse_frame(text: &str) -> Result<PurchaseRequest, Rejection> {
     let field = |name: &str| fields.iter().find(|(key, _)| key == name).map(|(_, v)| *v);
 
     let user_id = match field("user_id") {
-        None => return Err(Rejection::new(ErrorCode::InvalidUserId, "user_id is missing")),
+        None => {
+            return Err(Rejection::new(
+                ErrorCode::InvalidUserId,
+                "user_id is missing",
+            ));
+        }
         Some(raw) => match serde_json::from_str::<String>(raw.get()) {
             Ok(text) => UserId::parse(&text)
                 .map_err(|e| Rejection::new(ErrorCode::InvalidUserId, e.to_string()))?,
@@ -62,7 +67,12 @@ pub fn parse_frame(text: &str) -> Result<PurchaseRequest, Rejection> {
     };
 
     let amount = match field("amount") {
-        None => return Err(Rejection::new(ErrorCode::InvalidAmount, "amount is missing")),
+        None => {
+            return Err(Rejection::new(
+                ErrorCode::InvalidAmount,
+                "amount is missing",
+            ));
+        }
         Some(raw) => parse_amount(raw)
             .map_err(|e| Rejection::new(ErrorCode::InvalidAmount, e.to_string()))?,
     };
@@ -97,8 +107,9 @@ fn parse_purchase_id(raw: &RawValue) -> Result<Uuid, Rejection> {
     let bad = |why: &str| Rejection::new(ErrorCode::InvalidPurchaseId, why.to_owned());
     let text: String = serde_json::from_str(raw.get())
         .map_err(|_| bad("purchase_id must be a JSON string holding a UUID"))?;
-    let id = Uuid::try_parse(&text)
-        .map_err(|_| bad("purchase_id must be a UUID such as 0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60"))?;
+    let id = Uuid::try_parse(&text).map_err(|_| {
+        bad("purchase_id must be a UUID such as 0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60")
+    })?;
     if id.is_nil() {
         return Err(bad("purchase_id must not be the nil UUID"));
     }
@@ -179,7 +190,8 @@ mod tests {
         assert_eq!(request.amount.cents(), 1230);
         let request = parse_frame(r#"{"amount":0.1,"user_id":"u"}"#).expect("valid");
         assert_eq!(request.amount.cents(), 10);
-        let request = parse_frame(r#"{"amount":7,"user_id":"u","purchase_id":null}"#).expect("valid");
+        let request =
+            parse_frame(r#"{"amount":7,"user_id":"u","purchase_id":null}"#).expect("valid");
         assert_eq!(request.amount.cents(), 700);
 
         let id = "0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60";
@@ -187,7 +199,10 @@ mod tests {
             r#"{{"user_id":"u","amount":"1.00","purchase_id":"{id}"}}"#
         ))
         .expect("valid");
-        assert_eq!(request.purchase_id.map(|p| p.to_string()), Some(id.to_owned()));
+        assert_eq!(
+            request.purchase_id.map(|p| p.to_string()),
+            Some(id.to_owned())
+        );
     }
 
     #[test]
@@ -247,7 +262,11 @@ mod tests {
             r#"{"user_id":"1","amount":""}"#,
             &format!(r#"{{"user_id":"1","amount":{}}}"#, "9".repeat(400)),
             // Deeply nested, but valid JSON: the amount has the wrong type.
-            &format!(r#"{{"user_id":"1","amount":{}1{}}}"#, "[".repeat(8000), "]".repeat(8000)),
+            &format!(
+                r#"{{"user_id":"1","amount":{}1{}}}"#,
+                "[".repeat(8000),
+                "]".repeat(8000)
+            ),
         ] {
             assert_eq!(code(text), ErrorCode::InvalidAmount, "{text:?}");
         }
@@ -266,6 +285,9 @@ mod tests {
 
     #[test]
     fn user_id_is_checked_before_amount() {
-        assert_eq!(code(r#"{"user_id":"","amount":-1}"#), ErrorCode::InvalidUserId);
+        assert_eq!(
+            code(r#"{"user_id":"","amount":-1}"#),
+            ErrorCode::InvalidUserId
+        );
     }
 }

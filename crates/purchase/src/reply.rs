@@ -114,7 +114,10 @@ mod tests {
             ErrorCode::Unavailable,
         ] {
             let json = Reply::error(code, "m").to_json();
-            assert!(json.contains(&format!(r#""code":"{}""#, code.as_str())), "{json}");
+            assert!(
+                json.contains(&format!(r#""code":"{}""#, code.as_str())),
+                "{json}"
+            );
             let back: Reply = serde_json::from_str(&json).expect("round trip");
             assert_eq!(back, Reply::error(code, "m"));
         }

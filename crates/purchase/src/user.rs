@@ -64,7 +64,11 @@ mod tests {
         assert_eq!(UserId::parse(""), Err(UserIdError::Empty));
         assert_eq!(UserId::parse(&"a".repeat(65)), Err(UserIdError::TooLong));
         for bad in ["a b", "é", "a\u{0}", "a\n", "a/b", "a\"", "🙂", "a%20"] {
-            assert_eq!(UserId::parse(bad), Err(UserIdError::BadCharacter), "{bad:?}");
+            assert_eq!(
+                UserId::parse(bad),
+                Err(UserIdError::BadCharacter),
+                "{bad:?}"
+            );
         }
         assert_eq!(UserId::parse(&"é".repeat(65)), Err(UserIdError::TooLong));
     }

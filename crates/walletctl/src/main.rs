@@ -14,13 +14,27 @@ use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
 #[derive(Debug, Parser)]
-#[command(name = "walletctl", version, about = "Send purchases and query totals of the purchase pipeline")]
+#[command(
+    name = "walletctl",
+    version,
+    about = "Send purchases and query totals of the purchase pipeline"
+)]
 struct Cli {
     /// WebSocket endpoint of the websocket service.
-    #[arg(long, env = "WALLET_WS_URL", default_value = "ws://127.0.0.1:8080/ws", global = true)]
+    #[arg(
+        long,
+        env = "WALLET_WS_URL",
+        default_value = "ws://127.0.0.1:8080/ws",
+        global = true
+    )]
     ws_url: String,
     /// gRPC endpoint of the grpc_kafka service.
-    #[arg(long, env = "WALLET_GRPC_URL", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "WALLET_GRPC_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     grpc_url: String,
     #[command(subcommand)]
     command: Command,
@@ -105,7 +119,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             user_id,
             wait_count,
             wait_secs,
-        } => total(&cli.grpc_url, user_id, wait_count, Duration::from_secs(wait_secs)).await,
+        } => {
+            total(
+                &cli.grpc_url,
+                user_id,
+                wait_count,
+                Duration::from_secs(wait_secs),
+            )
+            .await
+        }
     }
 }
 
@@ -127,7 +149,9 @@ async fn send_frames(url: &str, frames: Vec<String>) -> anyhow::Result<bool> {
             let reply = loop {
                 match stream.next().await {
                     Some(Ok(Message::Text(text))) => break text,
-                    Some(Ok(Message::Close(frame))) => bail!("server closed the connection: {frame:?}"),
+                    Some(Ok(Message::Close(frame))) => {
+                        bail!("server closed the connection: {frame:?}")
+                    }
                     Some(Ok(_)) => continue,
                     Some(Err(error)) => bail!("connection failed: {error}"),
                     None => bail!("server closed the connection"),
@@ -141,12 +165,19 @@ async fn send_frames(url: &str, frames: Vec<String>) -> anyhow::Result<bool> {
         Ok(())
     };
     let (sink, ()) = tokio::try_join!(sender, receiver)?;
-    let mut socket = sink.reunite(stream).map_err(|_| anyhow::anyhow!("socket halves mismatch"))?;
+    let mut socket = sink
+        .reunite(stream)
+        .map_err(|_| anyhow::anyhow!("socket halves mismatch"))?;
     let _ = socket.close(None).await;
     Ok(all_acked)
 }
 
-async fn total(url: &str, user_id: String, wait_count: u64, wait: Duration) -> anyhow::Result<bool> {
+async fn total(
+    url: &str,
+    user_id: String,
+    wait_count: u64,
+    wait: Duration,
+) -> anyhow::Result<bool> {
     let mut client = WalletServiceClient::connect(url.to_owned())
         .await
         .with_context(|| format!("cannot connect to {url}"))?;

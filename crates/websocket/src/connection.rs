@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
+use hyper_tungstenite::HyperWebsocket;
 use hyper_tungstenite::tungstenite::error::CapacityError;
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
-use hyper_tungstenite::HyperWebsocket;
 use purchase::{Reply, parse_frame};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

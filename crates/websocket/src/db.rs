@@ -45,9 +45,7 @@ pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
     let mut conn = pool.get().await?;
     conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
-    let report = embedded::migrations::runner()
-        .run_async(&mut *conn)
-        .await;
+    let report = embedded::migrations::runner().run_async(&mut *conn).await;
     conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
     for migration in report?.applied_migrations() {

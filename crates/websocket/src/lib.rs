@@ -143,7 +143,10 @@ impl Application {
         }
         drop(shared);
         writer_tasks.close();
-        if tokio::time::timeout_at(deadline, writer_tasks.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, writer_tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("commits still running at the shutdown deadline");
         }
         relay_stop.cancel();

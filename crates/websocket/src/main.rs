@@ -26,7 +26,11 @@ async fn main() -> ExitCode {
         }
         Command::Migrate => {
             let settings = cli.settings;
-            let pool = websocket::db::pool(settings.database_url.clone(), 2, settings.database_timeout());
+            let pool = websocket::db::pool(
+                settings.database_url.clone(),
+                2,
+                settings.database_timeout(),
+            );
             match websocket::db::migrate(&pool).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

@@ -67,9 +67,12 @@ impl Relay {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             if !topic_ready {
-                match kafka_common::ensure_topic(&self.topic_spec).await {
-                    Ok(()) => topic_ready = true,
-                    Err(error) => tracing::warn!(%topic, %error, "cannot ensure topic yet"),
+                tokio::select! {
+                    result = kafka_common::ensure_topic(&self.topic_spec) => match result {
+                        Ok(()) => topic_ready = true,
+                        Err(error) => tracing::warn!(%topic, %error, "cannot ensure topic yet"),
+                    },
+                    () = stop.cancelled() => break,
                 }
             }
             match self.relay_once().await {
@@ -109,13 +112,21 @@ impl Relay {
                     break;
                 }
                 Err(_) => {
-                    tracing::warn!("outbox drain timed out; remaining rows stay for the next start");
+                    tracing::warn!(
+                        "outbox drain timed out; remaining rows stay for the next start"
+                    );
                     break;
                 }
             }
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if let Err(error) = self.producer.flush(Timeout::After(remaining.max(Duration::from_secs(1)))) {
+        let producer = self.producer.clone();
+        // flush blocks its thread: keep it off the async workers.
+        let flushed = tokio::task::spawn_blocking(move || {
+            producer.flush(Timeout::After(remaining.max(Duration::from_secs(1))))
+        })
+        .await;
+        if let Ok(Err(error)) = flushed {
             tracing::warn!(%error, "producer flush incomplete");
         }
         tracing::info!("outbox relay stopped");
@@ -145,7 +156,8 @@ impl Relay {
             let cents: i64 = row.get(3);
             let created_at: DateTime<Utc> = row.get(4);
             // The table's CHECK constraints and the parser admit the same values, so these hold.
-            let (Ok(user), Ok(amount)) = (UserId::parse(&user_id), Amount::from_cents(cents)) else {
+            let (Ok(user), Ok(amount)) = (UserId::parse(&user_id), Amount::from_cents(cents))
+            else {
                 tracing::error!(%purchase_id, "stored purchase violates the domain rules; left in outbox");
                 continue;
             };
@@ -168,7 +180,10 @@ impl Relay {
         }
         if !delivered.is_empty() {
             transaction
-                .execute("DELETE FROM purchase_outbox WHERE id = ANY($1)", &[&delivered])
+                .execute(
+                    "DELETE FROM purchase_outbox WHERE id = ANY($1)",
+                    &[&delivered],
+                )
                 .await?;
         }
         transaction.commit().await?;

@@ -82,7 +82,10 @@ fn text(status: StatusCode, body: &'static str) -> HttpResponse {
     response
 }
 
-async fn route(mut request: Request<Incoming>, shared: Arc<Shared>) -> Result<HttpResponse, Infallible> {
+async fn route(
+    mut request: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<HttpResponse, Infallible> {
     if request.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n"));
     }
@@ -91,14 +94,20 @@ async fn route(mut request: Request<Incoming>, shared: Arc<Shared>) -> Result<Ht
         "/readyz" => readiness(&shared).await,
         "/ws" => {
             if !hyper_tungstenite::is_upgrade_request(&request) {
-                return Ok(text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n"));
+                return Ok(text(
+                    StatusCode::BAD_REQUEST,
+                    "expected a WebSocket upgrade\n",
+                ));
             }
             if shared.shutdown.is_cancelled() {
                 return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"));
             }
             let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
                 tracing::warn!("connection limit reached");
-                return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"));
+                return Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many connections\n",
+                ));
             };
             match hyper_tungstenite::upgrade(&mut request, Some(shared.ws_config)) {
                 Ok((response, websocket)) => {
@@ -121,7 +130,10 @@ async fn route(mut request: Request<Incoming>, shared: Arc<Shared>) -> Result<Ht
                 }
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; the WebSocket endpoint is /ws\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; the WebSocket endpoint is /ws\n",
+        ),
     };
     Ok(response)
 }

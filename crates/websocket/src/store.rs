@@ -178,7 +178,11 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
         .collect();
     if !inserted.is_empty() {
         // Outbox rows in submission order, so the relay publishes in the order purchases arrived.
-        let ordered: Vec<Uuid> = ids.iter().filter(|id| inserted.contains(id)).copied().collect();
+        let ordered: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| inserted.contains(id))
+            .copied()
+            .collect();
         transaction
             .execute(
                 "INSERT INTO purchase_outbox (purchase_id) SELECT unnest($1::uuid[])",

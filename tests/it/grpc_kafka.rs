@@ -1,0 +1,307 @@
+//! The grpc_kafka service in-process on port 0, with its own topic, group and Redis key prefix.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use purchase::{Amount, PurchaseEvent, UserId};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tests::*;
+use uuid::Uuid;
+
+fn producer() -> FutureProducer {
+    kafka_common::client_config(&Env::get().kafka_brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer")
+}
+
+fn event(user: &str, cents: i64) -> PurchaseEvent {
+    PurchaseEvent::new(
+        Uuid::new_v4(),
+        &UserId::parse(user).expect("user"),
+        Amount::from_cents(cents).expect("amount"),
+        chrono::Utc::now(),
+    )
+}
+
+async fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("publish");
+}
+
+struct Fixture {
+    topic: String,
+    prefix: String,
+    group: String,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        Self {
+            topic: fresh_topic(4).await,
+            prefix: format!("{}:", unique("prefix")),
+            group: unique("group"),
+        }
+    }
+
+    fn settings(&self) -> grpc_kafka::Settings {
+        grpc_kafka_settings(&self.topic, &self.prefix, &self.group)
+    }
+}
+
+#[tokio::test]
+async fn counts_each_purchase_once_even_when_published_twice() {
+    let fixture = Fixture::new().await;
+    let producer = producer();
+    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    for i in 0..200 {
+        let user = format!("user{}", i % 10);
+        let event = event(&user, 1 + i * 3);
+        publish(&producer, &fixture.topic, &user, &event.encode()).await;
+        if i % 4 == 0 {
+            // The outbox may publish an event twice: the duplicate must not count.
+            publish(&producer, &fixture.topic, &user, &event.encode()).await;
+        }
+        let entry = expected.entry(user).or_default();
+        entry.0 += event.amount_cents;
+        entry.1 += 1;
+    }
+    // A record that is not a purchase event is skipped, not counted and not blocking.
+    publish(&producer, &fixture.topic, "user0", b"{not an event").await;
+    let last = event("user0", 5);
+    publish(&producer, &fixture.topic, "user0", &last.encode()).await;
+    let entry = expected.entry("user0".into()).or_default();
+    entry.0 += 5;
+    entry.1 += 1;
+
+    let app = start_grpc_kafka(fixture.settings()).await;
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn restarts_resume_from_redis_offsets_without_double_counting() {
+    let fixture = Fixture::new().await;
+    let producer = producer();
+    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    fn add(expected: &mut HashMap<String, (i64, i64)>, user: &str, cents: i64) {
+        let entry = expected.entry(user.to_owned()).or_default();
+        entry.0 += cents;
+        entry.1 += 1;
+    }
+    for i in 0..50 {
+        let e = event("r1", 100 + i);
+        publish(&producer, &fixture.topic, "r1", &e.encode()).await;
+        add(&mut expected, "r1", 100 + i);
+    }
+    let app = start_grpc_kafka(fixture.settings()).await;
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+
+    // More events while it is down; a new instance in the same group picks up exactly there.
+    for i in 0..30 {
+        let e = event("r1", 7 + i);
+        publish(&producer, &fixture.topic, "r1", &e.encode()).await;
+        add(&mut expected, "r1", 7 + i);
+    }
+    let app = start_grpc_kafka(fixture.settings()).await;
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+
+    // A different consumer group (fresh Kafka state) over the same Redis keys counts nothing twice:
+    // Redis' offsets, not Kafka's, decide where to read.
+    let mut settings = fixture.settings();
+    settings.kafka_group_id = unique("group");
+    let app = start_grpc_kafka(settings).await;
+    let mut client = grpc_client(app.addr).await;
+    let e = event("r1", 1);
+    publish(&producer, &fixture.topic, "r1", &e.encode()).await;
+    add(&mut expected, "r1", 1);
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    assert_eq!(grpc_total(&mut client, "r1").await.expect("total").1, 81);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn wiped_redis_is_rebuilt_exactly_by_replaying_the_topic() {
+    let fixture = Fixture::new().await;
+    let producer = producer();
+    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    for i in 0..120 {
+        let user = format!("w{}", i % 6);
+        let e = event(&user, 250 + i);
+        publish(&producer, &fixture.topic, &user, &e.encode()).await;
+        let entry = expected.entry(user).or_default();
+        entry.0 += e.amount_cents;
+        entry.1 += 1;
+    }
+    let app = start_grpc_kafka(fixture.settings()).await;
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+
+    wipe_redis_prefix(&fixture.prefix).await.expect("wipe");
+    let app = start_grpc_kafka(fixture.settings()).await;
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+
+    // Wiped while running: the next event finds the stored offsets gone and replays.
+    wipe_redis_prefix(&fixture.prefix).await.expect("wipe");
+    let e = event("w0", 1);
+    publish(&producer, &fixture.topic, "w0", &e.encode()).await;
+    expected.get_mut("w0").expect("w0").0 += 1;
+    expected.get_mut("w0").expect("w0").1 += 1;
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_contract_for_unknown_and_invalid_users() {
+    let fixture = Fixture::new().await;
+    let app = start_grpc_kafka(fixture.settings()).await;
+    let mut client = grpc_client(app.addr).await;
+    let response = client
+        .get_total_spent(wallet_proto::GetTotalSpentRequest {
+            user_id: "nobody".into(),
+        })
+        .await
+        .expect("unknown user is OK")
+        .into_inner();
+    assert_eq!(
+        (
+            response.user_id.as_str(),
+            response.total_cents,
+            response.total.as_str(),
+            response.purchase_count
+        ),
+        ("nobody", 0, "0.00", 0)
+    );
+    for bad in ["", "a b", &"x".repeat(65), "é"] {
+        let status = grpc_total(&mut client, bad)
+            .await
+            .expect_err("invalid user_id");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn total_is_the_canonical_decimal() {
+    let fixture = Fixture::new().await;
+    let producer = producer();
+    for cents in [4999, 1, 10] {
+        publish(
+            &producer,
+            &fixture.topic,
+            "dec",
+            &event("dec", cents).encode(),
+        )
+        .await;
+    }
+    let app = start_grpc_kafka(fixture.settings()).await;
+    let mut expected = HashMap::new();
+    expected.insert("dec".to_owned(), (5010, 3));
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    let mut client = grpc_client(app.addr).await;
+    let response = client
+        .get_total_spent(wallet_proto::GetTotalSpentRequest {
+            user_id: "dec".into(),
+        })
+        .await
+        .expect("total")
+        .into_inner();
+    assert_eq!(response.total, "50.10");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn redis_outage_is_unavailable_and_recovers_by_itself() {
+    let fixture = Fixture::new().await;
+    let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
+    let mut settings = fixture.settings();
+    settings.redis_url = format!("redis://{}/", proxy.addr);
+    settings.redis_timeout_ms = 300;
+    let app = start_grpc_kafka(settings).await;
+    let mut client = grpc_client(app.addr).await;
+    assert_eq!(grpc_total(&mut client, "x").await.expect("up"), (0, 0));
+
+    proxy.cut();
+    let status = eventually(
+        Duration::from_secs(10),
+        "UNAVAILABLE while Redis is cut off",
+        || {
+            let mut client = client.clone();
+            async move { grpc_total(&mut client, "x").await.err() }
+        },
+    )
+    .await;
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        !status.message().contains("127.0.0.1"),
+        "{}",
+        status.message()
+    );
+
+    // Events that arrive during the outage are counted once Redis is back, without a restart.
+    let producer = producer();
+    publish(&producer, &fixture.topic, "x", &event("x", 42).encode()).await;
+    proxy.restore();
+    let mut expected = HashMap::new();
+    expected.insert("x".to_owned(), (42, 1));
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let fixture = Fixture::new().await;
+    let app = start_grpc_kafka(fixture.settings()).await;
+    grpc_kafka::healthcheck(app.addr).await.expect("SERVING");
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("message")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"wallet.v1.WalletService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+
+    let addr = app.addr;
+    app.stop().await;
+    assert!(
+        grpc_kafka::healthcheck(addr).await.is_err(),
+        "not serving after shutdown"
+    );
+}

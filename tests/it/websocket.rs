@@ -1,0 +1,437 @@
+//! The websocket service in-process on port 0, with its own database and topic per test.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use purchase::{ErrorCode, Reply};
+use tests::*;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use uuid::Uuid;
+
+fn error_code(reply: &Reply) -> ErrorCode {
+    match reply {
+        Reply::Error { code, .. } => *code,
+        Reply::Ack { .. } => panic!("expected an error, got {reply:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ack_means_committed_and_the_event_reaches_the_topic() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(4).await;
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let mut socket = ws_connect(app.addr).await;
+
+    let reply = request(&mut socket, r#"{"user_id": "123", "amount": 49.99}"#).await;
+    let Reply::Ack {
+        purchase_id,
+        user_id,
+        amount,
+    } = reply
+    else {
+        panic!("expected an ack, got {reply:?}");
+    };
+    assert_eq!((user_id.as_str(), amount.as_str()), ("123", "49.99"));
+    // The ack is sent only after the commit: the row is there the moment the ack arrives.
+    let rows = db.purchases().await;
+    assert_eq!(rows.get(&purchase_id), Some(&("123".to_owned(), 4999)));
+
+    let records = eventually(
+        Duration::from_secs(30),
+        "the event on the topic",
+        || async {
+            let records = topic_records(&topic);
+            (!records.is_empty()).then_some(records)
+        },
+    )
+    .await;
+    assert_eq!(records.len(), 1);
+    let (key, event) = &records[0];
+    assert_eq!(key, "123");
+    assert_eq!(event.purchase_id, purchase_id);
+    assert_eq!((event.amount_cents, event.amount.as_str()), (4999, "49.99"));
+    eventually(Duration::from_secs(10), "the outbox to empty", || async {
+        (db.count("SELECT COUNT(*) FROM purchase_outbox").await == 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn exact_amounts_and_canonical_acks() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let mut socket = ws_connect(app.addr).await;
+    for (amount, canonical, cents) in [
+        ("0.1", "0.10", 10),
+        ("\"12.30\"", "12.30", 1230),
+        ("7", "7.00", 700),
+        ("1000000.00", "1000000.00", 100_000_000),
+    ] {
+        let reply = request(
+            &mut socket,
+            &format!(r#"{{"user_id":"u","amount":{amount}}}"#),
+        )
+        .await;
+        let Reply::Ack {
+            purchase_id,
+            amount,
+            ..
+        } = reply
+        else {
+            panic!("expected an ack, got {reply:?}");
+        };
+        assert_eq!(amount, canonical);
+        assert_eq!(db.purchases().await[&purchase_id].1, cents);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_error_code_changes_nothing_and_keeps_the_connection() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let mut socket = ws_connect(app.addr).await;
+    let cases = [
+        ("not json", ErrorCode::MalformedJson),
+        ("[1, 2]", ErrorCode::MalformedJson),
+        (
+            r#"{"user_id":"1","user_id":"2","amount":1}"#,
+            ErrorCode::MalformedJson,
+        ),
+        (r#"{"amount": 1}"#, ErrorCode::InvalidUserId),
+        (r#"{"user_id": 5, "amount": 1}"#, ErrorCode::InvalidUserId),
+        (
+            r#"{"user_id": "a b", "amount": 1}"#,
+            ErrorCode::InvalidUserId,
+        ),
+        (r#"{"user_id": "1"}"#, ErrorCode::InvalidAmount),
+        (
+            r#"{"user_id": "1", "amount": -1}"#,
+            ErrorCode::InvalidAmount,
+        ),
+        (
+            r#"{"user_id": "1", "amount": 1.001}"#,
+            ErrorCode::InvalidAmount,
+        ),
+        (
+            r#"{"user_id": "1", "amount": 1e2}"#,
+            ErrorCode::InvalidAmount,
+        ),
+        (
+            r#"{"user_id": "1", "amount": "NaN"}"#,
+            ErrorCode::InvalidAmount,
+        ),
+        (
+            r#"{"user_id": "1", "amount": 1000000.01}"#,
+            ErrorCode::InvalidAmount,
+        ),
+        (
+            r#"{"user_id": "1", "amount": 1, "purchase_id": "nope"}"#,
+            ErrorCode::InvalidPurchaseId,
+        ),
+    ];
+    for (frame, expected) in cases {
+        let reply = request(&mut socket, frame).await;
+        assert_eq!(error_code(&reply), expected, "{frame}");
+        let Reply::Error { message, .. } = reply else {
+            unreachable!()
+        };
+        assert!(!message.is_empty(), "{frame}: empty message");
+    }
+    socket
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .expect("send binary");
+    assert_eq!(
+        error_code(&next_reply(&mut socket).await),
+        ErrorCode::UnsupportedFrame
+    );
+
+    // The same connection still accepts a good purchase afterwards.
+    let reply = request(&mut socket, r#"{"user_id": "ok", "amount": 1}"#).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 1);
+    app.stop().await;
+    assert_eq!(
+        topic_records(&topic).len(),
+        1,
+        "only the good purchase is published"
+    );
+}
+
+#[tokio::test]
+async fn resend_with_same_purchase_id_is_idempotent_and_conflicts_are_refused() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let id = Uuid::new_v4();
+    let frame = format!(r#"{{"user_id":"u1","amount":"5.00","purchase_id":"{id}"}}"#);
+    let mut first = ws_connect(app.addr).await;
+    let ack = request(&mut first, &frame).await;
+    // The same purchase again, also on another connection, gets the same ack.
+    let mut second = ws_connect(app.addr).await;
+    assert_eq!(request(&mut second, &frame).await, ack);
+    assert_eq!(request(&mut first, &frame).await, ack);
+    // Twice within one burst (likely one commit batch) as well.
+    first
+        .send(Message::text(frame.clone()))
+        .await
+        .expect("send");
+    first
+        .send(Message::text(frame.clone()))
+        .await
+        .expect("send");
+    assert_eq!(next_reply(&mut first).await, ack);
+    assert_eq!(next_reply(&mut first).await, ack);
+
+    let conflicting = format!(r#"{{"user_id":"u1","amount":"6.00","purchase_id":"{id}"}}"#);
+    assert_eq!(
+        error_code(&request(&mut second, &conflicting).await),
+        ErrorCode::PurchaseIdConflict
+    );
+    let other_user = format!(r#"{{"user_id":"u2","amount":"5.00","purchase_id":"{id}"}}"#);
+    assert_eq!(
+        error_code(&request(&mut second, &other_user).await),
+        ErrorCode::PurchaseIdConflict
+    );
+
+    assert_eq!(db.purchases().await.len(), 1);
+    assert_eq!(db.totals().await["u1"], (500, 1));
+    app.stop().await;
+    assert_eq!(topic_records(&topic).len(), 1);
+}
+
+#[tokio::test]
+async fn replies_come_in_frame_order() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let mut socket = ws_connect(app.addr).await;
+    let frames: Vec<String> = (1..=200)
+        .map(|i| {
+            if i % 7 == 0 {
+                "garbage".to_owned()
+            } else {
+                format!(r#"{{"user_id":"order","amount":"{i}.00"}}"#)
+            }
+        })
+        .collect();
+    for frame in &frames {
+        socket
+            .send(Message::text(frame.clone()))
+            .await
+            .expect("send");
+    }
+    for i in 1..=200 {
+        match next_reply(&mut socket).await {
+            Reply::Ack { amount, .. } => assert_eq!(amount, format!("{i}.00")),
+            Reply::Error { code, .. } => {
+                assert_eq!((i % 7, code), (0, ErrorCode::MalformedJson), "reply {i}");
+            }
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_with_1009_and_others_are_unaffected() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let mut bystander = ws_connect(app.addr).await;
+    let mut socket = ws_connect(app.addr).await;
+
+    // Just under the 16 KiB limit: a valid frame padded with whitespace is accepted.
+    let body = r#"{"user_id":"big","amount":1}"#;
+    let under = format!("{body}{}", " ".repeat(16 * 1024 - body.len()));
+    assert_eq!(under.len(), 16 * 1024);
+    assert!(matches!(
+        request(&mut socket, &under).await,
+        Reply::Ack { .. }
+    ));
+
+    let over = format!("{body}{}", " ".repeat(16 * 1024 + 1 - body.len()));
+    socket.send(Message::text(over)).await.expect("send");
+    let close = loop {
+        match socket.next().await {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Size));
+    assert!(matches!(
+        request(&mut bystander, r#"{"user_id":"b","amount":2}"#).await,
+        Reply::Ack { .. }
+    ));
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_answers_in_flight_frames_then_closes_with_1001() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let mut socket = ws_connect(app.addr).await;
+    for i in 0..50 {
+        socket
+            .send(Message::text(format!(
+                r#"{{"user_id":"s{}","amount":"1.{:02}"}}"#,
+                i % 5,
+                i
+            )))
+            .await
+            .expect("send");
+    }
+    // Wait for the first ack so the frames are in the server's hands, then stop it.
+    let first = next_reply(&mut socket).await;
+    assert!(matches!(first, Reply::Ack { .. }));
+    app.shutdown.cancel();
+    let mut acks = 1;
+    let close = loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let reply: Reply = serde_json::from_str(&text).expect("reply");
+                assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+                acks += 1;
+            }
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("expected replies then a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+    assert_eq!(
+        acks, 50,
+        "every frame sent before the shutdown was answered"
+    );
+    tokio::time::timeout(Duration::from_secs(60), app.task)
+        .await
+        .expect("stopped in time")
+        .expect("no panic");
+    // Every acked purchase is committed and was relayed before the service exited.
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 50);
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchase_outbox").await, 0);
+    assert_eq!(topic_records(&topic).len(), 50);
+}
+
+#[tokio::test]
+async fn kafka_outage_loses_nothing_the_outbox_relays_later() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    // Kafka unreachable: a closed port on loopback.
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.kafka_brokers = "127.0.0.1:9".to_owned();
+    settings.kafka_message_timeout_ms = 2000;
+    settings.shutdown_timeout_secs = 3;
+    let app = start_websocket(settings).await;
+    let mut socket = ws_connect(app.addr).await;
+    for i in 1..=20 {
+        let reply = request(
+            &mut socket,
+            &format!(r#"{{"user_id":"k","amount":"{i}.00"}}"#),
+        )
+        .await;
+        assert!(
+            matches!(reply, Reply::Ack { .. }),
+            "acks continue while Kafka is down: {reply:?}"
+        );
+    }
+    app.stop().await;
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM purchase_outbox").await,
+        20,
+        "all still in the outbox"
+    );
+
+    // Kafka is back (the real brokers): a new instance drains the outbox.
+    let app = start_websocket(websocket_settings(&db.url, &topic)).await;
+    eventually(Duration::from_secs(30), "the outbox to drain", || async {
+        (db.count("SELECT COUNT(*) FROM purchase_outbox").await == 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    let records = topic_records(&topic);
+    let ids: std::collections::HashSet<_> = records.iter().map(|(_, e)| e.purchase_id).collect();
+    let rows = db.purchases().await;
+    assert_eq!(ids.len(), 20);
+    assert!(
+        rows.keys().all(|id| ids.contains(id)),
+        "every committed purchase is on the topic"
+    );
+    assert_eq!(
+        records.iter().map(|(_, e)| e.amount_cents).sum::<i64>(),
+        21_000
+    );
+}
+
+#[tokio::test]
+async fn postgres_outage_gives_unavailable_never_an_ack_and_recovers_by_itself() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let proxy = Proxy::start(host_port(&Env::get().admin_database_url)).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.database_url = format!("postgres://postgres@{}/{}", proxy.addr, db.name)
+        .parse()
+        .expect("url");
+    settings.database_timeout_ms = 500;
+    let app = start_websocket(settings).await;
+    let mut socket = ws_connect(app.addr).await;
+    assert!(matches!(
+        request(&mut socket, r#"{"user_id":"p","amount":1}"#).await,
+        Reply::Ack { .. }
+    ));
+
+    proxy.cut();
+    let id = Uuid::new_v4();
+    let frame = format!(r#"{{"user_id":"p","amount":2,"purchase_id":"{id}"}}"#);
+    match request(&mut socket, &frame).await {
+        Reply::Error {
+            code,
+            purchase_id,
+            message,
+        } => {
+            assert_eq!(code, ErrorCode::Unavailable);
+            assert_eq!(purchase_id, Some(id));
+            assert!(
+                !message.contains("127.0.0.1"),
+                "internal details stay internal: {message}"
+            );
+        }
+        other => panic!("expected unavailable while PostgreSQL is cut off, got {other:?}"),
+    }
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM purchases").await,
+        1,
+        "nothing saved"
+    );
+
+    proxy.restore();
+    // No restart: the same service and connection accept the retry once PostgreSQL is back.
+    // The pool reconnects on its own; the client retries the same purchase_id until acked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let reply = loop {
+        let reply = request(&mut socket, &frame).await;
+        if matches!(reply, Reply::Ack { .. }) || tokio::time::Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(matches!(reply, Reply::Ack { purchase_id, .. } if purchase_id == id));
+    assert_eq!(db.totals().await["p"], (300, 2));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let db = fresh_database().await;
+    let pool = websocket::db::pool(db.url.parse().expect("url"), 2, Duration::from_secs(5));
+    websocket::db::migrate(&pool).await.expect("first run");
+    websocket::db::migrate(&pool).await.expect("second run");
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 0);
+}
