@@ -1,1 +1,306 @@
+//! The real binaries as processes, configured only through their documented environment variables,
+//! against the real PostgreSQL, Kafka and Redis: the whole pipeline under concurrent load.
 
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use purchase::{ErrorCode, Reply};
+use rand::Rng;
+use tests::*;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+const CONNECTIONS: usize = 10;
+const PER_CONNECTION: usize = 100;
+const USERS: usize = 50;
+
+struct System {
+    db: TestDb,
+    topic: String,
+    ws_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    websocket: Process,
+    grpc_kafka: Process,
+}
+
+async fn start_system() -> System {
+    let env = Env::get();
+    let db = fresh_database().await;
+    let topic = fresh_topic(4).await;
+    let ws_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let grpc_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let websocket = Process::spawn(
+        "websocket",
+        &[
+            ("DATABASE_URL", db.url.clone()),
+            ("KAFKA_BROKERS", env.kafka_brokers.clone()),
+            ("WEBSOCKET_ADDR", ws_addr.to_string()),
+            ("KAFKA_TOPIC", topic.clone()),
+        ],
+    );
+    let grpc_kafka = Process::spawn(
+        "grpc_kafka",
+        &[
+            ("KAFKA_BROKERS", env.kafka_brokers.clone()),
+            ("REDIS_URL", env.redis_url.clone()),
+            ("GRPC_ADDR", grpc_addr.to_string()),
+            ("KAFKA_TOPIC", topic.clone()),
+            ("KAFKA_GROUP_ID", unique("group")),
+            ("REDIS_KEY_PREFIX", format!("{}:", unique("prefix"))),
+        ],
+    );
+    eventually(Duration::from_secs(60), "websocket to be ready", || async {
+        websocket::healthcheck(ws_addr).await.ok()
+    })
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "grpc_kafka to be serving",
+        || async { grpc_kafka::healthcheck(grpc_addr).await.ok() },
+    )
+    .await;
+    System {
+        db,
+        topic,
+        ws_addr,
+        grpc_addr,
+        websocket,
+        grpc_kafka,
+    }
+}
+
+/// Sends `frames` on one connection, all at once, and returns the replies in order.
+async fn send_all(addr: SocketAddr, frames: Vec<String>) -> Vec<Reply> {
+    let socket = ws_connect(addr).await;
+    let (mut sink, mut stream) = socket.split();
+    let count = frames.len();
+    let sender = tokio::spawn(async move {
+        for frame in frames {
+            sink.send(Message::text(frame)).await.expect("send");
+        }
+        sink
+    });
+    let mut replies = Vec::with_capacity(count);
+    while replies.len() < count {
+        match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                replies.push(serde_json::from_str(&text).expect("reply"));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("connection ended early: {other:?}"),
+        }
+    }
+    let mut socket = sender
+        .await
+        .expect("sender")
+        .reunite(stream)
+        .expect("reunite");
+    let _ = socket.close(None).await;
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_purchases_over_ten_connections_add_up_exactly() {
+    let system = start_system().await;
+    let mut rng = rand::rng();
+    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut batches = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut frames = Vec::with_capacity(PER_CONNECTION);
+        for _ in 0..PER_CONNECTION {
+            let user = format!("user-{}", rng.random_range(0..USERS));
+            let cents: i64 = rng.random_range(1..=50_000);
+            let text = format!("{}.{:02}", cents / 100, cents % 100);
+            // Both accepted forms: a JSON number literal and a decimal string.
+            let amount = if rng.random_bool(0.5) {
+                text
+            } else {
+                format!("\"{text}\"")
+            };
+            frames.push(format!(r#"{{"user_id":"{user}","amount":{amount}}}"#));
+            let entry = expected.entry(user).or_default();
+            entry.0 += cents;
+            entry.1 += 1;
+        }
+        batches.push(frames);
+    }
+    let senders: Vec<_> = batches
+        .into_iter()
+        .map(|frames| tokio::spawn(send_all(system.ws_addr, frames)))
+        .collect();
+    let mut acked = HashSet::new();
+    for sender in senders {
+        for reply in sender.await.expect("connection task") {
+            match reply {
+                Reply::Ack { purchase_id, .. } => {
+                    assert!(acked.insert(purchase_id), "duplicate id")
+                }
+                other => panic!("expected only acks, got {other:?}"),
+            }
+        }
+    }
+    let total = CONNECTIONS * PER_CONNECTION;
+    assert_eq!(acked.len(), total);
+
+    // gRPC totals and counts per user are exact.
+    await_totals(system.grpc_addr, &expected, Duration::from_secs(120)).await;
+    // PostgreSQL holds exactly the acked purchases, with the same per-user sums.
+    let rows = system.db.purchases().await;
+    assert_eq!(rows.len(), total);
+    assert!(acked.iter().all(|id| rows.contains_key(id)));
+    assert_eq!(system.db.totals().await, expected);
+    // The topic carries every purchase, keyed by its user, with the stored amount.
+    let records = eventually(
+        Duration::from_secs(60),
+        "every event on the topic",
+        || async {
+            let records = topic_records(&system.topic);
+            let ids: HashSet<Uuid> = records.iter().map(|(_, e)| e.purchase_id).collect();
+            (ids.len() == total).then_some(records)
+        },
+    )
+    .await;
+    for (key, event) in &records {
+        assert_eq!(key, &event.user_id);
+        assert_eq!(
+            rows[&event.purchase_id],
+            (event.user_id.clone(), event.amount_cents)
+        );
+    }
+
+    // SIGTERM: both exit cleanly (0) and nothing is left in the outbox.
+    assert!(
+        system.websocket.terminate().await.success(),
+        "websocket exit status"
+    );
+    assert!(
+        system.grpc_kafka.terminate().await.success(),
+        "grpc_kafka exit status"
+    );
+    assert_eq!(
+        system
+            .db
+            .count("SELECT COUNT(*) FROM purchase_outbox")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn binaries_answer_errors_and_resends_per_contract() {
+    let system = start_system().await;
+    let mut socket = ws_connect(system.ws_addr).await;
+    let id = Uuid::new_v4();
+    let frame = format!(r#"{{"user_id":"e2e","amount":49.99,"purchase_id":"{id}"}}"#);
+    let ack = request(&mut socket, &frame).await;
+    assert_eq!(
+        ack,
+        Reply::Ack {
+            purchase_id: id,
+            user_id: "e2e".into(),
+            amount: "49.99".into()
+        }
+    );
+    assert_eq!(request(&mut socket, &frame).await, ack, "idempotent resend");
+    for (frame, code) in [
+        ("{", ErrorCode::MalformedJson),
+        (r#"{"user_id":"","amount":1}"#, ErrorCode::InvalidUserId),
+        (r#"{"user_id":"e2e","amount":0}"#, ErrorCode::InvalidAmount),
+        (
+            r#"{"user_id":"e2e","amount":1,"purchase_id":"x"}"#,
+            ErrorCode::InvalidPurchaseId,
+        ),
+        (
+            &format!(r#"{{"user_id":"e2e","amount":1,"purchase_id":"{id}"}}"#),
+            ErrorCode::PurchaseIdConflict,
+        ),
+    ] {
+        match request(&mut socket, frame).await {
+            Reply::Error { code: got, .. } => assert_eq!(got, code, "{frame}"),
+            other => panic!("{frame}: expected {code:?}, got {other:?}"),
+        }
+    }
+    socket.send(Message::binary(vec![0u8])).await.expect("send");
+    assert!(matches!(
+        next_reply(&mut socket).await,
+        Reply::Error {
+            code: ErrorCode::UnsupportedFrame,
+            ..
+        }
+    ));
+    let mut expected = HashMap::new();
+    expected.insert("e2e".to_owned(), (4999, 1));
+    await_totals(system.grpc_addr, &expected, Duration::from_secs(60)).await;
+    assert_eq!(system.db.totals().await, expected);
+    assert!(system.websocket.terminate().await.success());
+    assert!(system.grpc_kafka.terminate().await.success());
+}
+
+#[tokio::test]
+async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
+    let run = |name: &'static str, env: &[(&str, &str)]| {
+        let output = std::process::Command::new(binary(name))
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .expect("run binary");
+        assert!(!output.status.success(), "{name} started with {env:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = run("websocket", &[("KAFKA_BROKERS", "127.0.0.1:1")]);
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    let stderr = run(
+        "websocket",
+        &[
+            ("DATABASE_URL", "postgres://u@127.0.0.1:1/db"),
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("WEBSOCKET_ADDR", "not-an-address"),
+        ],
+    );
+    assert!(stderr.contains("WEBSOCKET_ADDR"), "{stderr}");
+    let stderr = run("grpc_kafka", &[("KAFKA_BROKERS", "127.0.0.1:1")]);
+    assert!(stderr.contains("REDIS_URL"), "{stderr}");
+    let stderr = run(
+        "grpc_kafka",
+        &[
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("REDIS_URL", "redis://127.0.0.1:1/"),
+            ("GRPC_ADDR", "127.0.0.1:99999"),
+        ],
+    );
+    assert!(stderr.contains("GRPC_ADDR"), "{stderr}");
+
+    // --help documents every setting with its variable.
+    for (name, variables) in [
+        (
+            "websocket",
+            &[
+                "DATABASE_URL",
+                "KAFKA_BROKERS",
+                "WEBSOCKET_ADDR",
+                "KAFKA_TOPIC",
+            ][..],
+        ),
+        (
+            "grpc_kafka",
+            &[
+                "KAFKA_BROKERS",
+                "REDIS_URL",
+                "GRPC_ADDR",
+                "KAFKA_TOPIC",
+                "KAFKA_GROUP_ID",
+            ][..],
+        ),
+    ] {
+        let output = std::process::Command::new(binary(name))
+            .arg("--help")
+            .output()
+            .expect("help");
+        let help = String::from_utf8_lossy(&output.stdout);
+        for variable in variables {
+            assert!(help.contains(variable), "{name} --help lacks {variable}");
+        }
+    }
+}

@@ -491,3 +491,82 @@ pub fn host_port(url: &str) -> SocketAddr {
         .parse()
         .unwrap_or_else(|e| panic!("{host_port:?} is not host:port: {e}"))
 }
+
+// ------------------------------------------------------------------------------------ processes
+
+/// Path of a workspace binary built next to this test binary (`cargo build --bins` builds them;
+/// `scripts/test.sh` does so before the tests). `WALLET_BIN_DIR` overrides the folder.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("WALLET_BIN_DIR").map_or_else(
+        || {
+            let exe = std::env::current_exe().expect("test binary path");
+            // target/<profile>/deps/it-<hash> -> target/<profile>
+            exe.parent()
+                .and_then(|p| p.parent())
+                .expect("target dir")
+                .to_path_buf()
+        },
+        std::path::PathBuf::from,
+    );
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --bins), or set WALLET_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// A free port on loopback (bound and released; the service binds it again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A service binary running as a child process; killed if the test ends without stopping it.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub name: &'static str,
+}
+
+impl Process {
+    pub fn spawn(name: &'static str, env: &[(&str, String)]) -> Self {
+        let mut command = tokio::process::Command::new(binary(name));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { child, name }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running process has a pid")
+    }
+
+    /// Sends a signal to this process, by its pid.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within 60 s of SIGTERM", self.name))
+            .expect("wait")
+    }
+}
