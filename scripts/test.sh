@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project on this machine: the one test command of the README,
+# and what CI runs.
+#
+#   1. installs what is missing and starts PostgreSQL, Redis and Kafka on loopback (scripts/stack.sh deps);
+#   2. formatting and lints (cargo fmt --check, cargo clippy -D warnings);
+#   3. builds the binaries, then runs every unit, integration and end-to-end test (cargo test).
+#
+# Tests need the real services: if they cannot be reached, the tests fail, they never skip.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "native stack (PostgreSQL, Redis, Kafka)"
+scripts/stack.sh deps
+eval "$(scripts/stack.sh env)"
+export TEST_DATABASE_URL="${DATABASE_URL%/*}/postgres"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build the binaries the end-to-end tests run"
+cargo build --workspace --bins --locked
+
+step "cargo test (unit, integration, end-to-end)"
+cargo test --workspace --locked --no-fail-fast
