@@ -28,4 +28,8 @@ step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
 step "cargo test (unit, integration, end-to-end)"
-cargo test --workspace --locked --no-fail-fast
+mkdir -p .stack
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee .stack/cargo-test.log
+# One closing line over every test binary (cargo prints one per binary, the last often empty).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' .stack/cargo-test.log

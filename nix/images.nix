@@ -1,0 +1,41 @@
+# Minimal OCI images of the two services: the binary's closure, CA certificates, a passwd file for
+# the non-root user, nothing else (no shell: health checks use the binaries' `healthcheck`).
+{ pkgs, build }:
+let
+  tag = "0.1.0";
+  image =
+    {
+      name,
+      package,
+      port,
+    }:
+    pkgs.dockerTools.streamLayeredImage {
+      inherit name tag;
+      contents = [
+        pkgs.cacert
+        pkgs.dockerTools.fakeNss
+      ];
+      config = {
+        Entrypoint = [ (pkgs.lib.getExe package) ];
+        User = "65534:65534";
+        ExposedPorts."${toString port}/tcp" = { };
+        Env = [
+          "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt"
+          "LOG_FORMAT=json"
+        ];
+      };
+    };
+in
+{
+  inherit tag;
+  websocket-image = image {
+    name = "purchase-pipeline/websocket";
+    package = build.websocket;
+    port = 8080;
+  };
+  grpc_kafka-image = image {
+    name = "purchase-pipeline/grpc_kafka";
+    package = build.grpc_kafka;
+    port = 50051;
+  };
+}
