@@ -11,12 +11,15 @@ let
     }:
     pkgs.dockerTools.streamLayeredImage {
       inherit name tag;
+      # The package in `contents` links its binary at /bin/<name>: a stable path for the
+      # compose health checks.
       contents = [
+        package
         pkgs.cacert
         pkgs.dockerTools.fakeNss
       ];
       config = {
-        Entrypoint = [ (pkgs.lib.getExe package) ];
+        Entrypoint = [ "/bin/${package.meta.mainProgram}" ];
         User = "65534:65534";
         ExposedPorts."${toString port}/tcp" = { };
         Env = [
