@@ -12,10 +12,10 @@
 
   outputs =
     {
-      self,
       nixpkgs,
       crane,
       advisory-db,
+      ...
     }:
     let
       systems = [

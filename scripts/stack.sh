@@ -8,6 +8,8 @@
 #   scripts/stack.sh status   what runs, by pid
 #   scripts/stack.sh down     stop everything this script started, by pid
 #   scripts/stack.sh env      print the environment the services and tests use
+#   scripts/stack.sh deps-zookeeper   start ZooKeeper and a Kafka 3.9 broker in ZooKeeper mode
+#                                     (ports 52181 and 59192) for the compose-wiring run
 #
 # Processes are tracked by pid files under .stack/ and stopped by pid, never by name.
 set -euo pipefail
@@ -18,6 +20,8 @@ PG_PORT="${STACK_PG_PORT:-55432}"
 REDIS_PORT="${STACK_REDIS_PORT:-56379}"
 KAFKA_PORT="${STACK_KAFKA_PORT:-59092}"
 KAFKA_CONTROLLER_PORT="${STACK_KAFKA_CONTROLLER_PORT:-59093}"
+ZK_PORT="${STACK_ZK_PORT:-52181}"
+ZK_KAFKA_PORT="${STACK_ZK_KAFKA_PORT:-59192}"
 WS_PORT="${STACK_WS_PORT:-8080}"
 GRPC_PORT="${STACK_GRPC_PORT:-50051}"
 PG_USER=postgres
@@ -147,23 +151,32 @@ start_redis() {
 }
 
 # ---------------------------------------------------------------- Kafka
-kafka_jars() {
-  local libs="$STACK/kafka/libs"
-  if [ ! -f "$libs/.complete" ]; then
-    log "resolving the Kafka broker's jars with Maven"
+kafka_jars() { # pom-folder target-folder
+  local libs="$2"
+  if [ ! -f "$libs/.complete" ] || [ "$ROOT/scripts/$1/pom.xml" -nt "$libs/.complete" ]; then
+    log "resolving jars of scripts/$1/pom.xml with Maven"
     rm -rf "$libs" && mkdir -p "$libs"
-    mvn -q -B -Dstyle.color=never -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
+    mvn -q -B -Dstyle.color=never -f "$ROOT/scripts/$1/pom.xml" dependency:copy-dependencies \
       -DincludeScope=runtime -DoutputDirectory="$libs" >&2
     touch "$libs/.complete"
   fi
   echo "$libs"
 }
 
+wait_log() { # name logfile pattern pidfile seconds
+  local deadline=$((SECONDS + $5))
+  until grep -q "$3" "$2" 2>/dev/null; do
+    pid_alive "$4" || die "$1 exited (see $2)"
+    [ $SECONDS -lt "$deadline" ] || die "$1 did not report started within $5 s (see $2)"
+    sleep 0.2
+  done
+}
+
 start_kafka() {
   local dir="$STACK/kafka" libs
   mkdir -p "$dir"
   if pid_alive "$dir/kafka.pid"; then log "Kafka already running"; return; fi
-  libs="$(kafka_jars)"
+  libs="$(kafka_jars kafka "$dir/libs")"
   cat > "$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
@@ -196,12 +209,49 @@ EOF
   nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
   echo $! > "$dir/kafka.pid"
   wait_port Kafka "$KAFKA_PORT" 90
-  local deadline=$((SECONDS + 90))
-  until grep -q "Kafka Server started\|\[KafkaRaftServer nodeId=1\] Kafka Server started" "$dir/broker.log"; do
-    pid_alive "$dir/kafka.pid" || die "Kafka exited (see $dir/broker.log)"
-    [ $SECONDS -lt $deadline ] || die "Kafka did not report started within 90 s (see $dir/broker.log)"
-    sleep 0.2
-  done
+  wait_log Kafka "$dir/broker.log" "Kafka Server started" "$dir/kafka.pid" 90
+}
+
+# ZooKeeper mode: Kafka 3.9 (the last line with ZooKeeper) and a ZooKeeper server, for the
+# compose file's `zookeeper` profile run natively.
+start_zookeeper_mode() {
+  local dir="$STACK/kafka-zookeeper" libs
+  mkdir -p "$dir"
+  libs="$(kafka_jars kafka-zookeeper "$dir/libs")"
+  local java=(java -Xms128m -Xmx512m -Dlog4j.configuration="file:$ROOT/scripts/kafka-zookeeper/log4j.properties" -cp "$libs/*")
+  if pid_alive "$dir/zookeeper.pid"; then log "ZooKeeper already running"; else
+    cat > "$dir/zoo.cfg" <<EOF
+dataDir=$dir/zookeeper-data
+clientPort=$ZK_PORT
+clientPortAddress=127.0.0.1
+tickTime=2000
+admin.enableServer=false
+4lw.commands.whitelist=ruok,srvr
+EOF
+    log "starting ZooKeeper on 127.0.0.1:$ZK_PORT"
+    nohup "${java[@]}" org.apache.zookeeper.server.ZooKeeperServerMain "$dir/zoo.cfg" >"$dir/zookeeper.log" 2>&1 </dev/null &
+    echo $! > "$dir/zookeeper.pid"
+    wait_port ZooKeeper "$ZK_PORT" 60
+  fi
+  if pid_alive "$dir/kafka.pid"; then log "Kafka (ZooKeeper mode) already running"; return; fi
+  cat > "$dir/server.properties" <<EOF
+broker.id=1
+zookeeper.connect=127.0.0.1:$ZK_PORT
+listeners=PLAINTEXT://127.0.0.1:$ZK_KAFKA_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$ZK_KAFKA_PORT
+log.dirs=$dir/data
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+EOF
+  log "starting Kafka 3.9 (ZooKeeper mode) on 127.0.0.1:$ZK_KAFKA_PORT"
+  nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
+  echo $! > "$dir/kafka.pid"
+  wait_port "Kafka (ZooKeeper mode)" "$ZK_KAFKA_PORT" 90
+  wait_log "Kafka (ZooKeeper mode)" "$dir/broker.log" "\\[KafkaServer id=1\\] started" "$dir/kafka.pid" 90
 }
 
 # ---------------------------------------------------------------- services
@@ -272,6 +322,8 @@ down() {
   stop_pidfile websocket "$STACK/websocket/websocket.pid"
   stop_pidfile grpc_kafka "$STACK/grpc_kafka/grpc_kafka.pid"
   stop_pidfile Kafka "$STACK/kafka/kafka.pid"
+  stop_pidfile "Kafka (ZooKeeper mode)" "$STACK/kafka-zookeeper/kafka.pid"
+  stop_pidfile ZooKeeper "$STACK/kafka-zookeeper/zookeeper.pid"
   stop_pidfile Redis "$STACK/redis/redis.pid"
   stop_postgres
 }
@@ -279,6 +331,7 @@ down() {
 case "${1:-}" in
   up) deps; start_services; demo; log "the system is up: scripts/stack.sh status; stop it with scripts/stack.sh down" ;;
   deps) deps ;;
+  deps-zookeeper) ensure_installed; start_zookeeper_mode ;;
   services) start_services ;;
   demo) demo ;;
   status) status ;;

@@ -4,7 +4,10 @@
 #
 #   1. installs what is missing and starts PostgreSQL, Redis and Kafka on loopback (scripts/stack.sh deps);
 #   2. formatting and lints (cargo fmt --check, cargo clippy -D warnings);
-#   3. builds the binaries, then runs every unit, integration and end-to-end test (cargo test).
+#   3. builds the binaries;
+#   4. the Nix and compose static checks (scripts/static-checks.sh);
+#   5. the docker-compose wiring run natively, in KRaft and in ZooKeeper mode (scripts/compose-wiring.sh);
+#   6. every unit, integration and end-to-end test (cargo test), closing with one summary line.
 #
 # Tests need the real services: if they cannot be reached, the tests fail, they never skip.
 set -euo pipefail
@@ -26,6 +29,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
+
+step "Nix and compose static checks"
+scripts/static-checks.sh
+
+step "compose wiring, natively: KRaft (default profile)"
+scripts/compose-wiring.sh kraft
+
+step "compose wiring, natively: ZooKeeper profile (Kafka 3.9)"
+scripts/compose-wiring.sh zookeeper
 
 step "cargo test (unit, integration, end-to-end)"
 mkdir -p .stack

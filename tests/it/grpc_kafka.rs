@@ -305,3 +305,61 @@ async fn health_and_reflection_are_served() {
         "not serving after shutdown"
     );
 }
+
+#[tokio::test]
+async fn stored_offsets_past_the_partition_end_are_reread_without_double_counting() {
+    // As after the topic was recreated or the cluster lost data: Redis holds offsets beyond the
+    // end of every partition. The aggregator must notice, read from the start, and count each
+    // purchase_id once.
+    let fixture = Fixture::new().await;
+    let producer = producer();
+    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    for i in 0..40 {
+        let user = format!("p{}", i % 4);
+        let e = event(&user, 1000 + i);
+        publish(&producer, &fixture.topic, &user, &e.encode()).await;
+        let entry = expected.entry(user).or_default();
+        entry.0 += e.amount_cents;
+        entry.1 += 1;
+    }
+    let app = start_grpc_kafka(fixture.settings()).await;
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+
+    let client = redis::Client::open(Env::get().redis_url.as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}offsets:*", fixture.prefix))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert_eq!(
+        keys.len(),
+        1,
+        "one offsets hash for this cluster and topic: {keys:?}"
+    );
+    for partition in 0..4 {
+        let _: () = redis::cmd("HSET")
+            .arg(&keys[0])
+            .arg(partition)
+            .arg(1_000_000)
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+    }
+
+    let app = start_grpc_kafka(fixture.settings()).await;
+    for i in 0..8 {
+        let user = format!("p{}", i % 4);
+        let e = event(&user, 3 + i);
+        publish(&producer, &fixture.topic, &user, &e.encode()).await;
+        let entry = expected.entry(user).or_default();
+        entry.0 += e.amount_cents;
+        entry.1 += 1;
+    }
+    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    app.stop().await;
+}

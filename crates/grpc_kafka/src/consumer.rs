@@ -87,10 +87,20 @@ pub fn create(
 /// Where the consume loop stands on one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Position {
-    /// Sought to this offset; records before it (already in flight) are dropped.
-    SeekingTo(i64),
+    /// Sought to this offset; records before it (already in flight) are dropped. `checked` tells
+    /// whether the partition's end was found to be at or past it (see [`Aggregator::admit`]).
+    SeekingTo { target: i64, checked: bool },
     /// Applying from this offset on.
     Next(i64),
+}
+
+impl Position {
+    fn seeking(target: i64) -> Self {
+        Self::SeekingTo {
+            target,
+            checked: false,
+        }
+    }
 }
 
 /// A record reduced to what the aggregator needs, so the consumer's buffers are released at once.
@@ -106,6 +116,10 @@ pub struct Aggregator {
     pub flag: Arc<RebalanceFlag>,
     pub totals: Totals,
     pub topic: String,
+    /// Names this topic in this cluster for the stored offsets: `{cluster_id}:{topic}`.
+    pub log: String,
+    /// A group-less client for watermarks, used off the async threads.
+    pub metadata: Arc<BaseConsumer>,
     pub batch_max: usize,
     pub linger: Duration,
 }
@@ -168,7 +182,7 @@ impl Aggregator {
         for partition in partitions {
             let stored = self.stored_offset(partition, stop, backoff).await?;
             let current = match positions[&partition] {
-                Position::Next(offset) | Position::SeekingTo(offset) => offset,
+                Position::Next(offset) | Position::SeekingTo { target: offset, .. } => offset,
             };
             if stored != current {
                 tracing::warn!(
@@ -178,7 +192,7 @@ impl Aggregator {
                     "stored offset differs; reading again from it"
                 );
                 self.seek(partition, stored);
-                positions.insert(partition, Position::SeekingTo(stored));
+                positions.insert(partition, Position::seeking(stored));
             }
         }
         Some(())
@@ -264,14 +278,49 @@ impl Aggregator {
                     );
                     self.seek(record.partition, stored);
                 }
-                Position::SeekingTo(stored)
+                Position::seeking(stored)
             }
         };
         let (admitted, position) = match position {
-            Position::SeekingTo(target) if record.offset == target => {
+            Position::SeekingTo { target, .. } if record.offset == target => {
                 (true, Position::Next(target))
             }
-            Position::SeekingTo(target) => (false, Position::SeekingTo(target)),
+            Position::SeekingTo {
+                target,
+                checked: false,
+            } if record.offset < target => {
+                // Usually a record fetched before the seek took effect. But if the partition ends
+                // before the stored offset, this topic is not the one the offset was stored for
+                // (recreated, or data lost): the consumer was reset to the start. Read it all
+                // again: purchases already counted are skipped by purchase_id.
+                let Some(end) = self.partition_end(record.partition).await else {
+                    return Some(None);
+                };
+                if end >= target {
+                    (
+                        false,
+                        Position::SeekingTo {
+                            target,
+                            checked: true,
+                        },
+                    )
+                } else {
+                    tracing::error!(
+                        partition = record.partition,
+                        stored = target,
+                        end,
+                        "stored offset is past the end of the partition; re-reading it from the start"
+                    );
+                    let mut rewind = OffsetMoves::new();
+                    rewind.insert(record.partition, (target, record.offset));
+                    match self.totals.apply(&self.log, &rewind, &[]).await {
+                        Ok(Applied::Counted(_)) => (true, Position::Next(record.offset)),
+                        // Moved meanwhile, or Redis down: decide again on a later record.
+                        _ => (false, Position::seeking(target)),
+                    }
+                }
+            }
+            Position::SeekingTo { .. } => (false, position),
             Position::Next(next) if record.offset < next => (false, Position::Next(next)),
             Position::Next(next) => (true, Position::Next(next)),
         };
@@ -287,7 +336,7 @@ impl Aggregator {
         backoff: &mut Duration,
     ) -> Option<i64> {
         loop {
-            match self.totals.next_offset(&self.topic, partition).await {
+            match self.totals.next_offset(&self.log, partition).await {
                 Ok(stored) => return Some(stored),
                 Err(error) => {
                     tracing::warn!(partition, %error, "cannot read stored offset; retrying");
@@ -322,7 +371,7 @@ impl Aggregator {
         }
         let events: Vec<Counted> = batch.iter().filter_map(|r| r.event.clone()).collect();
         loop {
-            match self.totals.apply(&self.topic, &moves, &events).await {
+            match self.totals.apply(&self.log, &moves, &events).await {
                 Ok(Applied::Counted(counted)) => {
                     *backoff = Duration::from_millis(100);
                     for (partition, (_, next)) in &moves {
@@ -354,6 +403,25 @@ impl Aggregator {
                     self.sleep(stop, backoff).await;
                 }
             }
+        }
+    }
+
+    /// The partition's high watermark (offset after its last record), asked off the async threads;
+    /// `None` if Kafka did not answer.
+    async fn partition_end(&self, partition: i32) -> Option<i64> {
+        let metadata = self.metadata.clone();
+        let topic = self.topic.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            metadata.fetch_watermarks(&topic, partition, Duration::from_secs(5))
+        })
+        .await;
+        match fetched {
+            Ok(Ok((_low, high))) => Some(high),
+            Ok(Err(error)) => {
+                tracing::warn!(partition, %error, "cannot fetch watermarks");
+                None
+            }
+            Err(_) => None,
         }
     }
 

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -115,10 +116,36 @@ impl Application {
                     flag.clone(),
                 )
                 .map_err(StartError::Consumer)?;
+                let metadata: Arc<BaseConsumer> = Arc::new(
+                    kafka_common::client_config(&settings.kafka_brokers)
+                        .create()
+                        .map_err(StartError::Consumer)?,
+                );
+                // Offsets are stored per cluster and topic, so a topic of the same name in
+                // another cluster never inherits them.
+                let cluster_id = loop {
+                    let client = metadata.clone();
+                    let fetched = tokio::task::spawn_blocking(move || {
+                        client.client().fetch_cluster_id(Duration::from_secs(5))
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    if let Some(id) = fetched {
+                        break id;
+                    }
+                    tracing::warn!("cannot fetch the kafka cluster id yet");
+                    if stop.is_cancelled() {
+                        return Ok(());
+                    }
+                };
+                tracing::info!(%cluster_id, topic = %settings.kafka_topic, "consuming");
                 let aggregator = consumer::Aggregator {
                     consumer,
                     flag,
                     totals,
+                    log: format!("{cluster_id}:{}", settings.kafka_topic),
+                    metadata,
                     topic: settings.kafka_topic.clone(),
                     batch_max: settings.consumer_batch_max as usize,
                     linger: settings.linger(),

@@ -2,7 +2,7 @@
 //! consumer's partition offsets, all under one key prefix.
 //!
 //! Keys: `{prefix}total:{user_id}` (hash: `cents`, `count`), `{prefix}seen:{user_id}` (set of
-//! purchase ids), `{prefix}offsets:{topic}` (hash: partition -> next offset to apply). Every write
+//! purchase ids), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply). Every write
 //! goes through one Lua script per batch, so totals and offsets never disagree. Money is only ever
 //! changed with HINCRBY on integer cents.
 
@@ -76,8 +76,10 @@ impl Totals {
             .build_unchecked(manager))
     }
 
-    fn offsets_key(&self, topic: &str) -> String {
-        format!("{}offsets:{topic}", self.prefix)
+    /// `log` names one topic in one Kafka cluster (`{cluster_id}:{topic}`): offsets of another
+    /// cluster's topic of the same name are never taken for this one's.
+    fn offsets_key(&self, log: &str) -> String {
+        format!("{}offsets:{log}", self.prefix)
     }
 
     /// The total of one user; zeros for a user never seen.
@@ -98,10 +100,10 @@ impl Totals {
     }
 
     /// The next offset to apply for a partition (0 when none is stored).
-    pub async fn next_offset(&self, topic: &str, partition: i32) -> Result<i64, TotalsError> {
+    pub async fn next_offset(&self, log: &str, partition: i32) -> Result<i64, TotalsError> {
         let mut conn = self.pool.get().await?;
         let stored: Option<i64> = redis::cmd("HGET")
-            .arg(self.offsets_key(topic))
+            .arg(self.offsets_key(log))
             .arg(partition)
             .query_async(&mut *conn)
             .await?;
@@ -111,14 +113,14 @@ impl Totals {
     /// Applies a batch atomically: all offsets move and all new events count, or nothing changes.
     pub async fn apply(
         &self,
-        topic: &str,
+        log: &str,
         moves: &OffsetMoves,
         events: &[Counted],
     ) -> Result<Applied, TotalsError> {
         let mut invocation = self.script.prepare_invoke();
         invocation
             .arg(&self.prefix)
-            .arg(self.offsets_key(topic))
+            .arg(self.offsets_key(log))
             .arg(moves.len());
         for (partition, (expected, next)) in moves {
             invocation.arg(partition).arg(expected).arg(next);
@@ -138,7 +140,7 @@ impl Totals {
                 stored: *stored,
             }),
             _ => Err(TotalsError::Corrupt {
-                key: self.offsets_key(topic),
+                key: self.offsets_key(log),
             }),
         }
     }
