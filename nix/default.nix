@@ -29,5 +29,5 @@ in
   };
   inherit apps checks;
   devShells.default = import ./shell.nix { inherit pkgs build checks; };
-  formatter = pkgs.nixfmt-rfc-style;
+  formatter = pkgs.nixfmt;
 }

@@ -20,6 +20,7 @@ let
   commonArgs = {
     inherit src;
     pname = "purchase-pipeline";
+    inherit (craneLib.crateNameFromCargoToml { cargoToml = ../Cargo.toml; }) version;
     strictDeps = true;
     # rdkafka builds librdkafka from source with cmake (feature cmake-build); tonic needs protoc.
     nativeBuildInputs = [

@@ -20,7 +20,7 @@ build.craneLib.devShell {
     pkgs.cargo-deny
     pkgs.statix
     pkgs.deadnix
-    pkgs.nixfmt-rfc-style
+    pkgs.nixfmt
     pkgs.docker-compose
   ];
 }
