@@ -10,6 +10,9 @@
 #   scripts/stack.sh env      print the environment the services and tests use
 #   scripts/stack.sh deps-zookeeper   start ZooKeeper and a Kafka 3.9 broker in ZooKeeper mode
 #                                     (ports 52181 and 59192) for the compose-wiring run
+#   scripts/stack.sh kill9|stop|start postgres|redis|kafka
+#                             one dependency: kill -9 by pid, stop (PostgreSQL: fast shutdown),
+#                             or start again with its data (for the fault-injection tests)
 #
 # Processes are tracked by pid files under .stack/ and stopped by pid, never by name.
 set -euo pipefail
@@ -328,10 +331,54 @@ down() {
   stop_postgres
 }
 
+pidfile_of() {
+  case $1 in
+    postgres) echo "$STACK/postgres/data/postmaster.pid" ;;
+    redis) echo "$STACK/redis/redis.pid" ;;
+    kafka) echo "$STACK/kafka/kafka.pid" ;;
+    *) die "unknown dependency $1 (postgres, redis or kafka)" ;;
+  esac
+}
+
+one() { # action service
+  local pidfile pid
+  pidfile="$(pidfile_of "$2")"
+  case $1 in
+    kill9)
+      pid_alive "$pidfile" || die "$2 is not running"
+      pid=$(head -n1 "$pidfile")
+      log "kill -9 $2 (pid $pid)"
+      kill -KILL "$pid"
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+      # PostgreSQL's children outlive a killed postmaster until they notice; wait for the port.
+      if [ "$2" = postgres ]; then
+        local deadline=$((SECONDS + 30))
+        while (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null; do
+          [ $SECONDS -lt $deadline ] || die "PostgreSQL port still open after kill -9"; sleep 0.1
+        done
+      fi
+      ;;
+    stop)
+      case $2 in
+        postgres) log "stopping PostgreSQL (fast)"; pg_run "$(pg_bindir)/pg_ctl" -D "$STACK/postgres/data" -m fast -w stop >/dev/null ;;
+        *) stop_pidfile "$2" "$pidfile" ;;
+      esac
+      ;;
+    start)
+      case $2 in
+        postgres) start_postgres ;;
+        redis) start_redis ;;
+        kafka) start_kafka ;;
+      esac
+      ;;
+  esac
+}
+
 case "${1:-}" in
   up) deps; start_services; demo; log "the system is up: scripts/stack.sh status; stop it with scripts/stack.sh down" ;;
   deps) deps ;;
   deps-zookeeper) ensure_installed; start_zookeeper_mode ;;
+  kill9|stop|start) [ $# -eq 2 ] || die "usage: $0 $1 postgres|redis|kafka"; one "$1" "$2" ;;
   services) start_services ;;
   demo) demo ;;
   status) status ;;
