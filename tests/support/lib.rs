@@ -81,11 +81,11 @@ where
 
 // ------------------------------------------------------------------------------------ PostgreSQL
 
-/// A database of its own for one test.
+/// A database of its own for one test. Each query opens its own connection, so a test survives
+/// a PostgreSQL restart in the middle.
 pub struct TestDb {
     pub name: String,
     pub url: String,
-    pub client: tokio_postgres::Client,
 }
 
 pub async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -105,8 +105,7 @@ pub async fn fresh_database() -> TestDb {
         .await
         .expect("create test database");
     let url = replace_dbname(&env.admin_database_url, &name);
-    let client = connect_pg(&url).await.expect("connect to test database");
-    TestDb { name, url, client }
+    TestDb { name, url }
 }
 
 fn replace_dbname(url: &str, name: &str) -> String {
@@ -115,8 +114,15 @@ fn replace_dbname(url: &str, name: &str) -> String {
 }
 
 impl TestDb {
+    async fn client(&self) -> tokio_postgres::Client {
+        connect_pg(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+
     pub async fn purchases(&self) -> HashMap<Uuid, (String, i64)> {
-        self.client
+        self.client()
+            .await
             .query(
                 "SELECT purchase_id, user_id, amount_cents FROM purchases",
                 &[],
@@ -129,7 +135,8 @@ impl TestDb {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client
+        self.client()
+            .await
             .query_one(sql, &[])
             .await
             .expect("count query")
@@ -138,7 +145,8 @@ impl TestDb {
 
     /// Per user: (SUM(amount_cents), COUNT(*)).
     pub async fn totals(&self) -> HashMap<String, (i64, i64)> {
-        self.client
+        self.client()
+            .await
             .query(
                 "SELECT user_id, SUM(amount_cents)::bigint, COUNT(*) FROM purchases GROUP BY user_id",
                 &[],
@@ -525,6 +533,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Where a child process logs: a fresh file under the system temp folder, named in the panic
+/// message of a failing test's helpers when it matters.
+fn log_file(name: &str) -> std::process::Stdio {
+    let dir = std::env::temp_dir().join("wallet-tests");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{name}-{}.log", Uuid::new_v4().simple()));
+    std::fs::File::create(&path)
+        .map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from)
+}
+
 /// A service binary running as a child process; killed if the test ends without stopping it.
 pub struct Process {
     pub child: tokio::process::Child,
@@ -540,6 +558,8 @@ impl Process {
             .env("RUST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(name))
             .kill_on_drop(true);
         let child = command
             .spawn()
