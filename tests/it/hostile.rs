@@ -1,0 +1,367 @@
+//! Hostile and broken input over real WebSocket connections: each gets its specific error code or
+//! close code, nothing reaches PostgreSQL, Kafka or Redis, the connection stays usable where the
+//! contract says so, and other connections are unaffected.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use purchase::{ErrorCode, Reply};
+use tests::*;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// The corpus: frame text and the error code it must get.
+fn corpus() -> Vec<(String, ErrorCode)> {
+    use ErrorCode::*;
+    let with_amount = |amount: &str| format!(r#"{{"user_id":"u1","amount":{amount}}}"#);
+    let with_user = |user: &str| format!(r#"{{"user_id":{user},"amount":1}}"#);
+    let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    vec![
+        // Malformed, truncated, not an object.
+        ("".into(), MalformedJson),
+        ("hello".into(), MalformedJson),
+        (r#"{"user_id":"u1","amount":1"#.into(), MalformedJson),
+        (r#"{"user_id":"u1","amo"#.into(), MalformedJson),
+        (r#"{"user_id":"u1",}"#.into(), MalformedJson),
+        ("[]".into(), MalformedJson),
+        ("42".into(), MalformedJson),
+        ("null".into(), MalformedJson),
+        (r#""a string""#.into(), MalformedJson),
+        (
+            r#"{"user_id":"u1","amount":1}{"user_id":"u1","amount":1}"#.into(),
+            MalformedJson,
+        ),
+        (
+            r#"{"user_id":"u1","user_id":"u2","amount":1}"#.into(),
+            MalformedJson,
+        ),
+        (
+            r#"{"user_id":"u1","amount":1,"amount":2}"#.into(),
+            MalformedJson,
+        ),
+        (
+            r#"{"user_id":"u1","amount":1,"extra":true}"#.into(),
+            MalformedJson,
+        ),
+        (
+            format!("{}{}", "{\"a\":".repeat(2000), "}".repeat(2000)),
+            MalformedJson,
+        ),
+        // Wrong types and missing fields.
+        (r#"{"amount":1}"#.into(), InvalidUserId),
+        (with_user("12"), InvalidUserId),
+        (with_user("null"), InvalidUserId),
+        (with_user("true"), InvalidUserId),
+        (with_user(r#"{"id":"u1"}"#), InvalidUserId),
+        (with_user(r#"["u1"]"#), InvalidUserId),
+        (r#"{"user_id":"u1"}"#.into(), InvalidAmount),
+        (with_amount("null"), InvalidAmount),
+        (with_amount("false"), InvalidAmount),
+        (with_amount(r#"{"value":1}"#), InvalidAmount),
+        (with_amount("[1]"), InvalidAmount),
+        (with_amount(&nested(2000)), InvalidAmount),
+        // Bad user ids.
+        (with_user(r#""""#), InvalidUserId),
+        (with_user(&format!("\"{}\"", "u".repeat(65))), InvalidUserId),
+        (with_user(r#""ünïcødé""#), InvalidUserId),
+        (with_user(r#""tab\there""#), InvalidUserId),
+        (with_user(r#""nul\u0000""#), InvalidUserId),
+        (with_user(r#""new\nline""#), InvalidUserId),
+        (with_user(r#""a/../b""#), InvalidUserId),
+        // Bad amounts.
+        (with_amount("0"), InvalidAmount),
+        (with_amount("0.00"), InvalidAmount),
+        (with_amount("-1"), InvalidAmount),
+        (with_amount(r#""-0.01""#), InvalidAmount),
+        (with_amount(r#""NaN""#), InvalidAmount),
+        (with_amount(r#""Infinity""#), InvalidAmount),
+        (with_amount(r#""-Infinity""#), InvalidAmount),
+        (with_amount("1.001"), InvalidAmount),
+        (with_amount(r#""0.009""#), InvalidAmount),
+        (with_amount("1e2"), InvalidAmount),
+        (with_amount("1E-2"), InvalidAmount),
+        (with_amount(r#""2.5e1""#), InvalidAmount),
+        (with_amount("1000000.01"), InvalidAmount),
+        (with_amount(&"9".repeat(300)), InvalidAmount),
+        (
+            with_amount(&format!("0.{}", "0".repeat(300))),
+            InvalidAmount,
+        ),
+        (with_amount(r#""12,30""#), InvalidAmount),
+        (with_amount(r#"" 1.00""#), InvalidAmount),
+        (with_amount(r#""""#), InvalidAmount),
+        // Bad purchase ids.
+        (
+            r#"{"user_id":"u1","amount":1,"purchase_id":"not-a-uuid"}"#.into(),
+            InvalidPurchaseId,
+        ),
+        (
+            r#"{"user_id":"u1","amount":1,"purchase_id":12345}"#.into(),
+            InvalidPurchaseId,
+        ),
+        (
+            r#"{"user_id":"u1","amount":1,"purchase_id":"00000000-0000-0000-0000-000000000000"}"#
+                .into(),
+            InvalidPurchaseId,
+        ),
+    ]
+}
+
+struct Fixture {
+    db: TestDb,
+    topic: String,
+    prefix: String,
+    ws: Running,
+    grpc: Running,
+}
+
+async fn fixture(max_connections: u32) -> Fixture {
+    let db = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    let prefix = format!("{}:", unique("hostile"));
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.ws_max_connections = max_connections;
+    let ws = start_websocket(settings).await;
+    let grpc = start_grpc_kafka(grpc_kafka_settings(&topic, &prefix, &unique("group"))).await;
+    Fixture {
+        db,
+        topic,
+        prefix,
+        ws,
+        grpc,
+    }
+}
+
+impl Fixture {
+    /// Nothing reached PostgreSQL, Kafka or Redis (beyond the `good` purchases sent on purpose).
+    async fn assert_nothing_written(self, good: i64) {
+        assert_eq!(self.db.count("SELECT COUNT(*) FROM purchases").await, good);
+        self.ws.stop().await;
+        assert_eq!(
+            topic_records(&self.topic).len() as i64,
+            good,
+            "events on the topic"
+        );
+        let mut expected = HashMap::new();
+        if good > 0 {
+            expected.insert("good".to_owned(), (100 * good, good));
+        }
+        await_totals(self.grpc.addr, &expected, Duration::from_secs(60)).await;
+        let client = redis::Client::open(Env::get().redis_url.as_str()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let totals: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}total:*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        assert_eq!(
+            totals.len(),
+            usize::from(good > 0),
+            "totals in redis: {totals:?}"
+        );
+        self.grpc.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn corpus_gets_specific_codes_and_writes_nothing() {
+    let fixture = fixture(100).await;
+    let corpus = corpus();
+    assert!(corpus.len() >= 30);
+    let mut socket = ws_connect(fixture.ws.addr).await;
+    let mut bystander = ws_connect(fixture.ws.addr).await;
+    for (index, (frame, expected)) in corpus.iter().enumerate() {
+        match request(&mut socket, frame).await {
+            Reply::Error { code, message, .. } => {
+                assert_eq!(code, *expected, "corpus entry {index}: {frame:.120}");
+                assert!(!message.is_empty());
+            }
+            ack => panic!("corpus entry {index} was acked: {ack:?}"),
+        }
+    }
+    // A binary frame, on the same connection, which stays usable.
+    socket
+        .send(Message::binary(vec![0xff; 32]))
+        .await
+        .expect("send");
+    assert!(matches!(
+        next_reply(&mut socket).await,
+        Reply::Error {
+            code: ErrorCode::UnsupportedFrame,
+            ..
+        }
+    ));
+    // The other connection never noticed.
+    assert!(matches!(
+        request(&mut bystander, r#"{"user_id":"good","amount":1}"#).await,
+        Reply::Ack { .. }
+    ));
+    assert!(matches!(
+        request(&mut socket, r#"{"user_id":"good","amount":"1.00"}"#).await,
+        Reply::Ack { .. }
+    ));
+    fixture.assert_nothing_written(2).await;
+}
+
+#[tokio::test]
+async fn frames_at_the_size_limit() {
+    let fixture = fixture(100).await;
+    let limit = 16 * 1024;
+    let mut socket = ws_connect(fixture.ws.addr).await;
+    // Just under and at the limit: parsed like any frame (here: refused as malformed).
+    for size in [limit - 1, limit] {
+        let frame = format!("[{}]", "1,".repeat((size - 3) / 2) + "1");
+        let frame = format!("{frame}{}", " ".repeat(size - frame.len()));
+        assert_eq!(frame.len(), size);
+        assert!(matches!(
+            request(&mut socket, &frame).await,
+            Reply::Error {
+                code: ErrorCode::MalformedJson,
+                ..
+            }
+        ));
+    }
+    // Just over: the connection is closed with 1009.
+    socket
+        .send(Message::text(" ".repeat(limit + 1)))
+        .await
+        .expect("send");
+    let close = loop {
+        match socket.next().await {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Size));
+    fixture.assert_nothing_written(0).await;
+}
+
+#[tokio::test]
+async fn abrupt_disconnects_and_a_thousand_dropped_connections_leave_the_server_healthy() {
+    // A connection cap far below 1,000: if dropped connections leaked their slot, the last
+    // connection below would be refused.
+    let fixture = fixture(50).await;
+    let addr = fixture.ws.addr;
+    // Mid-frame: a frame header announcing 100 payload bytes, 10 sent, then the socket is gone.
+    for _ in 0..10 {
+        let mut socket = ws_connect(addr).await;
+        let stream = socket.get_mut();
+        let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = stream else {
+            panic!("plain TCP expected");
+        };
+        let mut partial = vec![0x81, 0x80 | 100, 1, 2, 3, 4];
+        partial.extend_from_slice(b"{\"user_id\"");
+        tcp.write_all(&partial).await.expect("write partial frame");
+        drop(socket);
+    }
+    for wave in 0..20 {
+        let connects = (0..50).map(|_| tokio_tungstenite::connect_async(format!("ws://{addr}/ws")));
+        for result in futures_util::future::join_all(connects).await {
+            let (socket, _) =
+                result.unwrap_or_else(|e| panic!("wave {wave}: connection refused: {e}"));
+            drop(socket);
+        }
+    }
+    let mut socket = eventually(
+        Duration::from_secs(30),
+        "a slot for a new connection",
+        || async {
+            tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+                .await
+                .ok()
+                .map(|(socket, _)| socket)
+        },
+    )
+    .await;
+    assert!(matches!(
+        request(&mut socket, r#"{"user_id":"good","amount":1}"#).await,
+        Reply::Ack { .. }
+    ));
+    fixture.assert_nothing_written(1).await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_replies_is_bounded() {
+    // The real binary, so its memory can be read from /proc.
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let server = Process::spawn(
+        "websocket",
+        &[
+            ("DATABASE_URL", db.url.clone()),
+            ("KAFKA_BROKERS", Env::get().kafka_brokers),
+            ("WEBSOCKET_ADDR", addr.to_string()),
+            ("KAFKA_TOPIC", topic.clone()),
+        ],
+    );
+    eventually(Duration::from_secs(60), "websocket to be ready", || async {
+        websocket::healthcheck(addr).await.ok()
+    })
+    .await;
+    let rss_kib = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    };
+    let before = rss_kib(server.pid());
+
+    // Sends as fast as it can and never reads: the server stops reading once its replies back up,
+    // so the hog's sends stall instead of filling the server's memory.
+    let (mut hog, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("connect");
+    let frame = format!("{{\"user_id\":\"hog\",\"amount\":\"{}\"}}", "x".repeat(900));
+    let mut sent = 0usize;
+    let stalled = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            hog.send(Message::text(frame.clone())),
+        )
+        .await
+        {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(error)) => panic!("send failed: {error}"),
+            Err(_stalled) => break true,
+        }
+        if sent > 1_000_000 {
+            break false;
+        }
+    };
+    assert!(
+        stalled,
+        "a million frames went through without backpressure"
+    );
+    let after = rss_kib(server.pid());
+    println!(
+        "non-reading client: {sent} frames sent before the stall; server RSS {before} KiB -> {after} KiB"
+    );
+    assert!(
+        after < before + 64 * 1024,
+        "server memory grew by {} KiB",
+        after - before
+    );
+
+    // Everybody else is served meanwhile.
+    let mut other = ws_connect(addr).await;
+    assert!(matches!(
+        request(&mut other, r#"{"user_id":"good","amount":1}"#).await,
+        Reply::Ack { .. }
+    ));
+    assert!(matches!(
+        request(&mut other, r#"{"user_id":"good","amount":1}"#).await,
+        Reply::Ack { .. }
+    ));
+    drop(hog);
+    assert!(server.terminate().await.success());
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 2);
+}
