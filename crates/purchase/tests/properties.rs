@@ -17,7 +17,7 @@ fn forms(cents: i64) -> Vec<String> {
     if fraction == 0 {
         texts.push(whole.to_string());
     }
-    let mut forms: Vec<String> = texts.iter().cloned().collect();
+    let mut forms = texts.clone();
     forms.extend(texts.iter().map(|t| format!("\"{t}\"")));
     forms.push(format!("\"000{}\"", texts[0]));
     forms
