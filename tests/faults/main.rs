@@ -449,8 +449,9 @@ impl Scenario {
                 equal_users += 1;
             }
         }
+        // On a line of its own: the test runner prints "test NAME ... " before it.
         println!(
-            "scenario {:<22} sent {:>5}  acked {:>5}  postgres {:>5}  topic {:>5} distinct ({} records)  redis {:>5} counted  users equal {}/{}  client retries {}",
+            "\nscenario {:<22} sent {:>5}  acked {:>5}  postgres {:>5}  topic {:>5} distinct ({} records)  redis {:>5} counted  users equal {}/{}  client retries {}",
             self.name,
             sent.len(),
             acked.len(),

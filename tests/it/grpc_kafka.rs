@@ -34,10 +34,14 @@ async fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: &[u
         .expect("publish");
 }
 
+/// A topic, consumer group and key prefix of the test's own, with a producer and the totals the
+/// published purchases should add up to.
 struct Fixture {
     topic: String,
     prefix: String,
     group: String,
+    producer: FutureProducer,
+    expected: HashMap<String, (i64, i64)>,
 }
 
 impl Fixture {
@@ -46,71 +50,71 @@ impl Fixture {
             topic: fresh_topic(4).await,
             prefix: format!("{}:", unique("prefix")),
             group: unique("group"),
+            producer: producer(),
+            expected: HashMap::new(),
         }
     }
 
     fn settings(&self) -> grpc_kafka::Settings {
         grpc_kafka_settings(&self.topic, &self.prefix, &self.group)
     }
+
+    /// Publishes a new purchase event, keyed by its user, and counts it in `expected`.
+    async fn purchase(&mut self, user: &str, cents: i64) -> PurchaseEvent {
+        let event = event(user, cents);
+        self.publish_raw(user, &event.encode()).await;
+        let entry = self.expected.entry(user.to_owned()).or_default();
+        entry.0 += cents;
+        entry.1 += 1;
+        event
+    }
+
+    /// Publishes any bytes without counting them.
+    async fn publish_raw(&self, key: &str, payload: &[u8]) {
+        publish(&self.producer, &self.topic, key, payload).await;
+    }
+
+    async fn await_totals(&self, app: &Running) {
+        await_totals(app.addr, &self.expected, Duration::from_secs(60)).await;
+    }
 }
 
 #[tokio::test]
 async fn counts_each_purchase_once_even_when_published_twice() {
-    let fixture = Fixture::new().await;
-    let producer = producer();
-    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut fixture = Fixture::new().await;
     for i in 0..200 {
         let user = format!("user{}", i % 10);
-        let event = event(&user, 1 + i * 3);
-        publish(&producer, &fixture.topic, &user, &event.encode()).await;
+        let event = fixture.purchase(&user, 1 + i * 3).await;
         if i % 4 == 0 {
             // The outbox may publish an event twice: the duplicate must not count.
-            publish(&producer, &fixture.topic, &user, &event.encode()).await;
+            fixture.publish_raw(&user, &event.encode()).await;
         }
-        let entry = expected.entry(user).or_default();
-        entry.0 += event.amount_cents;
-        entry.1 += 1;
     }
     // A record that is not a purchase event is skipped, not counted and not blocking.
-    publish(&producer, &fixture.topic, "user0", b"{not an event").await;
-    let last = event("user0", 5);
-    publish(&producer, &fixture.topic, "user0", &last.encode()).await;
-    let entry = expected.entry("user0".into()).or_default();
-    entry.0 += 5;
-    entry.1 += 1;
+    fixture.publish_raw("user0", b"{not an event").await;
+    fixture.purchase("user0", 5).await;
 
     let app = start_grpc_kafka(fixture.settings()).await;
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 }
 
 #[tokio::test]
 async fn restarts_resume_from_redis_offsets_without_double_counting() {
-    let fixture = Fixture::new().await;
-    let producer = producer();
-    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
-    fn add(expected: &mut HashMap<String, (i64, i64)>, user: &str, cents: i64) {
-        let entry = expected.entry(user.to_owned()).or_default();
-        entry.0 += cents;
-        entry.1 += 1;
-    }
+    let mut fixture = Fixture::new().await;
     for i in 0..50 {
-        let e = event("r1", 100 + i);
-        publish(&producer, &fixture.topic, "r1", &e.encode()).await;
-        add(&mut expected, "r1", 100 + i);
+        fixture.purchase("r1", 100 + i).await;
     }
     let app = start_grpc_kafka(fixture.settings()).await;
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 
     // More events while it is down; a new instance in the same group picks up exactly there.
     for i in 0..30 {
-        let e = event("r1", 7 + i);
-        publish(&producer, &fixture.topic, "r1", &e.encode()).await;
-        add(&mut expected, "r1", 7 + i);
+        fixture.purchase("r1", 7 + i).await;
     }
     let app = start_grpc_kafka(fixture.settings()).await;
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 
     // A different consumer group (fresh Kafka state) over the same Redis keys counts nothing twice:
@@ -118,43 +122,31 @@ async fn restarts_resume_from_redis_offsets_without_double_counting() {
     let mut settings = fixture.settings();
     settings.kafka_group_id = unique("group");
     let app = start_grpc_kafka(settings).await;
+    fixture.purchase("r1", 1).await;
+    fixture.await_totals(&app).await;
     let mut client = grpc_client(app.addr).await;
-    let e = event("r1", 1);
-    publish(&producer, &fixture.topic, "r1", &e.encode()).await;
-    add(&mut expected, "r1", 1);
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
     assert_eq!(grpc_total(&mut client, "r1").await.expect("total").1, 81);
     app.stop().await;
 }
 
 #[tokio::test]
 async fn wiped_redis_is_rebuilt_exactly_by_replaying_the_topic() {
-    let fixture = Fixture::new().await;
-    let producer = producer();
-    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut fixture = Fixture::new().await;
     for i in 0..120 {
-        let user = format!("w{}", i % 6);
-        let e = event(&user, 250 + i);
-        publish(&producer, &fixture.topic, &user, &e.encode()).await;
-        let entry = expected.entry(user).or_default();
-        entry.0 += e.amount_cents;
-        entry.1 += 1;
+        fixture.purchase(&format!("w{}", i % 6), 250 + i).await;
     }
     let app = start_grpc_kafka(fixture.settings()).await;
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 
     wipe_redis_prefix(&fixture.prefix).await.expect("wipe");
     let app = start_grpc_kafka(fixture.settings()).await;
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
 
-    // Wiped while running: the next event finds the stored offsets gone and replays.
+    // Wiped while running: the stored offsets are gone, the partitions are read again.
     wipe_redis_prefix(&fixture.prefix).await.expect("wipe");
-    let e = event("w0", 1);
-    publish(&producer, &fixture.topic, "w0", &e.encode()).await;
-    expected.get_mut("w0").expect("w0").0 += 1;
-    expected.get_mut("w0").expect("w0").1 += 1;
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.purchase("w0", 1).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 }
 
@@ -190,21 +182,12 @@ async fn grpc_contract_for_unknown_and_invalid_users() {
 
 #[tokio::test]
 async fn total_is_the_canonical_decimal() {
-    let fixture = Fixture::new().await;
-    let producer = producer();
+    let mut fixture = Fixture::new().await;
     for cents in [4999, 1, 10] {
-        publish(
-            &producer,
-            &fixture.topic,
-            "dec",
-            &event("dec", cents).encode(),
-        )
-        .await;
+        fixture.purchase("dec", cents).await;
     }
     let app = start_grpc_kafka(fixture.settings()).await;
-    let mut expected = HashMap::new();
-    expected.insert("dec".to_owned(), (5010, 3));
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     let mut client = grpc_client(app.addr).await;
     let response = client
         .get_total_spent(wallet_proto::GetTotalSpentRequest {
@@ -219,7 +202,7 @@ async fn total_is_the_canonical_decimal() {
 
 #[tokio::test]
 async fn redis_outage_is_unavailable_and_recovers_by_itself() {
-    let fixture = Fixture::new().await;
+    let mut fixture = Fixture::new().await;
     let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
     let mut settings = fixture.settings();
     settings.redis_url = format!("redis://{}/", proxy.addr);
@@ -246,12 +229,9 @@ async fn redis_outage_is_unavailable_and_recovers_by_itself() {
     );
 
     // Events that arrive during the outage are counted once Redis is back, without a restart.
-    let producer = producer();
-    publish(&producer, &fixture.topic, "x", &event("x", 42).encode()).await;
+    fixture.purchase("x", 42).await;
     proxy.restore();
-    let mut expected = HashMap::new();
-    expected.insert("x".to_owned(), (42, 1));
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 }
 
@@ -311,19 +291,12 @@ async fn stored_offsets_past_the_partition_end_are_reread_without_double_countin
     // As after the topic was recreated or the cluster lost data: Redis holds offsets beyond the
     // end of every partition. The aggregator must notice, read from the start, and count each
     // purchase_id once.
-    let fixture = Fixture::new().await;
-    let producer = producer();
-    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut fixture = Fixture::new().await;
     for i in 0..40 {
-        let user = format!("p{}", i % 4);
-        let e = event(&user, 1000 + i);
-        publish(&producer, &fixture.topic, &user, &e.encode()).await;
-        let entry = expected.entry(user).or_default();
-        entry.0 += e.amount_cents;
-        entry.1 += 1;
+        fixture.purchase(&format!("p{}", i % 4), 1000 + i).await;
     }
     let app = start_grpc_kafka(fixture.settings()).await;
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 
     let client = redis::Client::open(Env::get().redis_url.as_str()).expect("redis url");
@@ -353,13 +326,8 @@ async fn stored_offsets_past_the_partition_end_are_reread_without_double_countin
 
     let app = start_grpc_kafka(fixture.settings()).await;
     for i in 0..8 {
-        let user = format!("p{}", i % 4);
-        let e = event(&user, 3 + i);
-        publish(&producer, &fixture.topic, &user, &e.encode()).await;
-        let entry = expected.entry(user).or_default();
-        entry.0 += e.amount_cents;
-        entry.1 += 1;
+        fixture.purchase(&format!("p{}", i % 4), 3 + i).await;
     }
-    await_totals(app.addr, &expected, Duration::from_secs(60)).await;
+    fixture.await_totals(&app).await;
     app.stop().await;
 }
