@@ -615,7 +615,8 @@ async fn postgres_fast_stop_and_restart() {
     stream.until_acked(WARMUP).await;
     let outage = Outage::new("stop", "postgres");
     // While it is down, clients get `unavailable` (or lose their connection) and nothing is acked.
-    stream.until_retried(CLIENTS).await;
+    // (Enough retries first that every reply already on its way has arrived.)
+    stream.until_retried(3 * CLIENTS).await;
     let during = stream.acked();
     stream.until_retried(3 * CLIENTS).await;
     assert_eq!(stream.acked(), during, "no ack while PostgreSQL is down");
