@@ -260,6 +260,28 @@ async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
         ],
     );
     assert!(stderr.contains("WEBSOCKET_ADDR"), "{stderr}");
+    // A connection URL that does not parse is named, but never echoed: it may hold a password.
+    let stderr = run(
+        "websocket",
+        &[
+            (
+                "DATABASE_URL",
+                "postgres://user:s3cret-pw@127.0.0.1:notaport/db",
+            ),
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+        ],
+    );
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+    let stderr = run(
+        "grpc_kafka",
+        &[
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("REDIS_URL", "redis://:s3cret-pw@127.0.0.1:notaport/"),
+        ],
+    );
+    assert!(stderr.contains("REDIS_URL"), "{stderr}");
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
     let stderr = run("grpc_kafka", &[("KAFKA_BROKERS", "127.0.0.1:1")]);
     assert!(stderr.contains("REDIS_URL"), "{stderr}");
     let stderr = run(

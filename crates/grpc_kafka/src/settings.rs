@@ -36,7 +36,7 @@ pub struct Settings {
     pub kafka_brokers: String,
 
     /// Redis connection URL, e.g. redis://host:6379/0.
-    #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, hide_env_values = true)]
+    #[arg(long, env = "REDIS_URL", value_parser = service_kit::SecretParser::new("REDIS_URL", parse_redis_url), hide_env_values = true)]
     pub redis_url: String,
 
     /// Address the gRPC server listens on; port 0 picks a free port.

@@ -58,3 +58,42 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     tracing::info!("shutdown requested");
     shutdown.cancel();
 }
+
+/// A clap value parser for settings that may hold credentials (connection URLs): a rejection
+/// names the setting and the reason, never the value, so a password cannot end up in a log.
+#[derive(Clone)]
+pub struct SecretParser<T> {
+    name: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T> SecretParser<T> {
+    pub fn new(name: &'static str, parse: fn(&str) -> Result<T, String>) -> Self {
+        Self { name, parse }
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for SecretParser<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        _command: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let invalid = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "invalid {}: {why} (the value is not shown: it may hold a password)\n",
+                    self.name
+                ),
+            )
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| invalid("not valid UTF-8".to_owned()))?;
+        (self.parse)(text).map_err(invalid)
+    }
+}

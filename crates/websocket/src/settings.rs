@@ -34,7 +34,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// PostgreSQL connection string, e.g. postgres://user:pass@host:5432/db.
-    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", value_parser = service_kit::SecretParser::new("DATABASE_URL", parse_database_url), hide_env_values = true)]
     pub database_url: tokio_postgres::Config,
 
     /// Kafka bootstrap servers, comma separated.
