@@ -290,13 +290,17 @@ start_services() {
 
 demo() {
   local ctl="$ROOT/target/release/walletctl" ws="ws://127.0.0.1:$WS_PORT/ws" grpc="http://127.0.0.1:$GRPC_PORT"
+  # Users of their own per run, so the totals printed are exactly this run's purchases.
+  local run alice bob
+  run="demo-$(date +%s)"
+  alice="$run-alice" bob="$run-bob"
   log "sending purchases over WebSocket"
-  "$ctl" --ws-url "$ws" send --user-id alice --amount 49.99
-  "$ctl" --ws-url "$ws" send --user-id alice --amount 0.01
-  "$ctl" --ws-url "$ws" send --user-id bob --amount "12.30"
+  "$ctl" --ws-url "$ws" send --user-id "$alice" --amount 49.99
+  "$ctl" --ws-url "$ws" send --user-id "$alice" --amount 0.01
+  "$ctl" --ws-url "$ws" send --user-id "$bob" --amount "12.30"
   log "waiting for the totals over gRPC"
-  "$ctl" --grpc-url "$grpc" total alice --wait-count 2 --wait-secs 60
-  "$ctl" --grpc-url "$grpc" total bob --wait-count 1 --wait-secs 60
+  "$ctl" --grpc-url "$grpc" total "$alice" --wait-count 2 --wait-secs 60
+  "$ctl" --grpc-url "$grpc" total "$bob" --wait-count 1 --wait-secs 60
 }
 
 status() {
