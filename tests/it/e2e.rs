@@ -253,6 +253,20 @@ async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
     let stderr = run(
         "websocket",
+        &[("DATABASE_URL", "postgres://u@127.0.0.1:1/db")],
+    );
+    assert!(stderr.contains("KAFKA_BROKERS"), "{stderr}");
+    let stderr = run(
+        "grpc_kafka",
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1/"),
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("KAFKA_TOPIC_PARTITIONS", "0"),
+        ],
+    );
+    assert!(stderr.contains("KAFKA_TOPIC_PARTITIONS"), "{stderr}");
+    let stderr = run(
+        "websocket",
         &[
             ("DATABASE_URL", "postgres://u@127.0.0.1:1/db"),
             ("KAFKA_BROKERS", "127.0.0.1:1"),

@@ -324,7 +324,7 @@ async fn kafka_outage_loses_nothing_the_outbox_relays_later() {
     let topic = fresh_topic(2).await;
     // Kafka unreachable: a closed port on loopback.
     let mut settings = websocket_settings(&db.url, &topic);
-    settings.kafka_brokers = "127.0.0.1:9".to_owned();
+    settings.kafka.brokers = "127.0.0.1:9".to_owned();
     settings.kafka_message_timeout_ms = 2000;
     settings.shutdown_timeout_secs = 3;
     let app = start_websocket(settings).await;

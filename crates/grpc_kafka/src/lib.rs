@@ -91,7 +91,7 @@ impl Application {
 
         let aggregator_stop = CancellationToken::new();
         let aggregator_task = {
-            let topic_spec = settings.topic_spec();
+            let topic_spec = settings.kafka.clone();
             let settings = settings.clone();
             let totals = self.totals.clone();
             let stop = aggregator_stop.clone();
@@ -109,15 +109,15 @@ impl Application {
                 let flag = Arc::new(consumer::RebalanceFlag::default());
                 let consumer = consumer::create(
                     &consumer::ConsumerSettings {
-                        brokers: settings.kafka_brokers.clone(),
+                        brokers: settings.kafka.brokers.clone(),
                         group_id: settings.kafka_group_id.clone(),
-                        topic: settings.kafka_topic.clone(),
+                        topic: settings.kafka.topic.clone(),
                     },
                     flag.clone(),
                 )
                 .map_err(StartError::Consumer)?;
                 let metadata: Arc<BaseConsumer> = Arc::new(
-                    kafka_common::client_config(&settings.kafka_brokers)
+                    kafka_common::client_config(&settings.kafka.brokers)
                         .create()
                         .map_err(StartError::Consumer)?,
                 );
@@ -139,14 +139,14 @@ impl Application {
                         return Ok(());
                     }
                 };
-                tracing::info!(%cluster_id, topic = %settings.kafka_topic, "consuming");
+                tracing::info!(%cluster_id, topic = %settings.kafka.topic, "consuming");
                 let aggregator = consumer::Aggregator {
                     consumer,
                     flag,
                     totals,
-                    log: format!("{cluster_id}:{}", settings.kafka_topic),
+                    log: format!("{cluster_id}:{}", settings.kafka.topic),
                     metadata,
-                    topic: settings.kafka_topic.clone(),
+                    topic: settings.kafka.topic.clone(),
                     batch_max: settings.consumer_batch_max as usize,
                     linger: settings.linger(),
                 };

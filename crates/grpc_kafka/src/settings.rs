@@ -31,9 +31,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// Kafka bootstrap servers, comma separated.
-    #[arg(long, env = "KAFKA_BROKERS")]
-    pub kafka_brokers: String,
+    #[command(flatten)]
+    pub kafka: kafka_common::TopicSpec,
 
     /// Redis connection URL, e.g. redis://host:6379/0.
     #[arg(long, env = "REDIS_URL", value_parser = service_kit::SecretParser::new("REDIS_URL", parse_redis_url), hide_env_values = true)]
@@ -43,17 +42,9 @@ pub struct Settings {
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
-    /// Topic the purchase events are read from.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "user_purchase")]
-    pub kafka_topic: String,
-
     /// Consumer group; replicas with the same group share the partitions.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "grpc_kafka")]
     pub kafka_group_id: String,
-
-    /// Partitions of the topic when this service has to create it.
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..))]
-    pub kafka_topic_partitions: i32,
 
     /// Prefix of every Redis key this service writes (totals, dedupe sets, offsets).
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "wallet:")]
@@ -95,14 +86,6 @@ impl Settings {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
-    }
-
-    pub fn topic_spec(&self) -> kafka_common::TopicSpec {
-        kafka_common::TopicSpec {
-            brokers: self.kafka_brokers.clone(),
-            topic: self.kafka_topic.clone(),
-            partitions: self.kafka_topic_partitions,
-        }
     }
 }
 

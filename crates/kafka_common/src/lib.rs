@@ -12,11 +12,34 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-/// Where the topic lives and how it is created.
-#[derive(Debug, Clone)]
+/// Where the topic lives and how it is created: the Kafka settings both services share, read
+/// by each service's settings (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct TopicSpec {
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(
+        long = "kafka-brokers",
+        env = "KAFKA_BROKERS",
+        value_name = "KAFKA_BROKERS"
+    )]
     pub brokers: String,
+
+    /// Topic of the purchase events.
+    #[arg(
+        long = "kafka-topic",
+        env = "KAFKA_TOPIC",
+        default_value = "user_purchase"
+    )]
     pub topic: String,
+
+    /// Partitions of the topic when a service has to create it.
+    #[arg(
+        long = "kafka-topic-partitions",
+        env = "KAFKA_TOPIC_PARTITIONS",
+        value_name = "KAFKA_TOPIC_PARTITIONS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(i32).range(1..)
+    )]
     pub partitions: i32,
 }
 

@@ -103,7 +103,7 @@ impl Application {
         let relay = outbox::Relay {
             pool: self.pool.clone(),
             producer: self.producer,
-            topic_spec: settings.topic_spec(),
+            topic_spec: settings.kafka.clone(),
             batch_max: i64::from(settings.outbox_batch_max),
             committed,
         };
@@ -156,7 +156,7 @@ impl Application {
 }
 
 fn producer(settings: &Settings) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    kafka_common::client_config(&settings.kafka_brokers)
+    kafka_common::client_config(&settings.kafka.brokers)
         // Idempotence keeps per-partition order and avoids duplicates from the producer's own retries.
         .set("enable.idempotence", "true")
         .set("acks", "all")

@@ -37,21 +37,12 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_URL", value_parser = service_kit::SecretParser::new("DATABASE_URL", parse_database_url), hide_env_values = true)]
     pub database_url: tokio_postgres::Config,
 
-    /// Kafka bootstrap servers, comma separated.
-    #[arg(long, env = "KAFKA_BROKERS")]
-    pub kafka_brokers: String,
+    #[command(flatten)]
+    pub kafka: kafka_common::TopicSpec,
 
     /// Address the WebSocket server listens on; port 0 picks a free port.
     #[arg(long, env = "WEBSOCKET_ADDR", default_value = "0.0.0.0:8080")]
     pub websocket_addr: SocketAddr,
-
-    /// Topic the purchases are published to.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "user_purchase")]
-    pub kafka_topic: String,
-
-    /// Partitions of the topic when this service has to create it.
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..))]
-    pub kafka_topic_partitions: i32,
 
     /// How long the producer retries one event before the outbox relay tries it again.
     #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..))]
@@ -113,14 +104,6 @@ impl Settings {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
-    }
-
-    pub fn topic_spec(&self) -> kafka_common::TopicSpec {
-        kafka_common::TopicSpec {
-            brokers: self.kafka_brokers.clone(),
-            topic: self.kafka_topic.clone(),
-            partitions: self.kafka_topic_partitions,
-        }
     }
 }
 
