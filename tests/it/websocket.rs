@@ -433,3 +433,121 @@ async fn migrations_are_idempotent() {
     websocket::db::migrate(&pool).await.expect("second run");
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 0);
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.ws_idle_timeout_secs = 1;
+    let app = start_websocket(settings).await;
+    let mut socket = ws_connect(app.addr).await;
+    assert!(matches!(
+        request(&mut socket, r#"{"user_id":"idle","amount":1}"#).await,
+        Reply::Ack { .. }
+    ));
+    // Then silence: the server closes the connection (normal closure) after the idle timeout.
+    let close = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed within 10 s");
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Normal));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_with_503() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.ws_max_connections = 2;
+    let app = start_websocket(settings).await;
+    let first = ws_connect(app.addr).await;
+    let _second = ws_connect(app.addr).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+        }
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
+    // A slot is freed when a connection ends.
+    drop(first);
+    let mut socket = eventually(Duration::from_secs(10), "a freed slot", || async {
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
+            .await
+            .ok()
+            .map(|(socket, _)| socket)
+    })
+    .await;
+    assert!(matches!(
+        request(&mut socket, r#"{"user_id":"cap","amount":1}"#).await,
+        Reply::Ack { .. }
+    ));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_unavailable_and_saves_nothing() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    // One queued purchase at a time, one per commit: a burst overflows the queue at once.
+    settings.commit_queue_max = 1;
+    settings.commit_batch_max = 1;
+    let app = start_websocket(settings).await;
+    let bursts = (0..5).map(|c| {
+        let addr = app.addr;
+        tokio::spawn(async move {
+            let (mut sink, mut stream) = ws_connect(addr).await.split();
+            let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+            for id in &ids {
+                let frame = format!(r#"{{"user_id":"burst{c}","amount":1,"purchase_id":"{id}"}}"#);
+                sink.send(Message::text(frame)).await.expect("send");
+            }
+            let mut replies = Vec::new();
+            while replies.len() < ids.len() {
+                if let Some(Ok(Message::Text(text))) = stream.next().await {
+                    replies.push(serde_json::from_str::<Reply>(&text).expect("reply"));
+                }
+            }
+            replies
+        })
+    });
+    let (mut acked, mut unavailable) = (Vec::new(), Vec::new());
+    for burst in bursts {
+        for reply in burst.await.expect("burst") {
+            match reply {
+                Reply::Ack { purchase_id, .. } => acked.push(purchase_id),
+                Reply::Error {
+                    code: ErrorCode::Unavailable,
+                    purchase_id: Some(id),
+                    ..
+                } => unavailable.push(id),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    }
+    assert!(
+        !unavailable.is_empty(),
+        "the burst overflowed the commit queue"
+    );
+    let rows = db.purchases().await;
+    assert!(
+        acked.iter().all(|id| rows.contains_key(id)),
+        "every ack is committed"
+    );
+    assert!(
+        unavailable.iter().all(|id| !rows.contains_key(id)),
+        "an overloaded purchase was saved"
+    );
+    assert_eq!(rows.len(), acked.len());
+    app.stop().await;
+}
