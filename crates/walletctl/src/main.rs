@@ -13,6 +13,8 @@ use tokio_tungstenite::tungstenite::Message;
 use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
+mod bench;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "walletctl",
@@ -56,6 +58,22 @@ enum Command {
     /// Send every line of a file (or - for standard input) as one frame and print each reply.
     /// Lines are JSON objects such as {"user_id": "123", "amount": 49.99}.
     SendFile { path: String },
+    /// Measure: send purchases over many connections at once, print throughput and ack latency,
+    /// then how long until every one is counted, and whether the totals are exact.
+    Bench {
+        /// Concurrent WebSocket connections.
+        #[arg(long, default_value_t = 10)]
+        connections: usize,
+        /// Purchases per connection.
+        #[arg(long, default_value_t = 1000)]
+        purchases: usize,
+        /// Purchases awaiting their ack per connection.
+        #[arg(long, default_value_t = 32)]
+        in_flight: usize,
+        /// Distinct users (of this run only) the purchases are spread over.
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+    },
     /// Print a user's total from the grpc_kafka service.
     Total {
         user_id: String,
@@ -114,6 +132,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             let frames = lines.into_iter().filter(|l| !l.trim().is_empty()).collect();
             send_frames(&cli.ws_url, frames).await
+        }
+        Command::Bench {
+            connections,
+            purchases,
+            in_flight,
+            users,
+        } => {
+            let plan = bench::Plan {
+                connections,
+                purchases,
+                in_flight: in_flight.max(1),
+                users: users.max(1),
+            };
+            bench::run(&cli.ws_url, &cli.grpc_url, plan).await
         }
         Command::Total {
             user_id,

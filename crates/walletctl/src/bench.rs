@@ -1,0 +1,161 @@
+//! `walletctl bench`: a load generator that prints figures (never asserts timings). It sends
+//! purchases for users of its own run, so the totals it checks are exactly its own.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use purchase::Reply;
+use tokio_tungstenite::tungstenite::Message;
+use wallet_proto::GetTotalSpentRequest;
+use wallet_proto::wallet_service_client::WalletServiceClient;
+
+pub struct Plan {
+    pub connections: usize,
+    pub purchases: usize,
+    pub in_flight: usize,
+    pub users: usize,
+}
+
+/// One connection's share: frames with (user, cents), and the ack latency of each.
+async fn connection(
+    url: String,
+    frames: Vec<(String, String)>,
+    window: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let (socket, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let (mut sink, mut stream) = socket.split();
+    let mut pending: VecDeque<Instant> = VecDeque::with_capacity(window);
+    let mut latencies = Vec::with_capacity(frames.len());
+    let mut frames = frames.into_iter();
+    loop {
+        while pending.len() < window {
+            let Some((_, frame)) = frames.next() else {
+                break;
+            };
+            sink.send(Message::text(frame)).await?;
+            pending.push_back(Instant::now());
+        }
+        let Some(sent_at) = pending.pop_front() else {
+            break;
+        };
+        let text = loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => break text,
+                Some(Ok(Message::Close(frame))) => bail!("server closed the connection: {frame:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => bail!("connection failed: {error}"),
+                None => bail!("server closed the connection"),
+            }
+        };
+        match serde_json::from_str::<Reply>(&text)? {
+            Reply::Ack { .. } => latencies.push(sent_at.elapsed()),
+            other => bail!("purchase not acked: {other:?}"),
+        }
+    }
+    let mut socket = sink
+        .reunite(stream)
+        .map_err(|_| anyhow::anyhow!("socket halves mismatch"))?;
+    let _ = socket.close(None).await;
+    Ok(latencies)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(ws_url: &str, grpc_url: &str, plan: Plan) -> anyhow::Result<bool> {
+    let run = format!(
+        "bench-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default()
+    );
+    let mut expected: HashMap<String, (i64, u64)> = HashMap::new();
+    let mut shares = Vec::with_capacity(plan.connections);
+    for c in 0..plan.connections {
+        let mut frames = Vec::with_capacity(plan.purchases);
+        for i in 0..plan.purchases {
+            let n = c * plan.purchases + i;
+            let user = format!("{run}-u{}", n % plan.users);
+            let cents = (n as i64 * 7919) % 99_999 + 1;
+            let frame = format!(
+                r#"{{"user_id":"{user}","amount":"{}.{:02}"}}"#,
+                cents / 100,
+                cents % 100
+            );
+            let entry = expected.entry(user.clone()).or_default();
+            entry.0 += cents;
+            entry.1 += 1;
+            frames.push((user, frame));
+        }
+        shares.push(frames);
+    }
+    let total = plan.connections * plan.purchases;
+    println!(
+        "bench: {} connections x {} purchases ({} in flight each), {} users, {ws_url}",
+        plan.connections, plan.purchases, plan.in_flight, plan.users
+    );
+
+    let started = Instant::now();
+    let tasks: Vec<_> = shares
+        .into_iter()
+        .map(|frames| tokio::spawn(connection(ws_url.to_owned(), frames, plan.in_flight)))
+        .collect();
+    let mut latencies = Vec::with_capacity(total);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    let acked_at = Instant::now();
+    latencies.sort();
+    println!(
+        "acked {} in {:.2} s: {:.0} purchases/s",
+        latencies.len(),
+        elapsed.as_secs_f64(),
+        latencies.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "ack latency ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.95),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 1.0)
+    );
+
+    // Counted: poll the totals until every purchase of this run is in them (or a minute passed).
+    let mut client = WalletServiceClient::connect(grpc_url.to_owned())
+        .await
+        .with_context(|| format!("cannot connect to {grpc_url}"))?;
+    let deadline = acked_at + Duration::from_secs(60);
+    loop {
+        let mut counted = 0u64;
+        let mut exact = true;
+        for (user, (cents, count)) in &expected {
+            let response = client
+                .get_total_spent(GetTotalSpentRequest {
+                    user_id: user.clone(),
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
+                .into_inner();
+            counted += response.purchase_count;
+            exact &= (response.total_cents, response.purchase_count) == (*cents, *count);
+        }
+        if exact || Instant::now() >= deadline {
+            println!(
+                "counted {counted} of {total} in Redis {:.2} s after the last ack; totals exact: {}",
+                acked_at.elapsed().as_secs_f64(),
+                if exact { "yes" } else { "no" }
+            );
+            return Ok(exact);
+        }
+        // Polling interval of the measurement, not a readiness assumption.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
