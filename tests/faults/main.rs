@@ -593,11 +593,7 @@ async fn redis_wiped_completely_is_rebuilt() {
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
-    let client = redis::Client::open(Env::get().redis_url.as_str()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis_connection().await;
     let _: () = redis::cmd("FLUSHALL")
         .query_async(&mut conn)
         .await

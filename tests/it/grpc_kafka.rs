@@ -299,16 +299,8 @@ async fn stored_offsets_past_the_partition_end_are_reread_without_double_countin
     fixture.await_totals(&app).await;
     app.stop().await;
 
-    let client = redis::Client::open(Env::get().redis_url.as_str()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}offsets:*", fixture.prefix))
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
+    let mut conn = redis_connection().await;
+    let keys = redis_keys(&mut conn, &format!("{}offsets:*", fixture.prefix)).await;
     assert_eq!(
         keys.len(),
         1,

@@ -149,16 +149,8 @@ impl Fixture {
             expected.insert("good".to_owned(), (100 * good, good));
         }
         await_totals(self.grpc.addr, &expected, Duration::from_secs(60)).await;
-        let client = redis::Client::open(Env::get().redis_url.as_str()).expect("redis url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
-        let totals: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}total:*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .expect("keys");
+        let mut conn = redis_connection().await;
+        let totals = redis_keys(&mut conn, &format!("{}total:*", self.prefix)).await;
         assert_eq!(
             totals.len(),
             usize::from(good > 0),

@@ -412,17 +412,34 @@ pub async fn await_totals(
 
 /// Removes every Redis key under `prefix` (a FLUSHALL limited to one test's keys).
 pub async fn wipe_redis_prefix(prefix: &str) -> anyhow::Result<()> {
-    let client = redis::Client::open(Env::get().redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
-        .await?;
+    let mut conn = redis_connection().await;
+    let keys = redis_keys(&mut conn, &format!("{prefix}*")).await;
     if keys.is_empty() {
         bail!("no keys under {prefix}");
     }
     let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
     Ok(())
+}
+
+/// A connection to the test Redis, for looking at (or tampering with) what the services wrote.
+pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(Env::get().redis_url.as_str())
+        .expect("REDIS_URL")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis unreachable: {e}; {HINT}"))
+}
+
+/// The keys matching `pattern`.
+pub async fn redis_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(conn)
+        .await
+        .expect("KEYS")
 }
 
 // ------------------------------------------------------------------------------------ faults

@@ -56,7 +56,6 @@ impl Application {
             settings.redis_pool_size,
             settings.redis_timeout(),
         )
-        .await
         .map_err(StartError::Redis)?;
         let totals = totals::Totals::new(pool, settings.redis_key_prefix.clone());
         let addr = settings.grpc_addr;

@@ -68,7 +68,8 @@ impl Totals {
         }
     }
 
-    pub async fn pool(url: &str, size: u32, timeout: Duration) -> Result<Pool, redis::RedisError> {
+    /// Builds the pool without connecting: the service starts even while Redis is down.
+    pub fn pool(url: &str, size: u32, timeout: Duration) -> Result<Pool, redis::RedisError> {
         let manager = RedisConnectionManager::new(url)?;
         Ok(bb8::Pool::builder()
             .max_size(size)
