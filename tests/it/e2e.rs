@@ -163,10 +163,10 @@ async fn thousand_purchases_over_ten_connections_add_up_exactly() {
     )
     .await;
     for (key, event) in &records {
-        assert_eq!(key, &event.user_id);
+        assert_eq!(key, event.user_id.as_str());
         assert_eq!(
             rows[&event.purchase_id],
-            (event.user_id.clone(), event.amount_cents)
+            (event.user_id.to_string(), event.amount_cents)
         );
     }
 

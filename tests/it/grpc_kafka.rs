@@ -62,7 +62,8 @@ impl Fixture {
     /// Publishes a new purchase event, keyed by its user, and counts it in `expected`.
     async fn purchase(&mut self, user: &str, cents: i64) -> PurchaseEvent {
         let event = event(user, cents);
-        self.publish_raw(user, &event.encode()).await;
+        self.publish_raw(user, &event.encode().expect("encode"))
+            .await;
         let entry = self.expected.entry(user.to_owned()).or_default();
         entry.0 += cents;
         entry.1 += 1;
@@ -87,7 +88,9 @@ async fn counts_each_purchase_once_even_when_published_twice() {
         let event = fixture.purchase(&user, 1 + i * 3).await;
         if i % 4 == 0 {
             // The outbox may publish an event twice: the duplicate must not count.
-            fixture.publish_raw(&user, &event.encode()).await;
+            fixture
+                .publish_raw(&user, &event.encode().expect("encode"))
+                .await;
         }
     }
     // A record that is not a purchase event is skipped, not counted and not blocking.

@@ -168,6 +168,8 @@ pub async fn fresh_topic(partitions: i32) -> String {
         brokers: Env::get().kafka_brokers,
         topic: topic.clone(),
         partitions,
+        replication_factor: 1,
+        min_insync_replicas: 1,
     })
     .await
     .unwrap_or_else(|e| panic!("Kafka unreachable: {e}; {HINT}"));

@@ -4,24 +4,31 @@
 //! Layout:
 //! - [`settings`]: the typed settings, from flags or environment;
 //! - [`totals`]: the Redis store (totals, dedupe sets, offsets) and its one Lua script;
-//! - [`consumer`]: the aggregator loop that batches events and applies them exactly once;
+//! - [`positions`]: where each partition stands, as a state machine without I/O;
+//! - [`kafka`]: the rdkafka adapter (consumer, rebalances, seeks, watermarks);
+//! - [`aggregator`]: the loop that joins them and applies each batch exactly once;
 //! - [`grpc`]: `WalletService` and the one mapping from errors to gRPC statuses.
+//!
+//! This file is wiring: it starts the aggregator and the gRPC server and supervises both. A dead
+//! or stalled aggregator turns health NOT_SERVING and ends `run_until_stopped` with an error, so
+//! the process exits non-zero and the orchestrator restarts it.
 //!
 //! This service never touches PostgreSQL and never produces to Kafka.
 
-pub mod consumer;
+pub mod aggregator;
 pub mod grpc;
+pub mod kafka;
+pub mod positions;
 pub mod settings;
 pub mod totals;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
 use wallet_proto::wallet_service_server::WalletServiceServer;
 
 pub use settings::{Cli, Command, Settings};
@@ -34,15 +41,23 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the kafka consumer: {0}")]
-    Consumer(#[source] rdkafka::error::KafkaError),
+    #[error("invalid settings: {0}")]
+    Settings(String),
     #[error("invalid REDIS_URL: {0}")]
     Redis(#[source] redis::RedisError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the aggregator failed: {0}")]
+    Aggregator(#[source] aggregator::AggregatorError),
+    #[error("the aggregator ended while it should run")]
+    AggregatorEnded,
+    #[error("the aggregator panicked: {0}")]
+    AggregatorPanicked(String),
+    #[error("the aggregator stalled: no progress for {0:?}")]
+    AggregatorStalled(Duration),
 }
 
-/// A built service: listening and subscribed, not yet serving.
+/// A built service: listening, not yet serving or consuming.
 pub struct Application {
     listener: TcpListener,
     settings: Settings,
@@ -51,13 +66,18 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        settings.kafka.validate().map_err(StartError::Settings)?;
         let pool = totals::Totals::pool(
             &settings.redis_url,
             settings.redis_pool_size,
             settings.redis_timeout(),
         )
         .map_err(StartError::Redis)?;
-        let totals = totals::Totals::new(pool, settings.redis_key_prefix.clone());
+        let totals = totals::Totals::new(
+            pool,
+            settings.redis_key_prefix.clone(),
+            settings.dedupe_horizon(),
+        );
         let addr = settings.grpc_addr;
         let listener = TcpListener::bind(addr)
             .await
@@ -77,6 +97,7 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then: report NOT_SERVING, stop consuming after the
     /// batch in hand is applied (its offsets are stored with it), finish in-flight calls, exit.
+    /// If the aggregator dies or stalls first, the same happens and the failure is returned.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let settings = self.settings;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -88,71 +109,14 @@ impl Application {
             .set_serving::<WalletServiceServer<grpc::Wallet>>()
             .await;
 
+        let heartbeat = aggregator::Heartbeat::default();
+        heartbeat.beat();
         let aggregator_stop = CancellationToken::new();
-        let aggregator_task = {
-            let topic_spec = settings.kafka.clone();
-            let settings = settings.clone();
-            let totals = self.totals.clone();
-            let stop = aggregator_stop.clone();
-            tokio::spawn(async move {
-                // The topic may not exist yet on a fresh cluster: create it, retrying until Kafka answers.
-                let mut backoff = Duration::from_millis(200);
-                while let Err(error) = kafka_common::ensure_topic(&topic_spec).await {
-                    tracing::warn!(%error, "cannot ensure topic yet");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = stop.cancelled() => return Ok(()),
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                let flag = Arc::new(consumer::RebalanceFlag::default());
-                let consumer = consumer::create(
-                    &consumer::ConsumerSettings {
-                        brokers: settings.kafka.brokers.clone(),
-                        group_id: settings.kafka_group_id.clone(),
-                        topic: settings.kafka.topic.clone(),
-                    },
-                    flag.clone(),
-                )
-                .map_err(StartError::Consumer)?;
-                let metadata: Arc<BaseConsumer> = Arc::new(
-                    kafka_common::client_config(&settings.kafka.brokers)
-                        .create()
-                        .map_err(StartError::Consumer)?,
-                );
-                // Offsets are stored per cluster and topic, so a topic of the same name in
-                // another cluster never inherits them.
-                let cluster_id = loop {
-                    let client = metadata.clone();
-                    let fetched = tokio::task::spawn_blocking(move || {
-                        client.client().fetch_cluster_id(Duration::from_secs(5))
-                    })
-                    .await
-                    .ok()
-                    .flatten();
-                    if let Some(id) = fetched {
-                        break id;
-                    }
-                    tracing::warn!("cannot fetch the kafka cluster id yet");
-                    if stop.is_cancelled() {
-                        return Ok(());
-                    }
-                };
-                tracing::info!(%cluster_id, topic = %settings.kafka.topic, "consuming");
-                let aggregator = consumer::Aggregator {
-                    consumer,
-                    flag,
-                    totals,
-                    log: format!("{cluster_id}:{}", settings.kafka.topic),
-                    metadata,
-                    topic: settings.kafka.topic.clone(),
-                    batch_max: settings.consumer_batch_max as usize,
-                    linger: settings.linger(),
-                };
-                aggregator.run(stop).await;
-                Ok::<(), StartError>(())
-            })
-        };
+        let mut aggregator_task = tokio::spawn({
+            let (settings, totals) = (settings.clone(), self.totals.clone());
+            let (heartbeat, stop) = (heartbeat.clone(), aggregator_stop.clone());
+            async move { aggregator::run(&settings, totals, heartbeat, stop).await }
+        });
 
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "grpc_kafka service listening");
         let server_shutdown = CancellationToken::new();
@@ -168,17 +132,34 @@ impl Application {
             );
         let server_task = tokio::spawn(server);
 
-        shutdown.cancelled().await;
-        health_reporter
-            .set_not_serving::<WalletServiceServer<grpc::Wallet>>()
-            .await;
+        let stall = settings.aggregator_stall();
+        let failure = tokio::select! {
+            () = shutdown.cancelled() => None,
+            joined = &mut aggregator_task => Some(match joined {
+                Ok(Ok(())) => StartError::AggregatorEnded,
+                Ok(Err(error)) => StartError::Aggregator(error),
+                Err(join) => StartError::AggregatorPanicked(join.to_string()),
+            }),
+            () = stalled(&heartbeat, stall) => Some(StartError::AggregatorStalled(stall)),
+        };
+        if let Some(error) = &failure {
+            tracing::error!(%error, "stopping: the aggregator is not running");
+        }
+        // Both the overall service ("") and the wallet service: a probe of either sees it.
+        for service in ["", "wallet.v1.WalletService"] {
+            health_reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
         aggregator_stop.cancel();
         let deadline = tokio::time::Instant::now() + settings.shutdown_timeout();
-        match tokio::time::timeout_at(deadline, aggregator_task).await {
-            Ok(Ok(Err(error))) => tracing::error!(%error, "aggregator failed"),
-            Ok(Err(error)) => tracing::error!(%error, "aggregator task panicked"),
-            Err(_) => tracing::warn!("aggregator still busy at the shutdown deadline"),
-            Ok(Ok(Ok(()))) => {}
+        if !aggregator_task.is_finished() {
+            match tokio::time::timeout_at(deadline, aggregator_task).await {
+                Ok(Ok(Err(error))) => tracing::error!(%error, "aggregator failed"),
+                Ok(Err(error)) => tracing::error!(%error, "aggregator task panicked"),
+                Err(_) => tracing::warn!("aggregator still busy at the shutdown deadline"),
+                Ok(Ok(Ok(()))) => {}
+            }
         }
         server_shutdown.cancel();
         if tokio::time::timeout_at(deadline, server_task)
@@ -188,7 +169,18 @@ impl Application {
             tracing::warn!("grpc calls still running at the shutdown deadline");
         }
         tracing::info!("grpc_kafka service stopped");
-        Ok(())
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Resolves once the aggregator's heartbeat has been silent for `limit`.
+async fn stalled(heartbeat: &aggregator::Heartbeat, limit: Duration) {
+    let period = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(period).await;
+        if heartbeat.silent_for() >= limit {
+            return;
+        }
     }
 }
 

@@ -66,6 +66,16 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_LINGER_MS", default_value_t = 5)]
     pub consumer_linger_ms: u64,
 
+    /// How long a purchase id stays in its dedupe set after the set's last write: a copy of an
+    /// event applied within this time of the original is caught (ARCHITECTURE.md, "Dedupe").
+    #[arg(long, env = "DEDUPE_HORIZON_SECS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dedupe_horizon_secs: u64,
+
+    /// The aggregator counts as stalled (health NOT_SERVING, process exits non-zero) when its loop
+    /// has not turned for this long: a call into Redis or Kafka that hangs.
+    #[arg(long, env = "AGGREGATOR_STALL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub aggregator_stall_secs: u64,
+
     /// On SIGTERM, how long to wait for the current batch and in-flight calls.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
@@ -82,6 +92,14 @@ impl Settings {
 
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.consumer_linger_ms)
+    }
+
+    pub fn dedupe_horizon(&self) -> Duration {
+        Duration::from_secs(self.dedupe_horizon_secs)
+    }
+
+    pub fn aggregator_stall(&self) -> Duration {
+        Duration::from_secs(self.aggregator_stall_secs)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -1,17 +1,21 @@
 //! The totals store in Redis: per-user totals, per-user sets of counted purchase ids, and the
 //! consumer's partition offsets, all under one key prefix.
 //!
-//! Keys: `{prefix}total:{user_id}` (hash: `cents`, `count`), `{prefix}seen:{user_id}` (set of
-//! purchase ids), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply). Every write
-//! goes through one Lua script per batch, so totals and offsets never disagree. Money is only ever
-//! changed with HINCRBY on integer cents.
+//! Keys: `{prefix}total:{user_id}` (hash: `cents`, `count`), `{prefix}seen:{user_id}:{hour}`
+//! (set of the purchase ids created in that hour, expiring `DEDUPE_HORIZON_SECS` after its last
+//! write), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply). Every
+//! write goes through one Lua script per batch, so totals and offsets never disagree. Money is only
+//! ever changed with HINCRBY on integer cents.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
-use purchase::UserId;
+use chrono::{DateTime, Utc};
+use purchase::{PurchaseEvent, UserId};
 use redis::Script;
+
+pub use crate::positions::OffsetMoves;
 
 pub type Pool = bb8::Pool<RedisConnectionManager>;
 
@@ -29,20 +33,35 @@ pub enum TotalsError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counted {
     pub purchase_id: uuid::Uuid,
-    pub user_id: String,
+    pub user_id: UserId,
     pub amount_cents: i64,
+    /// When the purchase was committed: names the dedupe set (its hour) the id goes in.
+    pub created_at: DateTime<Utc>,
 }
 
-/// The offsets a batch moves: partition -> (expected stored next offset, new next offset).
-pub type OffsetMoves = BTreeMap<i32, (i64, i64)>;
+impl From<PurchaseEvent> for Counted {
+    fn from(event: PurchaseEvent) -> Self {
+        Self {
+            purchase_id: event.purchase_id,
+            user_id: event.user_id,
+            amount_cents: event.amount_cents,
+            created_at: event.created_at,
+        }
+    }
+}
+
+/// Seconds per dedupe set: a republished event repeats its `created_at`, so one hour's set
+/// always holds both copies.
+const DEDUPE_BUCKET_SECS: i64 = 3600;
 
 /// What applying a batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
     /// The batch was applied; this many events were new.
     Counted(u64),
-    /// Nothing was written: Redis holds `stored` as the next offset of `partition`.
-    OffsetMismatch { partition: i32, stored: i64 },
+    /// Nothing was written: a stored offset differed. Holds the stored offset of every
+    /// partition of the batch.
+    Refused(BTreeMap<i32, i64>),
 }
 
 #[derive(Clone)]
@@ -50,6 +69,8 @@ pub struct Totals {
     pool: Pool,
     prefix: String,
     script: Script,
+    /// How long a dedupe set lives after its last write.
+    dedupe_horizon: Duration,
 }
 
 /// A user's total.
@@ -60,11 +81,12 @@ pub struct Total {
 }
 
 impl Totals {
-    pub fn new(pool: Pool, prefix: String) -> Self {
+    pub fn new(pool: Pool, prefix: String, dedupe_horizon: Duration) -> Self {
         Self {
             pool,
             prefix,
             script: Script::new(include_str!("apply_batch.lua")),
+            dedupe_horizon,
         }
     }
 
@@ -122,27 +144,36 @@ impl Totals {
         invocation
             .arg(&self.prefix)
             .arg(self.offsets_key(log))
+            .arg(self.dedupe_horizon.as_secs().max(1))
             .arg(moves.len());
         for (partition, (expected, next)) in moves {
             invocation.arg(partition).arg(expected).arg(next);
         }
         for event in events {
             invocation
-                .arg(event.purchase_id.to_string())
-                .arg(&event.user_id)
+                .arg(event.purchase_id.as_bytes().as_slice())
+                .arg(event.user_id.as_str())
+                .arg(event.created_at.timestamp().div_euclid(DEDUPE_BUCKET_SECS))
                 .arg(event.amount_cents);
         }
         let mut conn = self.pool.get().await?;
         let reply: Vec<i64> = invocation.invoke_async(&mut *conn).await?;
+        let corrupt = || TotalsError::Corrupt {
+            key: self.offsets_key(log),
+        };
         match reply.as_slice() {
-            [applied] => Ok(Applied::Counted(u64::try_from(*applied).unwrap_or(0))),
-            [-1, partition, stored] => Ok(Applied::OffsetMismatch {
-                partition: i32::try_from(*partition).unwrap_or(-1),
-                stored: *stored,
-            }),
-            _ => Err(TotalsError::Corrupt {
-                key: self.offsets_key(log),
-            }),
+            [applied] => Ok(Applied::Counted(
+                u64::try_from(*applied).map_err(|_| corrupt())?,
+            )),
+            [-1, pairs @ ..] if !pairs.is_empty() && pairs.len() % 2 == 0 => {
+                let mut stored = BTreeMap::new();
+                for pair in pairs.chunks_exact(2) {
+                    let partition = i32::try_from(pair[0]).map_err(|_| corrupt())?;
+                    stored.insert(partition, pair[1]);
+                }
+                Ok(Applied::Refused(stored))
+            }
+            _ => Err(corrupt()),
         }
     }
 }

@@ -2,13 +2,16 @@
 //!
 //! Both services create the purchase topic if it is missing, so either can start first. The topic
 //! keeps its records forever (`retention.ms=-1`): replaying it from the start is the documented way
-//! to rebuild the Redis totals.
+//! to rebuild the Redis totals, so it is also a replicated log (`KAFKA_TOPIC_REPLICATION_FACTOR`,
+//! `KAFKA_TOPIC_MIN_INSYNC_REPLICAS`). An existing topic that contradicts what the rebuild path
+//! needs is refused with an error naming the setting, never silently used.
 
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -41,6 +44,42 @@ pub struct TopicSpec {
         value_parser = clap::value_parser!(i32).range(1..)
     )]
     pub partitions: i32,
+
+    /// Replicas of each partition when a service has to create the topic; an existing topic with
+    /// fewer is refused. Use 3 on a cluster of three or more brokers.
+    #[arg(
+        long = "kafka-topic-replication-factor",
+        env = "KAFKA_TOPIC_REPLICATION_FACTOR",
+        value_name = "KAFKA_TOPIC_REPLICATION_FACTOR",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(i32).range(1..)
+    )]
+    pub replication_factor: i32,
+
+    /// `min.insync.replicas` of the topic: how many replicas must hold a record before the relay's
+    /// `acks=all` send succeeds. At most the replication factor; an existing topic with fewer is
+    /// refused.
+    #[arg(
+        long = "kafka-topic-min-insync-replicas",
+        env = "KAFKA_TOPIC_MIN_INSYNC_REPLICAS",
+        value_name = "KAFKA_TOPIC_MIN_INSYNC_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(i32).range(1..)
+    )]
+    pub min_insync_replicas: i32,
+}
+
+impl TopicSpec {
+    /// The settings contradict each other: found at start, before Kafka is asked anything.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min_insync_replicas > self.replication_factor {
+            return Err(format!(
+                "KAFKA_TOPIC_MIN_INSYNC_REPLICAS ({}) must not exceed KAFKA_TOPIC_REPLICATION_FACTOR ({})",
+                self.min_insync_replicas, self.replication_factor
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +97,21 @@ pub enum TopicError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("cannot describe topic {topic}: {detail}")]
+    Describe { topic: String, detail: String },
+    /// The existing topic cannot serve as the rebuild source as configured.
+    #[error("existing topic {topic} {problem}")]
+    Unfit { topic: String, problem: String },
+    #[error("{0}")]
+    Settings(String),
+}
+
+impl TopicError {
+    /// Kafka not (yet) answering, or refusing for now: worth retrying. An unfit topic or
+    /// contradicting settings are not: they need a person.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Unfit { .. } | Self::Settings(_))
+    }
 }
 
 /// A client configuration with the brokers set and the settings both services share.
@@ -71,14 +125,24 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
-/// Creates the topic if it does not exist yet; an existing topic is left as it is.
+/// Creates the topic if it does not exist yet, then checks that the topic (new or existing) fits
+/// the rebuild path: at least the configured replication and `min.insync.replicas`, records kept
+/// forever and never compacted. Another partition count is only warned about.
 pub async fn ensure_topic(spec: &TopicSpec) -> Result<(), TopicError> {
+    spec.validate().map_err(TopicError::Settings)?;
     let admin: AdminClient<DefaultClientContext> = client_config(&spec.brokers)
         .create()
         .map_err(TopicError::Client)?;
-    let topic = NewTopic::new(&spec.topic, spec.partitions, TopicReplication::Fixed(1))
-        .set("retention.ms", "-1")
-        .set("cleanup.policy", "delete");
+    let min_isr = spec.min_insync_replicas.to_string();
+    let topic = NewTopic::new(
+        &spec.topic,
+        spec.partitions,
+        TopicReplication::Fixed(spec.replication_factor),
+    )
+    .set("retention.ms", "-1")
+    .set("retention.bytes", "-1")
+    .set("cleanup.policy", "delete")
+    .set("min.insync.replicas", &min_isr);
     let options = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))
         .request_timeout(Some(Duration::from_secs(10)));
@@ -97,6 +161,122 @@ pub async fn ensure_topic(spec: &TopicSpec) -> Result<(), TopicError> {
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => return Err(TopicError::Refused { topic: name, code }),
         }
+    }
+    // A topic created a moment ago may not be in every broker's metadata yet: ask again for a
+    // few seconds before calling it undescribable.
+    let mut attempts = 0;
+    loop {
+        match check_topic(spec, &admin, &options).await {
+            Err(TopicError::Describe { .. }) if attempts < 40 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Compares the topic as it exists with what the settings and the rebuild path need.
+async fn check_topic(
+    spec: &TopicSpec,
+    admin: &AdminClient<DefaultClientContext>,
+    options: &AdminOptions,
+) -> Result<(), TopicError> {
+    let describe = |detail: String| TopicError::Describe {
+        topic: spec.topic.clone(),
+        detail,
+    };
+    let unfit = |problem: String| TopicError::Unfit {
+        topic: spec.topic.clone(),
+        problem,
+    };
+    // Metadata is fetched with a blocking call: off the async workers.
+    let brokers = spec.brokers.clone();
+    let name = spec.topic.clone();
+    let layout = tokio::task::spawn_blocking(move || -> Result<Vec<usize>, String> {
+        let client: BaseConsumer = client_config(&brokers)
+            .create()
+            .map_err(|e| e.to_string())?;
+        let metadata = client
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .ok_or("not in the metadata")?;
+        if let Some(error) = topic.error() {
+            return Err(format!("{error:?}"));
+        }
+        Ok(topic
+            .partitions()
+            .iter()
+            .map(|p| p.replicas().len())
+            .collect())
+    })
+    .await
+    .map_err(|e| describe(e.to_string()))?
+    .map_err(describe)?;
+    if layout.len() != spec.partitions as usize {
+        // Not a contradiction of the rebuild path (offsets are stored per partition, and any
+        // partition count keeps every record): said, and used as it is.
+        tracing::warn!(
+            topic = %spec.topic,
+            partitions = layout.len(),
+            configured = spec.partitions,
+            "existing topic has another partition count than KAFKA_TOPIC_PARTITIONS; using it as it is"
+        );
+    }
+    let replication = layout.iter().copied().min().unwrap_or(0);
+    if replication < spec.replication_factor as usize {
+        return Err(unfit(format!(
+            "has replication factor {replication} but KAFKA_TOPIC_REPLICATION_FACTOR is {}: \
+             the topic is the rebuild source and must be replicated as configured",
+            spec.replication_factor
+        )));
+    }
+    let configs = admin
+        .describe_configs([&ResourceSpecifier::Topic(&spec.topic)], options)
+        .await
+        .map_err(|e| describe(e.to_string()))?;
+    let config = configs
+        .into_iter()
+        .next()
+        .ok_or_else(|| describe("no configuration returned".to_owned()))?
+        .map_err(|code| describe(code.to_string()))?;
+    let value = |key: &str| {
+        config
+            .get(key)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+    let retention = value("retention.ms");
+    if retention != "-1" {
+        return Err(unfit(format!(
+            "has retention.ms={retention}: the topic is the rebuild source and must keep its \
+             records forever (retention.ms=-1)"
+        )));
+    }
+    let retention_bytes = value("retention.bytes");
+    if retention_bytes != "-1" {
+        return Err(unfit(format!(
+            "has retention.bytes={retention_bytes}: the rebuild source must keep every record \
+             (retention.bytes=-1)"
+        )));
+    }
+    let policy = value("cleanup.policy");
+    if policy != "delete" {
+        return Err(unfit(format!(
+            "has cleanup.policy={policy}: compaction would drop purchases of the rebuild source \
+             (cleanup.policy=delete with infinite retention)"
+        )));
+    }
+    let min_isr: i32 = value("min.insync.replicas").parse().unwrap_or(0);
+    if min_isr < spec.min_insync_replicas {
+        return Err(unfit(format!(
+            "has min.insync.replicas={min_isr} but KAFKA_TOPIC_MIN_INSYNC_REPLICAS is {}",
+            spec.min_insync_replicas
+        )));
     }
     Ok(())
 }

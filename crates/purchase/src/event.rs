@@ -11,7 +11,8 @@ use crate::user::UserId;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurchaseEvent {
     pub purchase_id: Uuid,
-    pub user_id: String,
+    /// Validated when decoded: an event never holds an invalid user id.
+    pub user_id: UserId,
     pub amount_cents: i64,
     /// The same amount as canonical decimal text, for people reading the topic.
     pub amount: String,
@@ -24,12 +25,20 @@ pub struct PurchaseEvent {
 pub enum EventError {
     #[error("event is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("event has an invalid user_id: {0}")]
-    UserId(#[from] crate::user::UserIdError),
     #[error("event has an invalid amount: {0}")]
     Amount(#[from] crate::amount::AmountError),
     #[error("event amount {amount:?} does not match amount_cents {amount_cents}")]
     Mismatch { amount: String, amount_cents: i64 },
+}
+
+/// The event could not be written as JSON: the relay must keep its outbox row, never publish an
+/// empty payload in its place.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode purchase event {purchase_id}: {source}")]
+pub struct EncodeError {
+    pub purchase_id: Uuid,
+    #[source]
+    pub source: serde_json::Error,
 }
 
 impl PurchaseEvent {
@@ -41,21 +50,23 @@ impl PurchaseEvent {
     ) -> Self {
         Self {
             purchase_id,
-            user_id: user_id.to_string(),
+            user_id: user_id.clone(),
             amount_cents: amount.cents(),
             amount: amount.to_string(),
             created_at,
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        serde_json::to_vec(self).map_err(|source| EncodeError {
+            purchase_id: self.purchase_id,
+            source,
+        })
     }
 
     /// Decodes and validates a record value: a malformed event must never reach a total.
     pub fn decode(bytes: &[u8]) -> Result<Self, EventError> {
         let event: Self = serde_json::from_slice(bytes)?;
-        UserId::parse(&event.user_id)?;
         let amount = Amount::from_cents(event.amount_cents)?;
         if amount.to_string() != event.amount {
             return Err(EventError::Mismatch {
@@ -83,7 +94,7 @@ mod tests {
             Amount::from_cents(4999).expect("amount"),
             at,
         );
-        let json = String::from_utf8(event.encode()).expect("utf8");
+        let json = String::from_utf8(event.encode().expect("encode")).expect("utf8");
         assert_eq!(
             json,
             r#"{"purchase_id":"0191c1a4-7b3e-7c5e-9a0b-2f1c3d4e5f60","user_id":"123","amount_cents":4999,"amount":"49.99","created_at":"2026-11-26T12:00:00.123456Z"}"#

@@ -16,7 +16,7 @@ pub mod reply;
 pub mod user;
 
 pub use amount::{Amount, AmountError};
-pub use event::{EventError, PurchaseEvent};
+pub use event::{EncodeError, EventError, PurchaseEvent};
 pub use inbound::{PurchaseRequest, Rejection, parse_frame};
 pub use reply::{ErrorCode, Reply};
 pub use user::{UserId, UserIdError};

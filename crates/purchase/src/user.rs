@@ -6,7 +6,10 @@ use std::fmt;
 pub const MAX_LEN: usize = 64;
 
 /// 1 to 64 characters from ASCII letters, digits and `_ - . : @`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct UserId(String);
 
 /// Why a text is not a user id; the `Display` text is sent to clients.
@@ -45,6 +48,20 @@ impl UserId {
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = UserIdError;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Self::parse(&text)
+    }
+}
+
+impl From<UserId> for String {
+    fn from(user: UserId) -> Self {
+        user.0
     }
 }
 

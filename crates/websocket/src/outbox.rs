@@ -70,7 +70,19 @@ impl Relay {
                 tokio::select! {
                     result = kafka_common::ensure_topic(&self.topic_spec) => match result {
                         Ok(()) => topic_ready = true,
-                        Err(error) => tracing::warn!(%topic, %error, "cannot ensure topic yet"),
+                        Err(error) if error.is_transient() => {
+                            tracing::warn!(%topic, %error, "cannot ensure topic yet");
+                        }
+                        Err(error) => {
+                            // Never publish into a topic that cannot serve as the rebuild source:
+                            // the purchases wait in the outbox until the topic is fixed.
+                            tracing::error!(%topic, %error, "topic unfit; purchases stay in the outbox");
+                            tokio::select! {
+                                () = tokio::time::sleep(RETRY_BACKOFF_MAX) => {}
+                                () = stop.cancelled() => {}
+                            }
+                            continue;
+                        }
                     },
                     () = stop.cancelled() => break,
                 }
@@ -98,7 +110,9 @@ impl Relay {
                 }
             }
         }
-        self.drain(drain_for).await;
+        if topic_ready {
+            self.drain(drain_for).await;
+        }
     }
 
     async fn drain(&self, drain_for: Duration) {
@@ -161,7 +175,16 @@ impl Relay {
                 tracing::error!(%purchase_id, "stored purchase violates the domain rules; left in outbox");
                 continue;
             };
-            let payload = PurchaseEvent::new(purchase_id, &user, amount, created_at).encode();
+            let payload = match PurchaseEvent::new(purchase_id, &user, amount, created_at).encode()
+            {
+                Ok(payload) => payload,
+                Err(error) => {
+                    // Kept in the outbox (not deleted), and counted as a failure of this round.
+                    tracing::error!(%error, "cannot encode event; left in outbox");
+                    failures.push(error.to_string());
+                    continue;
+                }
+            };
             let record = FutureRecord::to(&self.topic_spec.topic)
                 .key(user.as_str())
                 .payload(&payload);

@@ -1,0 +1,477 @@
+//! The aggregator: consumes the purchase topic and counts each purchase exactly once in Redis.
+//!
+//! This is the loop that joins the three parts: [`crate::kafka::Source`] fetches records,
+//! [`crate::positions::Positions`] decides what each record is (counted, dropped, or a fact to
+//! fetch first) and which seeks and offset rewrites to perform, and [`crate::totals::Totals`]
+//! applies each batch with one compare-and-set script. Exactly once rests on:
+//! 1. offsets live in Redis, written by the same script as the totals; Kafka's own offset commits
+//!    are never used;
+//! 2. a batch moves each partition's offset from exactly the stored one, without gaps
+//!    ([`crate::positions`] states the rules);
+//! 3. a refused batch changes nothing, and every partition in it is read again from Redis;
+//! 4. purchase ids already counted (within the dedupe horizon) are skipped.
+//!
+//! It also reports liveness ([`Heartbeat`]): every turn of the loop and every retry beats, so a
+//! call that hangs shows as a stalled aggregator. It never touches PostgreSQL and never produces.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use purchase::PurchaseEvent;
+use rdkafka::Message;
+use rdkafka::error::KafkaError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::Source;
+use crate::positions::{Admission, Fetched, OffsetMoves, Positions};
+use crate::settings::Settings;
+use crate::totals::{Applied, Counted, Totals, TotalsError};
+
+/// How often the loop compares its positions with the offsets stored in Redis while idle or busy.
+const OFFSET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Why the aggregator stopped for good: the process must exit and be restarted.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    #[error("topic {topic} cannot be used: {source}")]
+    Topic {
+        topic: String,
+        #[source]
+        source: kafka_common::TopicError,
+    },
+    #[error("cannot create the kafka consumer: {0}")]
+    Consumer(#[source] KafkaError),
+    #[error("redis holds data this service cannot read: {0}")]
+    Store(#[source] TotalsError),
+}
+
+/// Liveness of the loop: the time of its last beat, read by the supervisor in `lib.rs`.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(elapsed, Ordering::Relaxed);
+    }
+
+    /// How long since the last beat.
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// Why a step of the loop did not finish.
+enum Halt {
+    Stopping,
+    Fatal(AggregatorError),
+}
+
+type Step<T> = Result<T, Halt>;
+
+/// One retry policy for the whole loop: exponential backoff, reset after a success, cut short by
+/// the stop token, beating the heartbeat while it waits.
+struct Retry {
+    delay: Duration,
+    heartbeat: Heartbeat,
+}
+
+impl Retry {
+    fn new(heartbeat: Heartbeat) -> Self {
+        Self {
+            delay: RETRY_FIRST,
+            heartbeat,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.delay = RETRY_FIRST;
+    }
+
+    async fn wait(&mut self, stop: &CancellationToken) -> Step<()> {
+        self.heartbeat.beat();
+        tokio::select! {
+            () = tokio::time::sleep(self.delay) => {}
+            () = stop.cancelled() => return Err(Halt::Stopping),
+        }
+        self.delay = (self.delay * 2).min(RETRY_MAX);
+        self.heartbeat.beat();
+        Ok(())
+    }
+
+    /// Runs a Redis operation until it succeeds; a corrupt value is fatal, anything else is
+    /// retried (Redis down, a timeout).
+    async fn redis<T, F, Fut>(&mut self, what: &str, stop: &CancellationToken, mut op: F) -> Step<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, TotalsError>>,
+    {
+        loop {
+            match op().await {
+                Ok(value) => {
+                    self.reset();
+                    return Ok(value);
+                }
+                Err(error @ TotalsError::Corrupt { .. }) => {
+                    return Err(Halt::Fatal(AggregatorError::Store(error)));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot {what}; retrying");
+                    self.wait(stop).await?;
+                }
+            }
+        }
+    }
+}
+
+/// A fetched record reduced to what the aggregator needs, so the consumer's buffer is released.
+struct Record {
+    fetched: Fetched,
+    /// `None` for a record that is not a valid purchase event: its offset moves, nothing counts.
+    event: Option<Counted>,
+}
+
+/// Starts consuming: makes sure the topic exists and fits the rebuild path, subscribes, and runs
+/// the loop until `stop` is cancelled. Returns an error only for a fault a restart must handle.
+pub async fn run(
+    settings: &Settings,
+    totals: Totals,
+    heartbeat: Heartbeat,
+    stop: CancellationToken,
+) -> Result<(), AggregatorError> {
+    let mut retry = Retry::new(heartbeat.clone());
+    let spec = &settings.kafka;
+    // The topic may not exist yet on a fresh cluster: create it, retrying until Kafka answers.
+    loop {
+        match kafka_common::ensure_topic(spec).await {
+            Ok(()) => break,
+            Err(error) if error.is_transient() => {
+                tracing::warn!(%error, "cannot ensure topic yet");
+                if retry.wait(&stop).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(source) => {
+                return Err(AggregatorError::Topic {
+                    topic: spec.topic.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    let source = Source::create(&spec.brokers, &settings.kafka_group_id, &spec.topic)
+        .map_err(AggregatorError::Consumer)?;
+    // Offsets are stored per cluster and topic, so a topic of the same name in another cluster
+    // never inherits them.
+    let cluster_id = loop {
+        if let Some(id) = source.cluster_id().await {
+            break id;
+        }
+        tracing::warn!("cannot fetch the kafka cluster id yet");
+        if retry.wait(&stop).await.is_err() {
+            return Ok(());
+        }
+    };
+    tracing::info!(%cluster_id, topic = %spec.topic, "consuming");
+    let aggregator = Aggregator {
+        source,
+        totals,
+        log: format!("{cluster_id}:{}", spec.topic),
+        batch_max: settings.consumer_batch_max as usize,
+        linger: settings.linger(),
+        positions: Positions::default(),
+        received: 0,
+        retry,
+        heartbeat,
+    };
+    aggregator.consume(stop).await
+}
+
+struct Aggregator {
+    source: Source,
+    totals: Totals,
+    /// Names this topic in this cluster for the stored offsets: `{cluster_id}:{topic}`.
+    log: String,
+    batch_max: usize,
+    linger: Duration,
+    positions: Positions,
+    /// Records handed over by the consumer so far: the `seq` of the last one.
+    received: u64,
+    retry: Retry,
+    heartbeat: Heartbeat,
+}
+
+impl Aggregator {
+    async fn consume(mut self, stop: CancellationToken) -> Result<(), AggregatorError> {
+        let mut last_check = Instant::now();
+        let outcome = loop {
+            self.heartbeat.beat();
+            if stop.is_cancelled() {
+                break Ok(());
+            }
+            let step = async {
+                let records = self.next_batch(&stop).await?;
+                if let Some(assigned) = self.source.take_rebalance() {
+                    self.positions.rebalanced(&assigned);
+                }
+                let events = self.admit(records, &stop).await?;
+                self.apply(&events, &stop).await?;
+                if last_check.elapsed() >= OFFSET_CHECK_INTERVAL {
+                    // Catches offsets that changed while idle (Redis wiped, restored from an older
+                    // file, failed over to a lagging replica): read again from what Redis holds.
+                    self.check(&stop).await?;
+                    last_check = Instant::now();
+                }
+                self.seek().await;
+                Ok(())
+            };
+            match step.await {
+                Ok(()) => {}
+                Err(Halt::Stopping) => break Ok(()),
+                Err(Halt::Fatal(error)) => break Err(error),
+            }
+        };
+        tracing::info!("aggregator stopped");
+        outcome
+    }
+
+    /// Waits for one record (at most the check interval), then gathers what else arrives within
+    /// the linger time.
+    async fn next_batch(&mut self, stop: &CancellationToken) -> Step<Vec<Record>> {
+        let mut records = Vec::new();
+        let first = tokio::select! {
+            () = stop.cancelled() => return Err(Halt::Stopping),
+            message = tokio::time::timeout(OFFSET_CHECK_INTERVAL, self.source.recv()) => message,
+        };
+        match first {
+            Ok(Ok(message)) => records.push(reduce(&mut self.received, &message)),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "kafka consume error");
+                return Ok(records);
+            }
+            Err(_idle) => return Ok(records),
+        }
+        let deadline = Instant::now() + self.linger;
+        while records.len() < self.batch_max {
+            match tokio::time::timeout_at(deadline, self.source.recv()).await {
+                Ok(Ok(message)) => records.push(reduce(&mut self.received, &message)),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "kafka consume error");
+                    break;
+                }
+                Err(_linger_over) => break,
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// Numbers a record (`received` counts every record handed over) and decodes its event.
+fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    *received += 1;
+    let (partition, offset) = (message.partition(), message.offset());
+    let event = match PurchaseEvent::decode(message.payload().unwrap_or_default()) {
+        Ok(event) => Some(Counted::from(event)),
+        Err(error) => {
+            tracing::error!(partition, offset, %error, "skipping invalid event");
+            None
+        }
+    };
+    Record {
+        fetched: Fetched {
+            seq: *received,
+            partition,
+            offset,
+        },
+        event,
+    }
+}
+
+impl Aggregator {
+    /// Offers every record to the positions, fetching what they ask for; returns the events of the
+    /// admitted records (the batch).
+    async fn admit(
+        &mut self,
+        records: Vec<Record>,
+        stop: &CancellationToken,
+    ) -> Step<Vec<Counted>> {
+        let mut events = Vec::with_capacity(records.len());
+        for record in records {
+            let fetched = record.fetched;
+            let partition = fetched.partition;
+            let mut marks = None;
+            loop {
+                match self.positions.offer(fetched, marks) {
+                    Admission::Admit => {
+                        events.extend(record.event);
+                        break;
+                    }
+                    Admission::Drop => break,
+                    Admission::NeedStored => {
+                        let (totals, log) = (&self.totals, &self.log);
+                        let stored = self
+                            .retry
+                            .redis("read stored offset", stop, || {
+                                totals.next_offset(log, partition)
+                            })
+                            .await?;
+                        if stored != fetched.offset {
+                            tracing::info!(
+                                partition,
+                                from = fetched.offset,
+                                to = stored,
+                                "seeking to the stored offset"
+                            );
+                        }
+                        self.positions.stored(fetched, stored);
+                    }
+                    Admission::NeedWatermarks => match self.source.watermarks(partition).await {
+                        Ok(found) => marks = Some(found),
+                        Err(error) => {
+                            tracing::warn!(partition, %error, "cannot fetch watermarks; seeking again");
+                            self.positions.watermarks_unknown(partition);
+                            break;
+                        }
+                    },
+                    Admission::Rewrite { from, to, lost } => {
+                        self.rewrite(partition, from, to, lost, stop).await?;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Moves a stored offset with a compare-and-set and nothing counted.
+    async fn rewrite(
+        &mut self,
+        partition: i32,
+        from: i64,
+        to: i64,
+        lost: i64,
+        stop: &CancellationToken,
+    ) -> Step<()> {
+        let moves = OffsetMoves::from([(partition, (from, to))]);
+        let (totals, log) = (&self.totals, &self.log);
+        let applied = self
+            .retry
+            .redis("rewrite stored offset", stop, || {
+                totals.apply(log, &moves, &[])
+            })
+            .await?;
+        let done = matches!(applied, Applied::Counted(_));
+        if !done {
+            tracing::warn!(
+                partition,
+                from,
+                to,
+                "stored offset moved meanwhile; reading it again"
+            );
+        } else if lost > 0 {
+            tracing::error!(
+                partition,
+                from,
+                to,
+                lost,
+                "records were deleted from kafka before they were counted; reconcile and rebuild"
+            );
+        } else {
+            tracing::error!(
+                partition,
+                stored = from,
+                start = to,
+                "stored offset is past the end of the partition; re-reading it from the start"
+            );
+        }
+        self.positions.rewritten(partition, done.then_some(to));
+        Ok(())
+    }
+
+    /// Applies the admitted batch, retrying while Redis is unreachable.
+    async fn apply(&mut self, events: &[Counted], stop: &CancellationToken) -> Step<()> {
+        let moves = self.positions.batch().clone();
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let (totals, log) = (&self.totals, &self.log);
+        let applied = self
+            .retry
+            .redis("apply batch", stop, || totals.apply(log, &moves, events))
+            .await;
+        match applied {
+            Ok(Applied::Counted(counted)) => {
+                tracing::debug!(events = events.len(), counted, "applied batch");
+                self.positions.applied();
+                Ok(())
+            }
+            Ok(Applied::Refused(stored)) => {
+                tracing::warn!(?stored, expected = ?moves, "stored offsets moved; reading the batch's partitions again");
+                self.positions.refused(&stored);
+                Ok(())
+            }
+            Err(Halt::Stopping) => {
+                // Not applied and acknowledged nowhere: read again from Redis' offsets next start.
+                tracing::warn!("stopping with an unapplied batch; it will be read again");
+                Err(Halt::Stopping)
+            }
+            Err(fatal) => Err(fatal),
+        }
+    }
+
+    /// Compares every assigned partition's position with its stored offset.
+    async fn check(&mut self, stop: &CancellationToken) -> Step<()> {
+        let partitions: Vec<i32> = self.positions.assigned().collect();
+        for partition in partitions {
+            let (totals, log) = (&self.totals, &self.log);
+            let stored = self
+                .retry
+                .redis("read stored offset", stop, || {
+                    totals.next_offset(log, partition)
+                })
+                .await?;
+            if let Some(position) = self.positions.position(partition)
+                && position != stored
+            {
+                tracing::warn!(
+                    partition,
+                    stored,
+                    position,
+                    "stored offset differs; reading again from it"
+                );
+            }
+            self.positions.check(partition, stored);
+        }
+        Ok(())
+    }
+
+    /// Performs the due seeks; a failed one stays due and is retried on the next turn.
+    async fn seek(&mut self) {
+        for (partition, target) in self.positions.due_seeks() {
+            self.heartbeat.beat();
+            match self.source.seek(partition, target).await {
+                Ok(()) => self.positions.sought(partition, target, self.received),
+                Err(error) => {
+                    tracing::warn!(partition, offset = target, %error, "seek failed; retrying on the next turn");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Where the aggregator stands on each partition: a state machine with no I/O.
+//!
+//! It decides, for every record the consumer hands over, whether the record is counted in the
+//! batch being built, dropped, or needs a fact first (the offset stored in Redis, the partition's
+//! watermarks); and it says which seeks and stored-offset rewrites the I/O side must perform. The
+//! rdkafka adapter ([`crate::kafka`]) and the loop ([`crate::aggregator`]) carry these out and
+//! report back. Everything here is unit- and property-tested without Kafka or Redis.
+//!
+//! The rules that make "counted exactly once" hold:
+//! - a record is admitted only at the exact offset the partition's applied position expects, so
+//!   a batch's offsets move from the stored offset without a gap;
+//! - a seek starts a new epoch: records fetched before it completed (`seq <= after`) are stale;
+//! - when Redis refuses a batch (a stored offset differs), **every** partition of that batch is
+//!   read again from its stored offset, because the consumer has already fetched past the
+//!   refused records of all of them;
+//! - a gap (a record past the expected offset) never moves an offset silently: the partition is
+//!   sought back, and only the partition's watermarks can prove that records are gone (below the
+//!   log start) or that the stored offset is past the end; both then rewrite the stored offset
+//!   with a compare-and-set, and the first case is logged as an error by the loop.
+//!
+//! This module must never perform I/O, sleep, or read the clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// partition -> (expected stored next offset, new next offset): what one batch moves.
+pub type OffsetMoves = BTreeMap<i32, (i64, i64)>;
+
+/// A record as this state machine sees it: where it is and when it was fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    /// Increases by one for every record the consumer hands over; compared with seek epochs.
+    pub seq: u64,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A partition's low watermark (first available offset) and high watermark (next offset written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    pub low: i64,
+    pub high: i64,
+}
+
+/// What to do with one offered record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Count it in the batch being built.
+    Admit,
+    /// Drop it: stale, delivered twice, not assigned here, or its partition is being sought.
+    Drop,
+    /// Read the partition's stored offset, report it with [`Positions::stored`], offer again.
+    NeedStored,
+    /// Fetch the partition's watermarks and offer the record again with them.
+    NeedWatermarks,
+    /// Compare-and-set the stored offset from `from` to `to`, then report with
+    /// [`Positions::rewritten`]. `lost` is how many records vanished from Kafka uncounted
+    /// (deleted below the log start); zero when the stored offset was past the partition's end.
+    Rewrite { from: i64, to: i64, lost: i64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Assigned, stored offset not read since the last (re)assignment.
+    Unknown,
+    /// Must be sought to `target`; not done yet (never tried, or the seek failed).
+    SeekDue { target: i64 },
+    /// Sought to `target` when `after` records had been fetched; older records are stale.
+    Sought { target: i64, after: u64 },
+    /// A stored-offset rewrite is being performed; every record waits for it.
+    Rewriting,
+    /// Admitting from `next` on: every record before it was applied or is in the pending batch.
+    Applying { next: i64 },
+}
+
+/// Positions of every assigned partition, and the batch being built.
+#[derive(Debug, Default)]
+pub struct Positions {
+    states: BTreeMap<i32, State>,
+    /// The batch admitted since the last apply: where each partition's offset moves.
+    pending: OffsetMoves,
+}
+
+impl Positions {
+    /// After a rebalance: exactly these partitions are assigned, each read anew from Redis
+    /// (the consumer restarted their fetch from the log start).
+    pub fn rebalanced(&mut self, assigned: &BTreeSet<i32>) {
+        debug_assert!(self.pending.is_empty(), "rebalance with a pending batch");
+        self.states = assigned.iter().map(|p| (*p, State::Unknown)).collect();
+        self.pending.clear();
+    }
+
+    pub fn assigned(&self) -> impl Iterator<Item = i32> + '_ {
+        self.states.keys().copied()
+    }
+
+    /// Decides about one record. `marks` is given only after [`Admission::NeedWatermarks`].
+    pub fn offer(&mut self, record: Fetched, marks: Option<Watermarks>) -> Admission {
+        let Some(state) = self.states.get(&record.partition).copied() else {
+            return Admission::Drop;
+        };
+        let (admission, next_state) = match state {
+            State::Unknown => (Admission::NeedStored, state),
+            State::SeekDue { .. } | State::Rewriting => (Admission::Drop, state),
+            State::Sought { after, .. } if record.seq <= after => (Admission::Drop, state),
+            State::Sought { target, .. } if record.offset == target => {
+                self.admit(record.partition, target);
+                (Admission::Admit, State::Applying { next: target + 1 })
+            }
+            State::Sought { target, .. } => match marks {
+                None => (Admission::NeedWatermarks, state),
+                Some(marks) => Self::misplaced(record.offset, target, marks),
+            },
+            State::Applying { next } if record.offset < next => (Admission::Drop, state),
+            State::Applying { next } if record.offset == next => {
+                self.admit(record.partition, next);
+                (Admission::Admit, State::Applying { next: next + 1 })
+            }
+            // A gap: read again from `next`; only watermarks may prove the records gone.
+            State::Applying { next } => (Admission::Drop, State::SeekDue { target: next }),
+        };
+        self.states.insert(record.partition, next_state);
+        admission
+    }
+
+    /// The first record after a seek is not at the target: decide with the watermarks.
+    fn misplaced(offset: i64, target: i64, marks: Watermarks) -> (Admission, State) {
+        if offset > target && marks.low > target {
+            // Records [target, low) were deleted before they were counted (retention, or a
+            // rebuild on a topic that lost its head). Nothing can count them now: move on, loudly.
+            let rewrite = Admission::Rewrite {
+                from: target,
+                to: marks.low,
+                lost: marks.low - target,
+            };
+            (rewrite, State::Rewriting)
+        } else if offset < target && marks.high < target {
+            // The stored offset is past the end: not this topic's offset (recreated, or the
+            // cluster lost data). Read the whole partition again from its start; ids counted
+            // already are skipped by the dedupe sets.
+            let rewrite = Admission::Rewrite {
+                from: target,
+                to: marks.low,
+                lost: 0,
+            };
+            (rewrite, State::Rewriting)
+        } else {
+            // The seek did not take effect as asked: seek again.
+            (Admission::Drop, State::SeekDue { target })
+        }
+    }
+
+    fn admit(&mut self, partition: i32, offset: i64) {
+        self.pending
+            .entry(partition)
+            .and_modify(|(_, next)| *next = offset + 1)
+            .or_insert((offset, offset + 1));
+    }
+
+    /// Reports the stored offset of a partition in `Unknown`, read for `record` (which is then
+    /// offered again). A record exactly at the stored offset starts applying without a seek.
+    pub fn stored(&mut self, record: Fetched, stored: i64) {
+        if self.states.get(&record.partition) != Some(&State::Unknown) {
+            return;
+        }
+        let state = if record.offset == stored {
+            State::Applying { next: stored }
+        } else {
+            State::SeekDue { target: stored }
+        };
+        self.states.insert(record.partition, state);
+    }
+
+    /// The watermarks could not be fetched: seek again and decide on a later record.
+    pub fn watermarks_unknown(&mut self, partition: i32) {
+        if let Some(State::Sought { target, .. }) = self.states.get(&partition).copied() {
+            self.states.insert(partition, State::SeekDue { target });
+        }
+    }
+
+    /// Reports a rewrite: `Some(to)` when Redis now holds `to`; `None` when it refused (the stored
+    /// offset moved meanwhile) or failed, so the partition is read from Redis again.
+    pub fn rewritten(&mut self, partition: i32, to: Option<i64>) {
+        if self.states.get(&partition) != Some(&State::Rewriting) {
+            return;
+        }
+        let state = match to {
+            Some(target) => State::SeekDue { target },
+            None => State::Unknown,
+        };
+        self.states.insert(partition, state);
+    }
+
+    /// The seeks to perform now: partitions whose seek is due (first time or retried).
+    pub fn due_seeks(&self) -> Vec<(i32, i64)> {
+        self.states
+            .iter()
+            .filter_map(|(partition, state)| match state {
+                State::SeekDue { target } => Some((*partition, *target)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A seek to `target` completed once `after` records had been fetched.
+    pub fn sought(&mut self, partition: i32, target: i64, after: u64) {
+        if self.states.get(&partition) == Some(&State::SeekDue { target }) {
+            self.states
+                .insert(partition, State::Sought { target, after });
+        }
+    }
+
+    /// The offset moves of the batch built since the last apply (empty: nothing to apply).
+    pub fn batch(&self) -> &OffsetMoves {
+        &self.pending
+    }
+
+    /// Redis applied the batch: its offsets are stored.
+    pub fn applied(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Redis refused the batch (nothing was written); `stored` holds the stored offsets of the
+    /// batch's partitions. Every partition of the batch is read again from its stored offset: the
+    /// consumer already fetched past the refused records of all of them, not only of the partition
+    /// whose offset differed.
+    pub fn refused(&mut self, stored: &BTreeMap<i32, i64>) {
+        for partition in std::mem::take(&mut self.pending).into_keys() {
+            if self.states.contains_key(&partition) {
+                let target = stored.get(&partition).copied().unwrap_or(0);
+                self.states.insert(partition, State::SeekDue { target });
+            }
+        }
+    }
+
+    /// The periodic check, between batches: Redis holds `stored` for `partition`. If that is not
+    /// where this partition stands (Redis rolled back or wiped, another owner moved on), read it
+    /// again from there.
+    pub fn check(&mut self, partition: i32, stored: i64) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        let differs = match self.states.get(&partition) {
+            Some(State::Applying { next }) => *next != stored,
+            Some(State::Sought { target, .. } | State::SeekDue { target }) => *target != stored,
+            _ => false,
+        };
+        if differs {
+            self.states
+                .insert(partition, State::SeekDue { target: stored });
+        }
+    }
+
+    /// Where a partition stands, for logs: the offset it applies or seeks next.
+    pub fn position(&self, partition: i32) -> Option<i64> {
+        match self.states.get(&partition)? {
+            State::Applying { next } => Some(*next),
+            State::SeekDue { target } | State::Sought { target, .. } => Some(*target),
+            State::Unknown | State::Rewriting => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
