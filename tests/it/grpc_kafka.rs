@@ -326,3 +326,156 @@ async fn stored_offsets_past_the_partition_end_are_reread_without_double_countin
     fixture.await_totals(&app).await;
     app.stop().await;
 }
+
+/// A topic with finite retention cannot be the rebuild source: the aggregator refuses it, and the
+/// process exits non-zero with an error that names the setting, so the orchestrator sees it.
+#[tokio::test]
+async fn an_unfit_topic_ends_the_process_with_an_error_naming_the_problem() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let env = Env::get();
+    let topic = unique("topic");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_common::client_config(&env.kafka_brokers)
+            .create()
+            .expect("admin");
+    let new = NewTopic::new(&topic, 4, TopicReplication::Fixed(1)).set("retention.ms", "86400000");
+    let created = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+    let grpc_addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut process = Process::spawn(
+        "grpc_kafka",
+        &[
+            ("KAFKA_BROKERS", env.kafka_brokers.clone()),
+            ("REDIS_URL", env.redis_url.clone()),
+            ("GRPC_ADDR", grpc_addr.to_string()),
+            ("KAFKA_TOPIC", topic.clone()),
+            ("KAFKA_GROUP_ID", unique("group")),
+            ("REDIS_KEY_PREFIX", format!("{}:", unique("prefix"))),
+            ("SHUTDOWN_TIMEOUT_SECS", "5".to_owned()),
+        ],
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), process.child.wait())
+        .await
+        .expect("grpc_kafka must exit by itself")
+        .expect("wait");
+    assert!(!status.success(), "exit status {status:?}");
+}
+
+/// A Redis that stops answering without resetting the connection stalls the aggregator: health
+/// turns NOT_SERVING for the overall service and the wallet service, and the run ends with an
+/// error (the process exits non-zero).
+#[tokio::test]
+async fn a_stalled_aggregator_turns_health_not_serving_and_fails() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut fixture = Fixture::new().await;
+    let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
+    let mut settings = fixture.settings();
+    settings.redis_url = format!("redis://{}/", proxy.addr);
+    settings.aggregator_stall_secs = 2;
+    settings.shutdown_timeout_secs = 3;
+    let app = grpc_kafka::Application::build(settings)
+        .await
+        .expect("build");
+    let addr = app.local_addr();
+    let run = tokio::spawn(app.run_until_stopped(tokio_util::sync::CancellationToken::new()));
+    fixture.purchase("stall", 100).await;
+    await_totals(addr, &fixture.expected, Duration::from_secs(60)).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut watches = Vec::new();
+    for service in ["", "wallet.v1.WalletService"] {
+        let stream = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        watches.push((service, stream));
+    }
+    proxy.stall();
+    for (service, stream) in &mut watches {
+        let seen = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(update) = stream.message().await.expect("health stream") {
+                if update.status() == ServingStatus::NotServing {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("NOT_SERVING within 30 s");
+        assert!(seen, "service {service:?} must report NOT_SERVING");
+    }
+    drop(watches);
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run ends by itself")
+        .expect("no panic");
+    assert!(
+        matches!(outcome, Err(grpc_kafka::StartError::AggregatorStalled(_))),
+        "{outcome:?}"
+    );
+    proxy.restore();
+}
+
+/// Records deleted from Kafka (retention, or a rebuild on a topic that lost its head) before they
+/// were counted are gone; what remains must still be counted, not dropped forever.
+#[tokio::test]
+async fn a_stored_offset_below_the_log_start_counts_what_remains() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let mut fixture = Fixture::new().await;
+    // One user keeps every record on one partition.
+    let mut events = Vec::new();
+    for i in 0..20 {
+        events.push(fixture.purchase("head", 100 + i).await);
+    }
+    let partition = {
+        let records = topic_records(&fixture.topic);
+        assert_eq!(records.len(), 20);
+        let consumer: rdkafka::consumer::BaseConsumer =
+            kafka_common::client_config(&Env::get().kafka_brokers)
+                .create()
+                .expect("consumer");
+        (0..4)
+            .find(|p| {
+                rdkafka::consumer::Consumer::fetch_watermarks(
+                    &consumer,
+                    &fixture.topic,
+                    *p,
+                    Duration::from_secs(10),
+                )
+                .expect("watermarks")
+                .1 == 20
+            })
+            .expect("the partition of user head")
+    };
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_common::client_config(&Env::get().kafka_brokers)
+            .create()
+            .expect("admin");
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(&fixture.topic, partition, rdkafka::Offset::Offset(8))
+        .expect("partition");
+    admin
+        .delete_records(&list, &AdminOptions::new())
+        .await
+        .expect("delete records");
+    // What can still be counted: the records from offset 8 on.
+    let remaining: i64 = events[8..].iter().map(|e| e.amount_cents).sum();
+    fixture.expected.insert("head".to_owned(), (remaining, 12));
+
+    let app = start_grpc_kafka(fixture.settings()).await;
+    fixture.await_totals(&app).await;
+    app.stop().await;
+}

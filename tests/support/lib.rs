@@ -446,12 +446,20 @@ pub async fn redis_keys(
 
 // ------------------------------------------------------------------------------------ faults
 
-/// A TCP proxy on loopback in front of a real server, to cut and restore the path to it: the
-/// server stays real, the test controls the network between.
+/// A TCP proxy on loopback in front of a real server, to cut, stall and restore the path to it:
+/// the server stays real, the test controls the network between.
 pub struct Proxy {
     pub addr: SocketAddr,
-    state: std::sync::Arc<std::sync::Mutex<CancellationToken>>,
+    state: std::sync::Arc<std::sync::Mutex<Link>>,
     stop: CancellationToken,
+}
+
+/// The path's state: `cut` drops connections, `stalled` keeps them open but moves no byte (a
+/// server that hangs without resetting the connection).
+#[derive(Clone, Default)]
+struct Link {
+    cut: CancellationToken,
+    stalled: CancellationToken,
 }
 
 impl Proxy {
@@ -460,7 +468,7 @@ impl Proxy {
             .await
             .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
-        let state = std::sync::Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Link::default()));
         let stop = CancellationToken::new();
         let (accept_state, accept_stop) = (state.clone(), stop.clone());
         tokio::spawn(async move {
@@ -473,7 +481,7 @@ impl Proxy {
                     },
                 };
                 let link = accept_state.lock().expect("proxy state").clone();
-                if link.is_cancelled() {
+                if link.cut.is_cancelled() {
                     continue; // cut: the connection is dropped at once
                 }
                 tokio::spawn(async move {
@@ -481,9 +489,13 @@ impl Proxy {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        () = link.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                        () = link.cut.cancelled() => return,
+                        () = link.stalled.cancelled() => {}
                     }
+                    // Stalled: both sockets stay open, nothing is forwarded, until cut.
+                    link.cut.cancelled().await;
+                    drop((inbound, outbound));
                 });
             }
         });
@@ -492,11 +504,18 @@ impl Proxy {
 
     /// Drops every open connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
-        self.state.lock().expect("proxy state").cancel();
+        self.state.lock().expect("proxy state").cut.cancel();
     }
 
+    /// Keeps every connection open but forwards nothing, on open and new connections alike.
+    pub fn stall(&self) {
+        self.state.lock().expect("proxy state").stalled.cancel();
+    }
+
+    /// Back to forwarding; connections held by a stall are dropped (their clients reconnect).
     pub fn restore(&self) {
-        *self.state.lock().expect("proxy state") = CancellationToken::new();
+        let old = std::mem::take(&mut *self.state.lock().expect("proxy state"));
+        old.cut.cancel();
     }
 }
 

@@ -124,7 +124,13 @@ impl Retry {
         Fut: Future<Output = Result<T, TotalsError>>,
     {
         loop {
-            match op().await {
+            // Cancellable: a call cut short either ran its script or not, and the next start
+            // reads what Redis holds.
+            let outcome = tokio::select! {
+                outcome = op() => outcome,
+                () = stop.cancelled() => return Err(Halt::Stopping),
+            };
+            match outcome {
                 Ok(value) => {
                     self.reset();
                     return Ok(value);
