@@ -23,10 +23,12 @@ struct System {
     grpc_addr: SocketAddr,
     websocket: Process,
     grpc_kafka: Process,
+    prefix: String,
 }
 
 async fn start_system() -> System {
     let env = Env::get();
+    let prefix = format!("{}:", unique("prefix"));
     let db = fresh_database().await;
     let topic = fresh_topic(4).await;
     let ws_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -48,7 +50,7 @@ async fn start_system() -> System {
             ("GRPC_ADDR", grpc_addr.to_string()),
             ("KAFKA_TOPIC", topic.clone()),
             ("KAFKA_GROUP_ID", unique("group")),
-            ("REDIS_KEY_PREFIX", format!("{}:", unique("prefix"))),
+            ("REDIS_KEY_PREFIX", prefix.clone()),
         ],
     );
     eventually(Duration::from_secs(60), "websocket to be ready", || async {
@@ -68,6 +70,7 @@ async fn start_system() -> System {
         grpc_addr,
         websocket,
         grpc_kafka,
+        prefix,
     }
 }
 
@@ -339,4 +342,57 @@ async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
             assert!(help.contains(variable), "{name} --help lacks {variable}");
         }
     }
+}
+
+/// Runs `walletctl reconcile` against a system; returns (success, stdout).
+fn reconcile(system: &System, wait_secs: u64) -> (bool, String) {
+    let output = std::process::Command::new(binary("walletctl"))
+        .env_clear()
+        .args([
+            "--grpc-url",
+            &format!("http://{}", system.grpc_addr),
+            "reconcile",
+            "--wait-secs",
+            &wait_secs.to_string(),
+        ])
+        .env("DATABASE_URL", &system.db.url)
+        .output()
+        .expect("run walletctl");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_is_clean_when_exact_and_names_every_difference() {
+    let system = start_system().await;
+    let frames = (0..20)
+        .map(|i| format!(r#"{{"user_id":"rec-{}","amount":"1.{:02}"}}"#, i % 4, i))
+        .collect();
+    for reply in send_all(system.ws_addr, frames).await {
+        assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    }
+    let (clean, stdout) = reconcile(&system, 60);
+    assert!(clean, "{stdout}");
+    assert!(
+        stdout.contains("reconcile: 4 users, 20 purchases, 0 differences"),
+        "{stdout}"
+    );
+
+    // One cent off in Redis: reconcile names the user and fails.
+    let mut redis = redis_connection().await;
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(format!("{}total:rec-2", system.prefix))
+        .arg("cents")
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .expect("tamper");
+    let (clean, stdout) = reconcile(&system, 0);
+    assert!(!clean, "{stdout}");
+    assert!(stdout.contains("differs: user rec-2"), "{stdout}");
+    assert!(stdout.contains("1 differences"), "{stdout}");
+    system.websocket.terminate().await;
+    system.grpc_kafka.terminate().await;
 }

@@ -14,6 +14,7 @@ use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
 mod bench;
+mod reconcile;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,6 +74,17 @@ enum Command {
         /// Distinct users (of this run only) the purchases are spread over.
         #[arg(long, default_value_t = 100)]
         users: usize,
+    },
+    /// Compare every user's total over gRPC with PostgreSQL's SUM and COUNT; print each
+    /// difference and a summary line; exit 1 on any difference (repair: ARCHITECTURE.md).
+    Reconcile {
+        /// PostgreSQL of the websocket service (read only).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Keep comparing for up to this many seconds while differences remain (the pipeline may
+        /// still be counting the last purchases).
+        #[arg(long, default_value_t = 0)]
+        wait_secs: u64,
     },
     /// Print a user's total from the grpc_kafka service.
     Total {
@@ -147,6 +159,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             bench::run(&cli.ws_url, &cli.grpc_url, plan).await
         }
+        Command::Reconcile {
+            database_url,
+            wait_secs,
+        } => reconcile::run(&database_url, &cli.grpc_url, Duration::from_secs(wait_secs)).await,
         Command::Total {
             user_id,
             wait_count,
