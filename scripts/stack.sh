@@ -10,6 +10,10 @@
 #   scripts/stack.sh env      print the environment the services and tests use
 #   scripts/stack.sh deps-zookeeper   start ZooKeeper and a Kafka 3.9 broker in ZooKeeper mode
 #                                     (ports 52181 and 59192) for the compose-wiring run
+#   scripts/stack.sh cluster up|down   a three-broker KRaft cluster (each node broker and controller;
+#                                     ports 59291-59293, controllers 59391-59393) for the
+#                                     replicated-topic fault scenario; up also prints its brokers
+#   scripts/stack.sh cluster kill9|start N   one node of that cluster (N = 1, 2 or 3)
 #   scripts/stack.sh kill9|stop|start postgres|redis|kafka
 #                             one dependency: kill -9 by pid, stop (PostgreSQL: fast shutdown),
 #                             or start again with its data (for the fault-injection tests)
@@ -257,6 +261,89 @@ EOF
   wait_log "Kafka (ZooKeeper mode)" "$dir/broker.log" "\\[KafkaServer id=1\\] started" "$dir/kafka.pid" 90
 }
 
+# ---------------------------------------------------------------- three-broker cluster
+CLUSTER_NODES=(1 2 3)
+cluster_port() { echo $((59290 + $1)); }
+cluster_controller_port() { echo $((59390 + $1)); }
+cluster_brokers() {
+  local n list=()
+  for n in "${CLUSTER_NODES[@]}"; do list+=("127.0.0.1:$(cluster_port "$n")"); done
+  (IFS=,; echo "${list[*]}")
+}
+
+cluster_node_start() { # node
+  local n=$1 dir="$STACK/kafka-cluster/$1" libs voters="" m
+  mkdir -p "$dir"
+  if pid_alive "$dir/kafka.pid"; then log "cluster node $n already running"; return; fi
+  libs="$(kafka_jars kafka "$STACK/kafka/libs")"
+  for m in "${CLUSTER_NODES[@]}"; do voters+="${voters:+,}$m@127.0.0.1:$(cluster_controller_port "$m")"; done
+  cat > "$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$(cluster_port "$n"),CONTROLLER://127.0.0.1:$(cluster_controller_port "$n")
+advertised.listeners=PLAINTEXT://127.0.0.1:$(cluster_port "$n")
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=4
+default.replication.factor=3
+min.insync.replicas=2
+offsets.topic.replication.factor=3
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+EOF
+  local java=(java -Xms128m -Xmx384m -XX:+UseG1GC -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$libs/*")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    [ -s "$STACK/kafka-cluster/cluster-id" ] || "${java[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1 > "$STACK/kafka-cluster/cluster-id"
+    "${java[@]}" kafka.tools.StorageTool format -t "$(cat "$STACK/kafka-cluster/cluster-id")" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
+      || die "cannot format cluster node $n (see $dir/format.log)"
+  fi
+  log "starting Kafka cluster node $n on 127.0.0.1:$(cluster_port "$n")"
+  : > "$dir/broker.log"
+  nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
+  echo $! > "$dir/kafka.pid"
+}
+
+cluster_node_wait() { # node
+  local dir="$STACK/kafka-cluster/$1"
+  wait_port "Kafka cluster node $1" "$(cluster_port "$1")" 120
+  wait_log "Kafka cluster node $1" "$dir/broker.log" "Kafka Server started" "$dir/kafka.pid" 120
+}
+
+cluster() { # action [node]
+  local n
+  case $1 in
+    up)
+      ensure_installed
+      mkdir -p "$STACK/kafka-cluster"
+      # All three first: the controllers need a quorum before any broker reports started.
+      for n in "${CLUSTER_NODES[@]}"; do cluster_node_start "$n"; done
+      for n in "${CLUSTER_NODES[@]}"; do cluster_node_wait "$n"; done
+      cluster_brokers
+      ;;
+    down) for n in "${CLUSTER_NODES[@]}"; do stop_pidfile "Kafka cluster node $n" "$STACK/kafka-cluster/$n/kafka.pid"; done ;;
+    kill9)
+      local pidfile="$STACK/kafka-cluster/$2/kafka.pid" pid
+      pid_alive "$pidfile" || die "cluster node $2 is not running"
+      pid=$(head -n1 "$pidfile")
+      log "kill -9 Kafka cluster node $2 (pid $pid)"
+      kill -KILL "$pid"
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+      rm -f "$pidfile"
+      ;;
+    start) cluster_node_start "$2"; cluster_node_wait "$2" ;;
+    brokers) cluster_brokers ;;
+    *) die "usage: $0 cluster up|down|brokers|kill9 N|start N" ;;
+  esac
+}
+
 # ---------------------------------------------------------------- services
 build_services() {
   log "building the services (cargo build --release)"
@@ -331,6 +418,7 @@ down() {
   stop_pidfile Kafka "$STACK/kafka/kafka.pid"
   stop_pidfile "Kafka (ZooKeeper mode)" "$STACK/kafka-zookeeper/kafka.pid"
   stop_pidfile ZooKeeper "$STACK/kafka-zookeeper/zookeeper.pid"
+  cluster down
   stop_pidfile Redis "$STACK/redis/redis.pid"
   stop_postgres
 }
@@ -382,11 +470,12 @@ case "${1:-}" in
   up) deps; start_services; demo; log "the system is up: scripts/stack.sh status; stop it with scripts/stack.sh down" ;;
   deps) deps ;;
   deps-zookeeper) ensure_installed; start_zookeeper_mode ;;
+  cluster) [ $# -ge 2 ] || die "usage: $0 cluster up|down|brokers|kill9 N|start N"; cluster "$2" "${3:-}" ;;
   kill9|stop|start) [ $# -eq 2 ] || die "usage: $0 $1 postgres|redis|kafka"; one "$1" "$2" ;;
   services) start_services ;;
   demo) demo ;;
   status) status ;;
   down) down ;;
   env) print_env ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -178,7 +178,12 @@ pub async fn fresh_topic(partitions: i32) -> String {
 
 /// Every record on `topic`, read from the start up to the high watermarks at the time of the call.
 pub fn topic_records(topic: &str) -> Vec<(String, PurchaseEvent)> {
-    let consumer: BaseConsumer = kafka_common::client_config(&Env::get().kafka_brokers)
+    topic_records_on(&Env::get().kafka_brokers, topic)
+}
+
+/// [`topic_records`] of a topic on other brokers (a cluster of the test's own).
+pub fn topic_records_on(brokers: &str, topic: &str) -> Vec<(String, PurchaseEvent)> {
+    let consumer: BaseConsumer = kafka_common::client_config(brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .create()
