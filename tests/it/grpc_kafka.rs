@@ -479,3 +479,104 @@ async fn a_stored_offset_below_the_log_start_counts_what_remains() {
     fixture.await_totals(&app).await;
     app.stop().await;
 }
+
+/// Dedupe memory is bounded by the horizon, not by history: 1,000,000 purchases for 1,000 users
+/// are applied through the real script (each batch's offsets moving), Redis memory per user is
+/// printed while the ids are held (what every purchase cost forever before the horizon existed)
+/// and once the horizon has passed (the totals alone). A copy of an event within the horizon is
+/// still skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedupe_memory_is_bounded_by_the_horizon() {
+    use grpc_kafka::totals::{Applied, Counted, OffsetMoves, Totals};
+    const USERS: usize = 1_000;
+    const BATCH: usize = 1_000;
+    let purchases: usize = std::env::var("DEDUPE_BENCH_PURCHASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let prefix = format!("{}:", unique("dedupe"));
+    let horizon = Duration::from_secs(3);
+    let pool = Totals::pool(&Env::get().redis_url, 2, Duration::from_secs(5)).expect("pool");
+    let totals = Totals::new(pool, prefix.clone(), horizon);
+    let log = "bench:topic";
+    let now = chrono::Utc::now();
+    let event = |i: usize| Counted {
+        purchase_id: Uuid::from_u128(i as u128 + 1),
+        user_id: UserId::parse(&format!("u{}", i % USERS)).expect("user"),
+        amount_cents: 1 + (i % 997) as i64,
+        created_at: now,
+    };
+    let started = std::time::Instant::now();
+    for (n, start) in (0..purchases).step_by(BATCH).enumerate() {
+        let events: Vec<Counted> = (start..(start + BATCH).min(purchases)).map(event).collect();
+        let (from, to) = ((n * BATCH) as i64, (n * BATCH + events.len()) as i64);
+        let moves = OffsetMoves::from([(0, (from, to))]);
+        let applied = totals.apply(log, &moves, &events).await.expect("apply");
+        assert_eq!(applied, Applied::Counted(events.len() as u64));
+    }
+    let elapsed = started.elapsed();
+    // A copy within the horizon (the relay's crash window) is skipped.
+    let copy = event(7);
+    let end = purchases as i64;
+    let moves = OffsetMoves::from([(0, (end, end + 1))]);
+    assert_eq!(
+        totals
+            .apply(log, &moves, &[copy])
+            .await
+            .expect("apply copy"),
+        Applied::Counted(0)
+    );
+
+    let mut conn = redis_connection().await;
+    let held = prefix_memory(&mut conn, &prefix).await;
+    let expired = eventually(
+        Duration::from_secs(60),
+        "the dedupe sets to expire after the horizon",
+        || {
+            let mut conn = conn.clone();
+            let prefix = prefix.clone();
+            async move {
+                let seen = redis_keys(&mut conn, &format!("{prefix}seen:*")).await;
+                seen.is_empty().then_some(())
+            }
+        },
+    );
+    expired.await;
+    let after = prefix_memory(&mut conn, &prefix).await;
+    println!(
+        "\ndedupe memory: {purchases} purchases for {USERS} users applied in {:.1} s ({:.0}/s); \
+         redis bytes per user: {:.0} with every id held (before: forever), {:.0} after the horizon \
+         (totals only)",
+        elapsed.as_secs_f64(),
+        purchases as f64 / elapsed.as_secs_f64(),
+        held as f64 / USERS as f64,
+        after as f64 / USERS as f64,
+    );
+    assert!(
+        after * 4 < held,
+        "held {held} bytes, after the horizon {after}"
+    );
+    let total = totals
+        .total(&UserId::parse("u7").expect("user"))
+        .await
+        .expect("total");
+    assert_eq!(total.count, (purchases / USERS) as u64);
+    wipe_redis_prefix(&prefix).await.expect("wipe");
+}
+
+/// Bytes Redis uses for every key under `prefix` (`MEMORY USAGE`, exact for these sizes).
+async fn prefix_memory(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> u64 {
+    let mut bytes = 0;
+    for key in redis_keys(conn, &format!("{prefix}*")).await {
+        let used: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(conn)
+            .await
+            .expect("MEMORY USAGE");
+        bytes += used.unwrap_or(0);
+    }
+    bytes
+}
