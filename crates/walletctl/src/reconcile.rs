@@ -16,7 +16,10 @@ use wallet_proto::wallet_service_client::WalletServiceClient;
 /// gRPC calls in flight at once.
 const CONCURRENCY: usize = 32;
 
+/// Per user: (cents, count).
 type Ledger = BTreeMap<String, (i64, i64)>;
+/// A user whose sides differ: (user, (PostgreSQL, gRPC)), each as (cents, count).
+type Difference = (String, ((i64, i64), (i64, i64)));
 
 /// Compares until no difference is left or `wait` has passed (the pipeline may still be counting
 /// the last purchases); returns whether the two sides agree.
@@ -79,29 +82,28 @@ async fn compare(
     client: &WalletServiceClient<tonic::transport::Channel>,
     ledger: &Ledger,
 ) -> anyhow::Result<BTreeMap<String, ((i64, i64), (i64, i64))>> {
-    let answers: Vec<anyhow::Result<Option<(String, ((i64, i64), (i64, i64)))>>> =
-        stream::iter(ledger.iter())
-            .map(|(user, expected)| {
-                let mut client = client.clone();
-                async move {
-                    let response = client
-                        .get_total_spent(GetTotalSpentRequest {
-                            user_id: user.clone(),
-                        })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))
-                        .with_context(|| format!("cannot read the total of {user}"))?
-                        .into_inner();
-                    let got = (
-                        response.total_cents,
-                        i64::try_from(response.purchase_count).unwrap_or(i64::MAX),
-                    );
-                    Ok((got != *expected).then(|| (user.clone(), (*expected, got))))
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
+    let answers: Vec<anyhow::Result<Option<Difference>>> = stream::iter(ledger.iter())
+        .map(|(user, expected)| {
+            let mut client = client.clone();
+            async move {
+                let response = client
+                    .get_total_spent(GetTotalSpentRequest {
+                        user_id: user.clone(),
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))
+                    .with_context(|| format!("cannot read the total of {user}"))?
+                    .into_inner();
+                let got = (
+                    response.total_cents,
+                    i64::try_from(response.purchase_count).unwrap_or(i64::MAX),
+                );
+                Ok((got != *expected).then(|| (user.clone(), (*expected, got))))
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
     let mut differences = BTreeMap::new();
     for answer in answers {
         differences.extend(answer?);
