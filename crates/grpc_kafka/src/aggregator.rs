@@ -331,13 +331,7 @@ impl Aggregator {
                     }
                     Admission::Drop => break,
                     Admission::NeedStored => {
-                        let (totals, log) = (&self.totals, &self.log);
-                        let stored = self
-                            .retry
-                            .redis("read stored offset", stop, || {
-                                totals.next_offset(log, partition)
-                            })
-                            .await?;
+                        let stored = self.stored_offset(partition, stop).await?;
                         if stored != fetched.offset {
                             tracing::info!(
                                 partition,
@@ -442,17 +436,21 @@ impl Aggregator {
         }
     }
 
+    /// The offset Redis holds for a partition, retried while Redis is unreachable.
+    async fn stored_offset(&mut self, partition: i32, stop: &CancellationToken) -> Step<i64> {
+        let (totals, log) = (&self.totals, &self.log);
+        self.retry
+            .redis("read stored offset", stop, || {
+                totals.next_offset(log, partition)
+            })
+            .await
+    }
+
     /// Compares every assigned partition's position with its stored offset.
     async fn check(&mut self, stop: &CancellationToken) -> Step<()> {
         let partitions: Vec<i32> = self.positions.assigned().collect();
         for partition in partitions {
-            let (totals, log) = (&self.totals, &self.log);
-            let stored = self
-                .retry
-                .redis("read stored offset", stop, || {
-                    totals.next_offset(log, partition)
-                })
-                .await?;
+            let stored = self.stored_offset(partition, stop).await?;
             if let Some(position) = self.positions.position(partition)
                 && position != stored
             {

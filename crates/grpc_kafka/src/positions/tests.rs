@@ -295,6 +295,15 @@ impl Sim {
     }
 }
 
+/// A record of partition 0.
+fn at(seq: u64, offset: i64) -> Fetched {
+    Fetched {
+        seq,
+        partition: 0,
+        offset,
+    }
+}
+
 /// The defect of issue 7: a batch holding partitions 0 and 1 is refused because only partition
 /// 1's stored offset was rolled back. Partition 0's refused records were fetched already; they
 /// must be read again, not skipped by the next batch's compare-and-set.
@@ -349,11 +358,7 @@ fn a_failed_seek_is_retried() {
 fn a_stored_offset_past_the_end_rewinds_to_the_partition_start() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    let first = Fetched {
-        seq: 1,
-        partition: 0,
-        offset: 3,
-    };
+    let first = at(1, 3);
     assert_eq!(positions.offer(first, None), Admission::NeedStored);
     positions.stored(first, 500);
     assert_eq!(positions.offer(first, None), Admission::Drop);
@@ -361,11 +366,7 @@ fn a_stored_offset_past_the_end_rewinds_to_the_partition_start() {
     positions.sought(0, 500, 1);
     // The consumer was reset to the start; the first record seen is from the middle (offset 3 of
     // a partition starting at 2): the rewind goes to the start, not to this record.
-    let after = Fetched {
-        seq: 2,
-        partition: 0,
-        offset: 3,
-    };
+    let after = at(2, 3);
     assert_eq!(positions.offer(after, None), Admission::NeedWatermarks);
     let marks = Watermarks { low: 2, high: 10 };
     assert_eq!(
@@ -384,14 +385,9 @@ fn a_stored_offset_past_the_end_rewinds_to_the_partition_start() {
 fn a_failed_rewrite_reads_the_stored_offset_again() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    let record = Fetched {
-        seq: 1,
-        partition: 0,
-        offset: 0,
-    };
-    positions.stored(record, 9);
+    positions.stored(at(1, 0), 9);
     positions.sought(0, 9, 1);
-    let later = Fetched { seq: 2, ..record };
+    let later = at(2, 0);
     let marks = Watermarks { low: 0, high: 4 };
     assert!(matches!(
         positions.offer(later, Some(marks)),
@@ -405,16 +401,11 @@ fn a_failed_rewrite_reads_the_stored_offset_again() {
 fn records_fetched_before_a_seek_are_stale() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    let record = |seq, offset| Fetched {
-        seq,
-        partition: 0,
-        offset,
-    };
-    positions.stored(record(1, 0), 5);
+    positions.stored(at(1, 0), 5);
     positions.sought(0, 5, 3);
     // Fetched before the seek completed, even at the target offset: dropped.
-    assert_eq!(positions.offer(record(3, 5), None), Admission::Drop);
-    assert_eq!(positions.offer(record(4, 5), None), Admission::Admit);
+    assert_eq!(positions.offer(at(3, 5), None), Admission::Drop);
+    assert_eq!(positions.offer(at(4, 5), None), Admission::Admit);
     assert_eq!(positions.batch(), &OffsetMoves::from([(0, (5, 6))]));
 }
 
@@ -422,14 +413,9 @@ fn records_fetched_before_a_seek_are_stale() {
 fn a_gap_while_applying_seeks_back_instead_of_skipping() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    let record = |seq, offset| Fetched {
-        seq,
-        partition: 0,
-        offset,
-    };
-    positions.stored(record(1, 0), 0);
-    assert_eq!(positions.offer(record(1, 0), None), Admission::Admit);
-    assert_eq!(positions.offer(record(2, 7), None), Admission::Drop);
+    positions.stored(at(1, 0), 0);
+    assert_eq!(positions.offer(at(1, 0), None), Admission::Admit);
+    assert_eq!(positions.offer(at(2, 7), None), Admission::Drop);
     assert_eq!(positions.due_seeks(), vec![(0, 1)]);
     // The admitted part of the batch still applies: 0 -> 1.
     assert_eq!(positions.batch(), &OffsetMoves::from([(0, (0, 1))]));
