@@ -14,14 +14,20 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODE="${1:?usage: compose-wiring.sh kraft|zookeeper}"
 BIN="${WALLET_BIN_DIR:-$ROOT/target/debug}"
-CHECK="$ROOT/.stack/tools/compose-check"
-RUN="$ROOT/.stack/compose-wiring-$MODE"
+STACK="${STACK_DIR:-$ROOT/.stack}"
+CHECK="$STACK/tools/compose-check"
+RUN="$STACK/compose-wiring-$MODE"
+# The stack's ports (scripts/stack.sh reads the same variables with the same defaults).
+PG_PORT="${STACK_PG_PORT:-55432}"
+REDIS_PORT="${STACK_REDIS_PORT:-56379}"
+WS_PORT="${STACK_WIRING_WS_PORT:-18080}"
+GRPC_PORT="${STACK_WIRING_GRPC_PORT:-60051}"
 log() { printf '[wiring %s] %s\n' "$MODE" "$*" >&2; }
 die() { printf '[wiring %s] error: %s\n' "$MODE" "$*" >&2; exit 1; }
 
 case "$MODE" in
-  kraft) scripts/stack.sh deps >&2; kafka_port=59092 ;;
-  zookeeper) scripts/stack.sh deps >&2; scripts/stack.sh deps-zookeeper >&2; kafka_port=59192 ;;
+  kraft) scripts/stack.sh deps >&2; kafka_port="${STACK_KAFKA_PORT:-59092}" ;;
+  zookeeper) scripts/stack.sh deps >&2; scripts/stack.sh deps-zookeeper >&2; kafka_port="${STACK_ZK_KAFKA_PORT:-59192}" ;;
   *) die "unknown mode $MODE" ;;
 esac
 [ -x "$CHECK" ] || die "$CHECK is missing: run scripts/static-checks.sh first"
@@ -30,11 +36,11 @@ mkdir -p "$RUN"
 # Compose service names and ports -> the native stack on loopback. Bind addresses keep their port
 # shifted by 10000 so a running `scripts/stack.sh up` does not collide.
 rewrite() {
-  sed -e 's#@postgres:5432/#@127.0.0.1:55432/#' \
+  sed -e "s#@postgres:5432/#@127.0.0.1:$PG_PORT/#" \
       -e "s#^KAFKA_BROKERS=kafka:9092\$#KAFKA_BROKERS=127.0.0.1:$kafka_port#" \
-      -e 's#redis://redis:6379/#redis://127.0.0.1:56379/#' \
-      -e 's#^WEBSOCKET_ADDR=0.0.0.0:8080$#WEBSOCKET_ADDR=127.0.0.1:18080#' \
-      -e 's#^GRPC_ADDR=0.0.0.0:50051$#GRPC_ADDR=127.0.0.1:60051#'
+      -e "s#redis://redis:6379/#redis://127.0.0.1:$REDIS_PORT/#" \
+      -e "s#^WEBSOCKET_ADDR=0.0.0.0:8080\$#WEBSOCKET_ADDR=127.0.0.1:$WS_PORT#" \
+      -e "s#^GRPC_ADDR=0.0.0.0:50051\$#GRPC_ADDR=127.0.0.1:$GRPC_PORT#"
 }
 service_env() { "$CHECK" -profile "$MODE" -env "$1" docker-compose.yml | rewrite; }
 for service in migrate websocket grpc_kafka; do
@@ -62,7 +68,7 @@ run_as migrate websocket migrate
 log "kafka-init: topic user_purchase with 4 partitions"
 topic=$(grep '^KAFKA_TOPIC=' "$RUN/websocket.env" | cut -d= -f2)
 [ "$topic" = user_purchase ] || die "unexpected topic $topic"
-libs=$([ "$MODE" = kraft ] && echo .stack/kafka/libs || echo .stack/kafka-zookeeper/libs)
+libs=$([ "$MODE" = kraft ] && echo "$STACK/kafka/libs" || echo "$STACK/kafka-zookeeper/libs")
 java -cp "$libs/*" org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$kafka_port" \
   --create --if-not-exists --topic "$topic" --partitions 4 --replication-factor 1 \
   --config retention.ms=-1 >/dev/null 2>"$RUN/kafka-init.log" || { cat "$RUN/kafka-init.log" >&2; die "kafka-init failed"; }
@@ -82,7 +88,7 @@ until run_as websocket websocket healthcheck 2>/dev/null && run_as grpc_kafka gr
 done
 # Healthy, and it is our processes that answered (not something else on those ports).
 kill -0 "$ws_pid" 2>/dev/null && kill -0 "$grpc_pid" 2>/dev/null \
-  || die "a service exited at start; are ports 18080/60051 taken? (see $RUN/*.log)"
+  || die "a service exited at start; are ports $WS_PORT/$GRPC_PORT taken? (see $RUN/*.log)"
 
 # The flow: 200 purchases for 10 users of this run, amounts in exact cents.
 run_id="wiring-$MODE-$(date +%s)-$$"

@@ -19,6 +19,8 @@
 #                             or start again with its data (for the fault-injection tests)
 #
 # Processes are tracked by pid files under .stack/ and stopped by pid, never by name.
+# STACK_DIR and the STACK_*_PORT variables move the whole stack elsewhere: scripts/test.sh runs a
+# stack of its own that way (.stack-test/, other ports), so it never touches this one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +33,9 @@ ZK_PORT="${STACK_ZK_PORT:-52181}"
 ZK_KAFKA_PORT="${STACK_ZK_KAFKA_PORT:-59192}"
 WS_PORT="${STACK_WS_PORT:-8080}"
 GRPC_PORT="${STACK_GRPC_PORT:-50051}"
+# The three-broker cluster: node N listens on CLUSTER_PORT+N, its controller on CLUSTER_CONTROLLER_PORT+N.
+CLUSTER_PORT="${STACK_CLUSTER_PORT:-59290}"
+CLUSTER_CONTROLLER_PORT="${STACK_CLUSTER_CONTROLLER_PORT:-59390}"
 PG_USER=postgres
 PG_DB=wallet
 
@@ -263,8 +268,8 @@ EOF
 
 # ---------------------------------------------------------------- three-broker cluster
 CLUSTER_NODES=(1 2 3)
-cluster_port() { echo $((59290 + $1)); }
-cluster_controller_port() { echo $((59390 + $1)); }
+cluster_port() { echo $((CLUSTER_PORT + $1)); }
+cluster_controller_port() { echo $((CLUSTER_CONTROLLER_PORT + $1)); }
 cluster_brokers() {
   local n list=()
   for n in "${CLUSTER_NODES[@]}"; do list+=("127.0.0.1:$(cluster_port "$n")"); done

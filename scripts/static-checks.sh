@@ -6,11 +6,11 @@
 #     ../shared/nix-pins.json (when that file is beside the repository);
 #   - docker-compose.yml validates against the Compose Specification (compose-go, the loader of
 #     Docker Compose) in both profiles, kraft and zookeeper, plus the project's own rules.
-# Tools are installed where missing into .stack/tools (git-ignored).
+# Tools are installed where missing into $STACK_DIR/tools (default .stack/tools; git-ignored).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-TOOLS="$ROOT/.stack/tools"
+TOOLS="${STACK_DIR:-$ROOT/.stack}/tools"
 mkdir -p "$TOOLS/bin"
 log() { printf '[static] %s\n' "$*" >&2; }
 

@@ -2,7 +2,16 @@
 # Runs every check and test of the project on this machine: the one test command of the README,
 # and what CI runs.
 #
-#   1. installs what is missing and starts PostgreSQL, Redis and Kafka on loopback (scripts/stack.sh deps);
+#   scripts/test.sh          everything below, then stops the test stack it started
+#   scripts/test.sh deps     only start the test stack (to run `cargo test` by hand)
+#   scripts/test.sh env      print the test stack's environment: eval "$(scripts/test.sh env)"
+#   scripts/test.sh down     stop the test stack
+#
+# The tests run against a stack of their own: PostgreSQL, Redis and Kafka under .stack-test/ on
+# ports of their own (below), started and stopped here. A system started with `scripts/stack.sh up`
+# (.stack/, the default ports) is never touched, even by the fault suite that kills and wipes.
+#
+#   1. installs what is missing and starts the test stack (scripts/stack.sh deps with STACK_DIR);
 #   2. formatting and lints (cargo fmt --check, cargo clippy -D warnings);
 #   3. builds the binaries;
 #   4. the Nix and compose static checks (scripts/static-checks.sh);
@@ -15,12 +24,37 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-step() { printf '\n==> %s\n' "$*"; }
+# The test stack: its own folder and ports (scripts/stack.sh and the scripts it runs read these).
+export STACK_DIR="$ROOT/.stack-test"
+export STACK_PG_PORT=55532 STACK_REDIS_PORT=56479
+export STACK_KAFKA_PORT=59592 STACK_KAFKA_CONTROLLER_PORT=59593
+export STACK_ZK_PORT=52281 STACK_ZK_KAFKA_PORT=59692
+export STACK_CLUSTER_PORT=59790 STACK_CLUSTER_CONTROLLER_PORT=59890
+export STACK_WS_PORT=18180 STACK_GRPC_PORT=60151
+export STACK_WIRING_WS_PORT=18181 STACK_WIRING_GRPC_PORT=60152
 
-step "native stack (PostgreSQL, Redis, Kafka)"
+test_env() {
+  scripts/stack.sh env | grep -v -e WEBSOCKET_ADDR -e GRPC_ADDR
+  local database_url
+  database_url="$(scripts/stack.sh env | sed -n 's/^export DATABASE_URL=//p')"
+  echo "export TEST_DATABASE_URL=${database_url%/*}/postgres"
+  env | grep '^STACK_' | sed 's/^/export /'
+}
+
+case "${1:-}" in
+  deps) scripts/stack.sh deps; test_env; exit 0 ;;
+  env) test_env; exit 0 ;;
+  down) scripts/stack.sh down; exit 0 ;;
+  "") ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
+
+step() { printf '\n==> %s\n' "$*"; }
+trap 'step "stopping the test stack"; scripts/stack.sh down || true' EXIT
+
+step "test stack (PostgreSQL, Redis, Kafka under .stack-test/)"
 scripts/stack.sh deps
-eval "$(scripts/stack.sh env)"
-export TEST_DATABASE_URL="${DATABASE_URL%/*}/postgres"
+eval "$(test_env)"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -41,17 +75,17 @@ step "compose wiring, natively: ZooKeeper profile (Kafka 3.9)"
 scripts/compose-wiring.sh zookeeper
 
 step "cargo test (unit, integration, end-to-end)"
-mkdir -p .stack
-: > .stack/cargo-test.log
+log="$STACK_DIR/cargo-test.log"
+: > "$log"
 status=0
-cargo test --workspace --locked --no-fail-fast --exclude tests 2>&1 | tee -a .stack/cargo-test.log || status=1
-cargo test --locked --no-fail-fast -p tests --test it 2>&1 | tee -a .stack/cargo-test.log || status=1
+cargo test --workspace --locked --no-fail-fast --exclude tests 2>&1 | tee -a "$log" || status=1
+cargo test --locked --no-fail-fast -p tests --test it 2>&1 | tee -a "$log" || status=1
 
-step "fault-injection suite (takes PostgreSQL, Redis and Kafka down one at a time)"
+step "fault-injection suite (takes the test stack's PostgreSQL, Redis and Kafka down one at a time)"
 cargo test --locked --no-fail-fast -p tests --test faults -- --nocapture --test-threads=1 2>&1 \
-  | grep -v '^\[stack\]' | tee -a .stack/cargo-test.log || status=1
+  | grep -v '^\[stack\]' | tee -a "$log" || status=1
 
 # One closing line over every test binary (cargo prints one per binary, the last often empty).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' .stack/cargo-test.log || status=1
+     END { printf "tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log" || status=1
 exit $status

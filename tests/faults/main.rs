@@ -6,9 +6,10 @@
 //! - every PostgreSQL purchase is on the topic;
 //! - per user, gRPC `total_cents` = `SUM(amount_cents)` and `purchase_count` = `COUNT(*)`.
 //!
-//! Scenarios stop and start the shared native stack's PostgreSQL, Redis and Kafka (through
-//! `scripts/stack.sh`, by pid), so they run one at a time ([`SERIAL`]) and in their own test
-//! binary, after the other tests. Each has its own database, topic, consumer group and key prefix.
+//! Scenarios stop and start the test stack's PostgreSQL, Redis and Kafka (through
+//! `scripts/stack.sh` with the test stack's `STACK_DIR`, by pid), so they run one at a time
+//! ([`SERIAL`]) and in their own test binary, after the other tests. Without `STACK_DIR` they
+//! refuse to run: they must never take down the system `scripts/stack.sh up` runs. Each has its own database, topic, consumer group and key prefix.
 //! Everything targets 127.0.0.1 and stops by itself (bounded purchases, deadlines everywhere).
 
 use std::collections::{HashMap, HashSet};
@@ -39,9 +40,20 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(240);
 
 // ------------------------------------------------------------------------------------ the stack
 
-fn stack(action: &str, service: &str) {
+/// `scripts/stack.sh` on the test stack only.
+fn stack_command() -> std::process::Command {
+    let stack_dir = std::env::var("STACK_DIR").unwrap_or_default();
+    assert!(
+        stack_dir.ends_with(".stack-test"),
+        "the fault suite kills and wipes its stack: run it through scripts/test.sh, or after \
+         `eval \"$(scripts/test.sh deps)\"` (STACK_DIR is {stack_dir:?}, not the test stack)"
+    );
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = std::process::Command::new(root.join("scripts/stack.sh"))
+    std::process::Command::new(root.join("scripts/stack.sh"))
+}
+
+fn stack(action: &str, service: &str) {
+    let status = stack_command()
         .arg(action)
         .args(service.split_whitespace())
         .status()
@@ -668,10 +680,13 @@ async fn redis_wiped_completely_is_rebuilt() {
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
     let mut conn = redis_connection().await;
+    // ASYNC: the command returns at once whatever the dataset; the keys are gone for every reader
+    // from then on, memory is freed in the background.
     let _: () = redis::cmd("FLUSHALL")
+        .arg("ASYNC")
         .query_async(&mut conn)
         .await
-        .expect("FLUSHALL");
+        .expect("FLUSHALL ASYNC");
     let report = stream.finish(WARMUP).await;
     scenario.verify(&report, grpc.addr).await;
 }
@@ -817,8 +832,7 @@ async fn rebalance_storm_of_grpc_kafka_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_brokers_one_killed_mid_stream() {
     let _serial = SERIAL.lock().await;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let up = std::process::Command::new(root.join("scripts/stack.sh"))
+    let up = stack_command()
         .args(["cluster", "up"])
         .output()
         .expect("run scripts/stack.sh cluster up");
@@ -843,7 +857,5 @@ async fn three_brokers_one_killed_mid_stream() {
     stack("cluster", "start 2");
     let report = stream.finish(WARMUP).await;
     scenario.verify(&report, grpc.addr).await;
-    let _ = std::process::Command::new(root.join("scripts/stack.sh"))
-        .args(["cluster", "down"])
-        .status();
+    let _ = stack_command().args(["cluster", "down"]).status();
 }

@@ -3,9 +3,10 @@
 //! Redis key prefix.
 //!
 //! The services' addresses come from `TEST_DATABASE_URL` (a superuser connection; each test creates
-//! its own database), `KAFKA_BROKERS` and `REDIS_URL`, defaulting to the native stack of
-//! `scripts/stack.sh`. A service that cannot be reached fails the test with a message saying how
-//! to start it: these tests never skip.
+//! its own database), `KAFKA_BROKERS` and `REDIS_URL`, defaulting to the test stack of
+//! `scripts/test.sh` (its own folder and ports), never to the system `scripts/stack.sh up` runs.
+//! A service that cannot be reached fails the test with a message saying how to start it: these
+//! tests never skip.
 //!
 //! Readiness is always awaited by polling a condition with a deadline ([`eventually`]), never by
 //! sleeping a fixed time.
@@ -29,7 +30,7 @@ use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
 pub const HINT: &str =
-    "start the native stack with `scripts/stack.sh deps` (or run `scripts/test.sh`)";
+    "start the test stack with `eval \"$(scripts/test.sh deps)\"` (or run `scripts/test.sh`)";
 
 /// Where the real services are.
 #[derive(Debug, Clone)]
@@ -46,10 +47,10 @@ impl Env {
         Self {
             admin_database_url: var(
                 "TEST_DATABASE_URL",
-                "postgres://postgres@127.0.0.1:55432/postgres",
+                "postgres://postgres@127.0.0.1:55532/postgres",
             ),
-            kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:59092"),
-            redis_url: var("REDIS_URL", "redis://127.0.0.1:56379/"),
+            kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:59592"),
+            redis_url: var("REDIS_URL", "redis://127.0.0.1:56479/"),
         }
     }
 }

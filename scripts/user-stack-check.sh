@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Proves that the test command neither touches nor depends on the system a user is running
+# (issue 11). Run by .ci/run around scripts/test.sh:
+#
+#   scripts/user-stack-check.sh before   scripts/stack.sh up (the README's first command), then
+#                                        500,000 purchases through it (walletctl bench), then
+#                                        records its processes, its purchases and its totals
+#   scripts/user-stack-check.sh after    the same processes still run, PostgreSQL holds the very
+#                                        same purchases, and every gRPC total still equals
+#                                        PostgreSQL's (walletctl reconcile)
+#
+# Everything it records goes to .stack/user-stack-check.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+unset STACK_DIR
+STATE="$ROOT/.stack/user-stack-check"
+PURCHASES_PER_CONNECTION="${USER_STACK_PURCHASES_PER_CONNECTION:-10000}"
+log() { printf '[user-stack] %s\n' "$*" >&2; }
+die() { printf '[user-stack] error: %s\n' "$*" >&2; exit 1; }
+
+eval "$(scripts/stack.sh env)"
+ctl=(target/release/walletctl --ws-url "ws://$WEBSOCKET_ADDR/ws" --grpc-url "http://$GRPC_ADDR")
+ledger() {
+  psql "$DATABASE_URL" -tAc "SELECT COUNT(*), COALESCE(SUM(amount_cents), 0), \
+    md5(COALESCE(string_agg(purchase_id::text || user_id || amount_cents, ',' ORDER BY purchase_id), '')) FROM purchases"
+}
+
+case "${1:-}" in
+  before)
+    scripts/stack.sh up
+    log "writing $((50 * PURCHASES_PER_CONNECTION)) purchases to the user's system"
+    "${ctl[@]}" bench --connections 50 --purchases "$PURCHASES_PER_CONNECTION" --users 1000 \
+      || die "walletctl bench against the user's system failed"
+    mkdir -p "$STATE"
+    scripts/stack.sh status > "$STATE/status"
+    ledger > "$STATE/ledger"
+    "${ctl[@]}" reconcile --wait-secs 120 > "$STATE/reconcile" || die "totals differ before the tests: $(tail -n1 "$STATE/reconcile")"
+    log "recorded: $(cat "$STATE/status" | tr '\n' ' ')"
+    log "recorded: purchases, sum, digest = $(cat "$STATE/ledger"); $(tail -n1 "$STATE/reconcile")"
+    ;;
+  after)
+    [ -f "$STATE/ledger" ] || die "run '$0 before' first"
+    scripts/stack.sh status > "$STATE/status.after"
+    diff "$STATE/status" "$STATE/status.after" >&2 || die "the user's processes changed while the tests ran"
+    grep -q stopped "$STATE/status.after" && die "a process of the user's system is stopped"
+    [ "$(ledger)" = "$(cat "$STATE/ledger")" ] || die "the user's purchases changed: $(ledger) vs $(cat "$STATE/ledger")"
+    "${ctl[@]}" reconcile > "$STATE/reconcile.after" || die "the user's totals changed: $(tail -n1 "$STATE/reconcile.after")"
+    [ "$(tail -n1 "$STATE/reconcile.after")" = "$(tail -n1 "$STATE/reconcile")" ] \
+      || die "reconcile summary changed: $(tail -n1 "$STATE/reconcile.after")"
+    log "the user's system is untouched: same processes, same purchases ($(cat "$STATE/ledger")), $(tail -n1 "$STATE/reconcile.after")"
+    ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
