@@ -68,7 +68,11 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-pub async fn run(ws_url: &str, grpc_url: &str, plan: Plan) -> anyhow::Result<bool> {
+pub async fn run(
+    ws_url: &str,
+    grpc_url: &str,
+    plan: Plan,
+) -> anyhow::Result<(serde_json::Value, bool)> {
     let run = format!(
         "bench-{}",
         std::time::SystemTime::now()
@@ -114,6 +118,7 @@ pub async fn run(ws_url: &str, grpc_url: &str, plan: Plan) -> anyhow::Result<boo
     let elapsed = started.elapsed();
     let acked_at = Instant::now();
     latencies.sort();
+    let ack_latency = crate::loadgen::summary(latencies.clone());
     println!(
         "acked {} in {:.2} s: {:.0} purchases/s",
         latencies.len(),
@@ -148,12 +153,24 @@ pub async fn run(ws_url: &str, grpc_url: &str, plan: Plan) -> anyhow::Result<boo
             exact &= (response.total_cents, response.purchase_count) == (*cents, *count);
         }
         if exact || Instant::now() >= deadline {
+            let counted_after = acked_at.elapsed();
             println!(
                 "counted {counted} of {total} in Redis {:.2} s after the last ack; totals exact: {}",
-                acked_at.elapsed().as_secs_f64(),
+                counted_after.as_secs_f64(),
                 if exact { "yes" } else { "no" }
             );
-            return Ok(exact);
+            let figures = serde_json::json!({
+                "mode": "closed",
+                "connections": plan.connections,
+                "in_flight": plan.in_flight,
+                "acked": latencies.len(),
+                "acked_per_sec": latencies.len() as f64 / elapsed.as_secs_f64(),
+                "ack_latency": ack_latency,
+                "counted_secs_after_last_ack": counted_after.as_secs_f64(),
+                "sustained_counted_per_sec": total as f64 / started.elapsed().as_secs_f64(),
+                "totals_exact": exact,
+            });
+            return Ok((figures, exact));
         }
         // Polling interval of the measurement, not a readiness assumption.
         tokio::time::sleep(Duration::from_millis(50)).await;

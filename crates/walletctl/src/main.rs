@@ -14,6 +14,7 @@ use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
 mod bench;
+mod loadgen;
 mod reconcile;
 
 #[derive(Debug, Parser)]
@@ -59,12 +60,40 @@ enum Command {
     /// Send every line of a file (or - for standard input) as one frame and print each reply.
     /// Lines are JSON objects such as {"user_id": "123", "amount": 49.99}.
     SendFile { path: String },
-    /// Measure: send purchases over many connections at once, print throughput and ack latency,
-    /// then how long until every one is counted, and whether the totals are exact.
+    /// Measure (figures only, never a pass/fail on speed). Modes:
+    /// `closed` sends purchases over many connections with a window of purchases in flight each,
+    /// prints throughput, ack latency, how long until every one is counted and whether the totals
+    /// are exact; `open` offers `--rate` purchases/s for `--duration-secs` (latency from each
+    /// purchase's intended send time) and measures ack-to-visible latency; `read` loads
+    /// GetTotalSpent; `idle` opens `--connections` idle WebSockets and reports the server's memory
+    /// per connection (`--pid` of a local server).
     Bench {
-        /// Concurrent WebSocket connections.
+        #[arg(long, value_enum, default_value_t = BenchMode::Closed)]
+        mode: BenchMode,
+        /// Concurrent WebSocket connections (closed, open, idle).
         #[arg(long, default_value_t = 10)]
         connections: usize,
+        /// Offered purchases per second (open).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// How long to offer load (open, read).
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+        /// Sampled purchases per second whose ack-to-visible latency is measured (open).
+        #[arg(long, default_value_t = 20.0)]
+        visible_samples: f64,
+        /// Concurrent calls (read).
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// HTTP/2 connections the calls share (read).
+        #[arg(long, default_value_t = 4)]
+        grpc_connections: usize,
+        /// Pid of the local websocket server whose memory is read (idle).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<String>,
         /// Purchases per connection.
         #[arg(long, default_value_t = 1000)]
         purchases: usize,
@@ -98,7 +127,15 @@ enum Command {
     },
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchMode {
+    Closed,
+    Open,
+    Read,
+    Idle,
+}
+
+#[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(true) => ExitCode::SUCCESS,
@@ -146,18 +183,55 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             send_frames(&cli.ws_url, frames).await
         }
         Command::Bench {
+            mode,
             connections,
             purchases,
             in_flight,
             users,
+            rate,
+            duration_secs,
+            visible_samples,
+            concurrency,
+            grpc_connections,
+            pid,
+            json,
         } => {
-            let plan = bench::Plan {
-                connections,
-                purchases,
-                in_flight: in_flight.max(1),
-                users: users.max(1),
+            let duration = Duration::from_secs(duration_secs.max(1));
+            let (figures, ok) = match mode {
+                BenchMode::Closed => {
+                    let plan = bench::Plan {
+                        connections,
+                        purchases,
+                        in_flight: in_flight.max(1),
+                        users: users.max(1),
+                    };
+                    bench::run(&cli.ws_url, &cli.grpc_url, plan).await?
+                }
+                BenchMode::Open => {
+                    let plan = loadgen::Open {
+                        rate: rate.max(1.0),
+                        duration,
+                        connections: connections.max(1),
+                        users: users.max(1),
+                        visible_samples_per_sec: visible_samples,
+                    };
+                    loadgen::open(&cli.ws_url, &cli.grpc_url, plan).await?
+                }
+                BenchMode::Read => {
+                    let plan = loadgen::Read {
+                        concurrency: concurrency.max(1),
+                        channels: grpc_connections.max(1),
+                        duration,
+                    };
+                    (loadgen::read(&cli.grpc_url, plan).await?, true)
+                }
+                BenchMode::Idle => {
+                    let pid = pid.context("--pid of the local websocket server is needed")?;
+                    (loadgen::idle(&cli.ws_url, connections, pid).await?, true)
+                }
             };
-            bench::run(&cli.ws_url, &cli.grpc_url, plan).await
+            loadgen::write_json(json.as_deref(), &figures)?;
+            Ok(ok)
         }
         Command::Reconcile {
             database_url,

@@ -115,7 +115,10 @@ impl Application {
             pool: self.pool.clone(),
             ws_config: WebSocketConfig::default()
                 .max_frame_size(Some(max_frame))
-                .max_message_size(Some(max_frame)),
+                .max_message_size(Some(max_frame))
+                .read_buffer_size(settings.ws_read_buffer_bytes as usize)
+                // Replies are flushed one by one anyway; a small target keeps the buffer small.
+                .write_buffer_size(settings.ws_read_buffer_bytes as usize),
             connection: connection::ConnectionConfig {
                 max_in_flight: settings.ws_max_in_flight as usize,
                 idle_timeout: settings.idle_timeout(),

@@ -72,6 +72,12 @@ pub struct Settings {
     #[arg(long, env = "WS_MAX_FRAME_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(64..))]
     pub ws_max_frame_bytes: u32,
 
+    /// Initial read buffer of each WebSocket connection, in bytes (it grows for larger frames).
+    /// Small, because most connections are idle most of the time: the library's default of
+    /// 128 KiB cost every idle connection that much memory.
+    #[arg(long, env = "WS_READ_BUFFER_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(256..))]
+    pub ws_read_buffer_bytes: u32,
+
     /// Purchases of one connection awaiting their reply before the server stops reading from it.
     #[arg(long, env = "WS_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub ws_max_in_flight: u32,
