@@ -5,6 +5,7 @@
 #   scripts/stack.sh up       install what is missing, start everything, send a few purchases, print totals
 #   scripts/stack.sh deps     install what is missing and start PostgreSQL, Redis and Kafka only
 #   scripts/stack.sh services build and (re)start websocket and grpc_kafka against running deps
+#   scripts/stack.sh stop-services     stop websocket and grpc_kafka, leave the dependencies running
 #   scripts/stack.sh status   what runs, by pid
 #   scripts/stack.sh down     stop everything this script started, by pid
 #   scripts/stack.sh env      print the environment the services and tests use
@@ -478,9 +479,10 @@ case "${1:-}" in
   cluster) [ $# -ge 2 ] || die "usage: $0 cluster up|down|brokers|kill9 N|start N"; cluster "$2" "${3:-}" ;;
   kill9|stop|start) [ $# -eq 2 ] || die "usage: $0 $1 postgres|redis|kafka"; one "$1" "$2" ;;
   services) start_services ;;
+  stop-services) stop_pidfile websocket "$STACK/websocket/websocket.pid"; stop_pidfile grpc_kafka "$STACK/grpc_kafka/grpc_kafka.pid" ;;
   demo) demo ;;
   status) status ;;
   down) down ;;
   env) print_env ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

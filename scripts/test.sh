@@ -16,8 +16,9 @@
 #   3. builds the binaries;
 #   4. the Nix and compose static checks (scripts/static-checks.sh);
 #   5. the docker-compose wiring run natively, in KRaft and in ZooKeeper mode (scripts/compose-wiring.sh);
-#   6. every unit, integration and end-to-end test (cargo test), then the fault-injection suite,
-#      which prints one line of figures per scenario; closing with one summary line.
+#   6. every unit, integration and end-to-end test (cargo test), a smoke run of the benchmarks
+#      (scripts/bench.sh --smoke), then the fault-injection suite, which prints one line of figures
+#      per scenario; closing with one summary line.
 #
 # Tests need the real services: if they cannot be reached, the tests fail, they never skip.
 set -euo pipefail
@@ -80,6 +81,10 @@ log="$STACK_DIR/cargo-test.log"
 status=0
 cargo test --workspace --locked --no-fail-fast --exclude tests 2>&1 | tee -a "$log" || status=1
 cargo test --locked --no-fail-fast -p tests --test it 2>&1 | tee -a "$log" || status=1
+
+step "benchmark smoke: scripts/bench.sh --smoke (every step, tiny; figures printed, never asserted)"
+scripts/bench.sh --smoke || status=1
+scripts/stack.sh stop-services
 
 step "fault-injection suite (takes the test stack's PostgreSQL, Redis and Kafka down one at a time)"
 cargo test --locked --no-fail-fast -p tests --test faults -- --nocapture --test-threads=1 2>&1 \

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Benchmarks: the machine's own ceilings and the project's figures, measured in the same run, in
+# one table (figure, ceiling or goal, ratio), plus a latency-versus-offered-load plot. Figures only:
+# nothing here passes or fails on speed.
+#
+#   scripts/bench.sh            the full run (about 10 minutes), on the stack of scripts/stack.sh
+#   scripts/bench.sh --smoke    every step, tiny and short (CI runs this to keep it working)
+#   scripts/bench.sh --soak S   the full run, then a soak of S seconds at half the sustained
+#                               maximum: RSS of both services at start and end, totals exact
+#
+# Ceilings: pgbench with the project's schema and insert shape (scripts/bench/*.sql); Kafka's own
+# ProducerPerformance and ConsumerPerformance from the broker's jars; the project's Lua script
+# under redis-benchmark. Project: walletctl bench (closed loop, open-loop sweep with
+# ack-to-visible latency, GetTotalSpent read load, idle connections) and ghz (from the Go module
+# proxy) as an independent gRPC client. Results: $STACK_DIR/bench/ (JSON, table.md, latency.svg).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+SMOKE=0 SOAK=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --smoke) SMOKE=1 ;;
+    --soak) SOAK="${2:?--soak needs seconds}"; shift ;;
+    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  esac
+  shift
+done
+STACK="${STACK_DIR:-$ROOT/.stack}"
+OUT="$STACK/bench"
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
+pick() { if [ $SMOKE = 1 ]; then echo "$2"; else echo "$1"; fi; } # full smoke
+
+scripts/stack.sh up >&2
+eval "$(scripts/stack.sh env)"
+rm -rf "$OUT" && mkdir -p "$OUT"
+ctl=(target/release/walletctl --ws-url "ws://$WEBSOCKET_ADDR/ws" --grpc-url "http://$GRPC_ADDR")
+libs="$STACK/kafka/libs"
+java_tool() { java -Xmx512m -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$libs/*" "$@"; }
+cpus=$(nproc)
+echo "{\"cpus\": $cpus, \"memory_kib\": $(awk '/MemTotal/ {print $2}' /proc/meminfo), \"smoke\": $SMOKE}" > "$OUT/machine.json"
+
+# ------------------------------------------------------------------ ceilings
+log "ceiling: PostgreSQL (pgbench, 100-row transactions, 4 clients)"
+pg_admin="${DATABASE_URL%/*}/postgres"
+pg_secs=$(pick 20 3)
+psql "$pg_admin" -qc "DROP DATABASE IF EXISTS bench_ceiling" -qc "CREATE DATABASE bench_ceiling" >/dev/null
+psql "${DATABASE_URL%/*}/bench_ceiling" -q -f migrations/V1__purchases_and_outbox.sql >/dev/null
+pgbench_bin="$(ls -d /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -n1)"
+for shape in outbox only; do
+  file="scripts/bench/pg_purchases_$shape.sql"
+  tps=$("$pgbench_bin" -n -c 4 -j "$cpus" -T "$pg_secs" -f "$file" "${DATABASE_URL%/*}/bench_ceiling" 2>/dev/null \
+        | awk '/^tps = / {print $3}')
+  [ -n "$tps" ] || die "pgbench gave no figure"
+  echo "{\"tps\": $tps, \"purchases_per_sec\": $(awk "BEGIN {print $tps * 100}")}" > "$OUT/ceiling-pg-$shape.json"
+done
+psql "$pg_admin" -qc "DROP DATABASE IF EXISTS bench_ceiling" >/dev/null
+
+log "ceiling: Kafka (ProducerPerformance acks=all, ConsumerPerformance; 180-byte records, 4 partitions)"
+records=$(pick 2000000 20000)
+ceiling_topic="bench-ceiling-$(date +%s)"
+java_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --create \
+  --topic "$ceiling_topic" --partitions 4 --replication-factor 1 >/dev/null 2>&1
+produced=$(java_tool org.apache.kafka.tools.ProducerPerformance --topic "$ceiling_topic" \
+  --num-records "$records" --record-size 180 --throughput -1 \
+  --producer-props "bootstrap.servers=$KAFKA_BROKERS" acks=all linger.ms=5 2>/dev/null | tail -n1)
+produce_rate=$(echo "$produced" | sed -n 's/.* \([0-9.]*\) records\/sec.*/\1/p')
+[ -n "$produce_rate" ] || die "ProducerPerformance gave no figure: $produced"
+consumed=$(java_tool org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$KAFKA_BROKERS" \
+  --topic "$ceiling_topic" --messages "$records" --timeout 60000 2>/dev/null | tail -n1)
+consume_rate=$(echo "$consumed" | awk -F', *' '{print $6}')
+[ -n "$consume_rate" ] || die "ConsumerPerformance gave no figure: $consumed"
+java_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --delete --topic "$ceiling_topic" >/dev/null 2>&1 || true
+echo "{\"produce_per_sec\": $produce_rate, \"consume_per_sec\": $consume_rate}" > "$OUT/ceiling-kafka.json"
+
+log "ceiling: Redis (the project's Lua script, one event per call, redis-benchmark, 50 clients, pipeline 16)"
+redis_port="${REDIS_URL##*:}"; redis_port="${redis_port%%/*}"
+sha=$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat crates/grpc_kafka/src/apply_batch.lua)")
+calls=$(pick 1000000 20000)
+redis_rate=$(redis-benchmark -p "$redis_port" --dbnum 15 -n "$calls" -c 50 -P 16 -r 100000000 -q \
+  EVALSHA "$sha" 0 bench: bench:offsets 3600 0 id__rand_int__ user__rand_int__ 1 100 2>/dev/null \
+  | tr '\r' '\n' | awk '/requests per second/ {for (i = 1; i <= NF; i++) if ($(i+1) == "requests") print $i}' | tail -n1)
+[ -n "$redis_rate" ] || die "redis-benchmark gave no figure"
+redis-cli -p "$redis_port" -n 15 FLUSHDB ASYNC >/dev/null
+echo "{\"events_per_sec\": $redis_rate}" > "$OUT/ceiling-redis.json"
+
+# ------------------------------------------------------------------ the project
+log "project: sustained, closed loop (100 connections x 16 in flight)"
+"${ctl[@]}" bench --mode closed --connections "$(pick 100 10)" --in-flight 16 --purchases "$(pick 3000 100)" \
+  --users 1000 --json "$OUT/closed.json" >&2 || die "closed-loop bench: totals not exact"
+
+log "project: open-loop sweep (latency versus offered load, ack-to-visible sampled)"
+rates=$(pick "1000 2500 5000 10000 15000 20000 25000" "500 1000")
+secs=$(pick 15 3)
+for rate in $rates; do
+  "${ctl[@]}" bench --mode open --rate "$rate" --duration-secs "$secs" --connections 20 --users 1000 \
+    --json "$OUT/open-$rate.json" >&2 || log "open loop at $rate/s: not every purchase acked and counted (see figures)"
+done
+
+log "project: GetTotalSpent (walletctl, 50 concurrent over 4 connections; ghz, 1 and 50 concurrent)"
+"${ctl[@]}" bench --mode read --concurrency 50 --grpc-connections 4 --duration-secs "$(pick 10 2)" --json "$OUT/read.json" >&2
+GHZ="$(go env GOPATH)/bin/ghz"
+if [ ! -x "$GHZ" ]; then
+  log "installing ghz from the Go module proxy"
+  go install github.com/bojand/ghz/cmd/ghz@v0.121.0 >&2
+fi
+ghz_args=(--insecure --proto proto/wallet/v1/wallet.proto --import-paths proto
+  --call wallet.v1.WalletService/GetTotalSpent -d '{"user_id":"bench-reader"}' -O json)
+"$GHZ" "${ghz_args[@]}" -c 1 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-1.json"
+"$GHZ" "${ghz_args[@]}" -c 50 --connections 4 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-50.json"
+
+log "project: idle WebSocket connections (server memory per connection)"
+"${ctl[@]}" bench --mode idle --connections "$(pick 5000 200)" --pid "$(head -n1 "$STACK/websocket/websocket.pid")" \
+  --json "$OUT/idle.json" >&2
+
+if [ "$SOAK" -gt 0 ]; then
+  rate=$(python3 -c "import json; print(int(json.load(open('$OUT/closed.json'))['sustained_counted_per_sec'] / 2))")
+  rss() { awk '/VmRSS/ {print $2}' "/proc/$(head -n1 "$STACK/$1/$1.pid")/status"; }
+  log "soak: $SOAK s at $rate purchases/s (half the sustained maximum)"
+  start_ws=$(rss websocket) start_grpc=$(rss grpc_kafka)
+  "${ctl[@]}" bench --mode open --rate "$rate" --duration-secs "$SOAK" --connections 20 --users 1000 \
+    --visible-samples 5 --json "$OUT/soak-load.json" >&2 || log "soak: not every purchase acked and counted"
+  echo "{\"secs\": $SOAK, \"rate\": $rate, \"websocket_rss_kib\": [$start_ws, $(rss websocket)], \"grpc_kafka_rss_kib\": [$start_grpc, $(rss grpc_kafka)]}" > "$OUT/soak.json"
+fi
+
+python3 scripts/bench/report.py "$OUT"
