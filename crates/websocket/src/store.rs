@@ -13,6 +13,8 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use tokio_postgres::types::Type;
+
 use crate::db::{DbError, Pool};
 
 /// A validated purchase with its final id.
@@ -162,34 +164,36 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
         }
     }
 
-    let mut conn = pool.get().await?;
-    let transaction = conn.transaction().await?;
-    let inserted: HashSet<Uuid> = transaction
-        .query(
-            "INSERT INTO purchases (purchase_id, user_id, amount_cents) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[]) \
-             ON CONFLICT (purchase_id) DO NOTHING \
-             RETURNING purchase_id",
-            &[&ids, &users, &cents],
+    // One statement, so one transaction and one round trip (`query_typed`: parse, bind and
+    // execute together): the purchases and their outbox rows, in submission order, commit
+    // together or not at all. What was there before (a resend, or a conflict) is read afterwards:
+    // a purchase row never changes once written.
+    let conn = pool.get().await?;
+    let inserted: HashSet<Uuid> = conn
+        .query_typed(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[]) \
+                     WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, n)), \
+             inserted AS ( \
+                 INSERT INTO purchases (purchase_id, user_id, amount_cents) \
+                 SELECT purchase_id, user_id, amount_cents FROM input ORDER BY n \
+                 ON CONFLICT (purchase_id) DO NOTHING \
+                 RETURNING purchase_id), \
+             outbox AS ( \
+                 INSERT INTO purchase_outbox (purchase_id) \
+                 SELECT input.purchase_id FROM input JOIN inserted USING (purchase_id) \
+                 ORDER BY input.n) \
+             SELECT purchase_id FROM inserted",
+            &[
+                (&ids, Type::UUID_ARRAY),
+                (&users, Type::TEXT_ARRAY),
+                (&cents, Type::INT8_ARRAY),
+            ],
         )
         .await?
         .iter()
         .map(|row| row.get(0))
         .collect();
-    if !inserted.is_empty() {
-        // Outbox rows in submission order, so the relay publishes in the order purchases arrived.
-        let ordered: Vec<Uuid> = ids
-            .iter()
-            .filter(|id| inserted.contains(id))
-            .copied()
-            .collect();
-        transaction
-            .execute(
-                "INSERT INTO purchase_outbox (purchase_id) SELECT unnest($1::uuid[])",
-                &[&ordered],
-            )
-            .await?;
-    }
     let existing_ids: Vec<Uuid> = ids
         .iter()
         .filter(|id| !inserted.contains(id))
@@ -197,17 +201,16 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
         .collect();
     let mut existing: HashMap<Uuid, (String, i64)> = HashMap::new();
     if !existing_ids.is_empty() {
-        for row in transaction
-            .query(
+        for row in conn
+            .query_typed(
                 "SELECT purchase_id, user_id, amount_cents FROM purchases WHERE purchase_id = ANY($1)",
-                &[&existing_ids],
+                &[(&existing_ids, Type::UUID_ARRAY)],
             )
             .await?
         {
             existing.insert(row.get(0), (row.get(1), row.get(2)));
         }
     }
-    transaction.commit().await?;
 
     let outcomes = batch
         .iter()
