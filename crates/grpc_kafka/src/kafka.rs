@@ -72,6 +72,9 @@ impl Source {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("topic.metadata.refresh.interval.ms", "5000")
+            // Prefetch at most 16 MiB ahead (librdkafka's default is 64 MiB): a consumer that
+            // lags keeps bounded memory.
+            .set("queued.max.messages.kbytes", "16384")
             .create_with_context(RebalanceContext::default())?;
         consumer.subscribe(&[topic])?;
         let metadata: BaseConsumer = kafka_common::client_config(brokers).create()?;

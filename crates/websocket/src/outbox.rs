@@ -15,6 +15,7 @@ use purchase::{Amount, PurchaseEvent, UserId};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio::sync::Notify;
+use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -150,12 +151,13 @@ impl Relay {
     async fn relay_once(&self) -> Result<usize, RelayError> {
         let mut conn = self.pool.get().await?;
         let transaction = conn.transaction().await?;
+        // query_typed: parse, bind and execute in one round trip, no named statement kept.
         let rows = transaction
-            .query(
+            .query_typed(
                 "SELECT o.id, p.purchase_id, p.user_id, p.amount_cents, p.created_at \
                  FROM purchase_outbox o JOIN purchases p USING (purchase_id) \
                  ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
-                &[&self.batch_max],
+                &[(&self.batch_max, Type::INT8)],
             )
             .await?;
         if rows.is_empty() {
@@ -203,9 +205,9 @@ impl Relay {
         }
         if !delivered.is_empty() {
             transaction
-                .execute(
+                .execute_typed(
                     "DELETE FROM purchase_outbox WHERE id = ANY($1)",
-                    &[&delivered],
+                    &[(&delivered, Type::INT8_ARRAY)],
                 )
                 .await?;
         }
