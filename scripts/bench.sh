@@ -102,7 +102,7 @@ log "project: GetTotalSpent (walletctl, 50 concurrent over 4 connections; ghz, 1
 GHZ="$(go env GOPATH)/bin/ghz"
 if [ ! -x "$GHZ" ]; then
   log "installing ghz from the Go module proxy"
-  go install github.com/bojand/ghz/cmd/ghz@v0.121.0 >&2
+  go install github.com/bojand/ghz/cmd/ghz@v0.93.0 >&2
 fi
 ghz_args=(--insecure --proto proto/wallet/v1/wallet.proto --import-paths proto
   --call wallet.v1.WalletService/GetTotalSpent -d '{"user_id":"bench-reader"}' -O json)
