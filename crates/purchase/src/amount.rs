@@ -33,6 +33,8 @@ pub enum AmountError {
     TooLarge,
     #[error("amount must be a plain decimal such as 49.99")]
     Syntax,
+    #[error("amount must not have leading zeros (write 7.50 or 0.75, not 007.50)")]
+    LeadingZero,
     #[error("amount must be a JSON number or a decimal string")]
     WrongType,
 }
@@ -78,11 +80,16 @@ impl Amount {
         if !all_digits(whole) || fraction.is_some_and(|f| !all_digits(f)) {
             return Err(AmountError::Syntax);
         }
+        // As in JSON numbers: the integer part is `0` or starts with 1-9. A run of leading zeros
+        // is refused at once, whatever its length, instead of being parsed away.
+        if whole.len() > 1 && whole.starts_with('0') {
+            return Err(AmountError::LeadingZero);
+        }
         if fraction.is_some_and(|f| f.len() > 2) {
             return Err(AmountError::TooManyDecimals);
         }
         // Hundreds of digits would overflow any integer: they are over the maximum anyway.
-        if whole.trim_start_matches('0').len() > 7 {
+        if whole.len() > 7 {
             return Err(AmountError::TooLarge);
         }
         let value = Decimal::from_str(text).map_err(|_| AmountError::Syntax)?;
@@ -138,7 +145,7 @@ mod tests {
         assert_eq!(cents("49.99"), Ok(4999));
         assert_eq!(cents("100"), Ok(10_000));
         assert_eq!(cents("1000000.00"), Ok(MAX_CENTS));
-        assert_eq!(cents("0000000000005.5"), Ok(550));
+        assert_eq!(cents("5.5"), Ok(550));
         // 0.1 + 0.2 is not 0.30000000000000004 here.
         assert_eq!(cents("0.3"), Ok(30));
     }
@@ -159,6 +166,14 @@ mod tests {
         assert_eq!(cents("1e2"), Err(AmountError::Exponent));
         assert_eq!(cents("1E2"), Err(AmountError::Exponent));
         assert_eq!(cents("1.5e-1"), Err(AmountError::Exponent));
+        // JSON-like: a single leading zero only, refused at once however many follow.
+        assert_eq!(cents("0000000000005.5"), Err(AmountError::LeadingZero));
+        assert_eq!(cents("00.50"), Err(AmountError::LeadingZero));
+        assert_eq!(cents("007"), Err(AmountError::LeadingZero));
+        let zeros = format!("{}1", "0".repeat(15_000));
+        assert_eq!(cents(&zeros), Err(AmountError::LeadingZero));
+        assert_eq!(cents(&format!("{zeros}.01")), Err(AmountError::LeadingZero));
+        assert_eq!(cents("0.75"), Ok(75));
         assert_eq!(cents("0.001"), Err(AmountError::TooManyDecimals));
         assert_eq!(cents("12.300"), Err(AmountError::TooManyDecimals));
         assert_eq!(cents("1000000.01"), Err(AmountError::TooLarge));
