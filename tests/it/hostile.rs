@@ -357,3 +357,112 @@ async fn a_client_that_never_reads_its_replies_is_bounded() {
     assert!(server.terminate().await.success());
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 2);
 }
+
+/// Opens a raw TCP connection and sends half of an HTTP request header (no blank line).
+async fn half_header(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+        .await
+        .expect("send half a header");
+    stream
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `within`.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 256];
+    loop {
+        match tokio::time::timeout(within, stream.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A purchase over a fresh WebSocket is acked: the server still serves well-behaved clients.
+async fn served_normally(fixture: &Fixture) {
+    let mut socket = ws_connect(fixture.ws.addr).await;
+    let reply = request(&mut socket, r#"{"user_id":"good","amount":"1.00"}"#).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+}
+
+/// 2,000 clients that send half a request header and then nothing: those over the cap of pending
+/// connections are closed at once, the others when the header-read timeout passes. Then a
+/// well-behaved client is served and nothing was written for the half-sent ones.
+#[tokio::test]
+async fn two_thousand_half_header_connections_are_closed_and_nothing_is_written() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    let prefix = format!("{}:", unique("hostile"));
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.http_header_read_timeout_ms = 1_000;
+    settings.http_max_pending_connections = 500;
+    let ws = start_websocket(settings).await;
+    let grpc = start_grpc_kafka(grpc_kafka_settings(&topic, &prefix, &unique("group"))).await;
+    let fixture = Fixture {
+        db,
+        topic,
+        prefix,
+        ws,
+        grpc,
+    };
+    let mut streams = Vec::with_capacity(2_000);
+    for _ in 0..2_000 {
+        streams.push(half_header(fixture.ws.addr).await);
+    }
+    let mut closed = 0;
+    for stream in &mut streams {
+        if closed_by_server(stream, Duration::from_secs(30)).await {
+            closed += 1;
+        }
+    }
+    println!("\nhalf-header connections closed by the server: {closed} of 2000");
+    assert_eq!(closed, 2_000, "every half-header connection is closed");
+    drop(streams);
+    served_normally(&fixture).await;
+    fixture.assert_nothing_written(1).await;
+}
+
+/// While the cap of pending (not upgraded) connections is taken, one more connection is closed at
+/// once; upgraded WebSockets are not pending, and once the pending ones go, clients are served.
+#[tokio::test]
+async fn connections_over_the_pending_cap_are_closed_at_once() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.http_max_pending_connections = 5;
+    settings.http_header_read_timeout_ms = 60_000;
+    let ws = start_websocket(settings).await;
+    // An upgraded connection holds no pending slot.
+    let mut upgraded = ws_connect(ws.addr).await;
+    let mut pending = Vec::new();
+    for _ in 0..5 {
+        pending.push(half_header(ws.addr).await);
+    }
+    let mut extra = half_header(ws.addr).await;
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(10)).await,
+        "a connection over the pending cap is closed"
+    );
+    let reply = request(&mut upgraded, r#"{"user_id":"good","amount":"1.00"}"#).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    drop(pending);
+    let addr = ws.addr;
+    eventually(
+        Duration::from_secs(30),
+        "a new client to be served once the pending connections are gone",
+        || async move {
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+                .await
+                .ok()?;
+            let reply = request(&mut socket, r#"{"user_id":"good","amount":"2.00"}"#).await;
+            matches!(reply, Reply::Ack { .. }).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 2);
+    ws.stop().await;
+}

@@ -124,6 +124,10 @@ impl Application {
                 idle_timeout: settings.idle_timeout(),
             },
             connection_slots: Arc::new(Semaphore::new(settings.ws_max_connections as usize)),
+            pending_slots: Arc::new(Semaphore::new(
+                settings.http_max_pending_connections as usize,
+            )),
+            header_read_timeout: settings.header_read_timeout(),
             shutdown: shutdown.clone(),
             websockets: TaskTracker::new(),
         });

@@ -13,7 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,11 @@ pub struct Shared {
     pub connection: ConnectionConfig,
     /// One permit per open WebSocket: bounds memory and file descriptors under a connection flood.
     pub connection_slots: Arc<Semaphore>,
+    /// One permit per accepted connection until it is upgraded (or closed): connections that never
+    /// upgrade (half-sent headers, slow clients) are bounded too.
+    pub pending_slots: Arc<Semaphore>,
+    /// How long a client may take to send a whole request header.
+    pub header_read_timeout: std::time::Duration,
     pub shutdown: CancellationToken,
     /// Tracks WebSocket tasks, which outlive their HTTP connection after the upgrade.
     pub websockets: TaskTracker,
@@ -50,11 +55,21 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskT
                 }
             },
         };
+        let Ok(pending) = shared.pending_slots.clone().try_acquire_owned() else {
+            // Over the cap: closed at once, before a byte is read.
+            tracing::debug!(%peer, "too many pending connections; closed");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         http.spawn(async move {
+            // Held until the HTTP side ends: on an upgrade the WebSocket holds a slot of its own.
+            let _pending = pending;
             let service = service_fn(|request| route(request, shared.clone()));
             let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);

@@ -86,6 +86,16 @@ pub struct Settings {
     #[arg(long, env = "WS_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub ws_idle_timeout_secs: u64,
 
+    /// A client that has not sent a whole HTTP request header within this time is disconnected.
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_read_timeout_ms: u64,
+
+    /// Most accepted TCP connections not (yet) upgraded to a WebSocket (a request being read, a
+    /// health check, a half-sent header); more are closed at once. Upgraded connections count
+    /// against WS_MAX_CONNECTIONS instead, so every accepted connection is bounded.
+    #[arg(long, env = "HTTP_MAX_PENDING_CONNECTIONS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_pending_connections: u32,
+
     /// Most WebSocket connections served at once; more are answered HTTP 503.
     #[arg(long, env = "WS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub ws_max_connections: u32,
@@ -102,6 +112,10 @@ pub struct Settings {
 impl Settings {
     pub fn database_timeout(&self) -> Duration {
         Duration::from_millis(self.database_timeout_ms)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_read_timeout_ms)
     }
 
     pub fn idle_timeout(&self) -> Duration {
