@@ -466,3 +466,54 @@ async fn connections_over_the_pending_cap_are_closed_at_once() {
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 2);
     ws.stop().await;
 }
+
+/// A client that keeps sending and never reads its replies: once a reply has waited longer than
+/// the reply deadline, the server closes the connection and frees its slot (the only one here), so
+/// a well-behaved client is served again, and nothing was written for the bad frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_after_the_reply_deadline() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.ws_max_connections = 1;
+    settings.ws_reply_deadline_ms = 500;
+    let ws = start_websocket(settings).await;
+    let socket = ws_connect(ws.addr).await;
+    let (mut sink, stream) = socket.split();
+    // Sends until the server gives up on it (bounded: at most 500,000 frames); never reads.
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u32;
+        while sent < 500_000 {
+            if sink
+                .send(tokio_tungstenite::tungstenite::Message::text("x"))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        (sent, sink)
+    });
+    let addr = ws.addr;
+    eventually(
+        Duration::from_secs(120),
+        "the non-reading client's slot to be freed and a new client served",
+        || async move {
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+                .await
+                .ok()?;
+            let reply = request(&mut socket, r#"{"user_id":"good","amount":"1.00"}"#).await;
+            matches!(reply, Reply::Ack { .. }).then_some(())
+        },
+    )
+    .await;
+    let (sent, _sink) = tokio::time::timeout(Duration::from_secs(60), flood)
+        .await
+        .expect("the flood ends once the server closed the connection")
+        .expect("flood task");
+    println!("\nnon-reading client sent {sent} frames before the server closed it");
+    drop(stream);
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 1);
+    ws.stop().await;
+}

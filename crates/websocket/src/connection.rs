@@ -4,6 +4,9 @@
 //! order. At most `WS_MAX_IN_FLIGHT` purchases await a reply; past that the connection stops reading,
 //! so a client that never reads its acks fills only its own TCP buffers, never the server's memory.
 //! A bad frame gets an error reply and never closes the connection, except an oversized one (1009).
+//! Every send has a deadline (`WS_REPLY_DEADLINE_MS`): a client that does not read its replies is
+//! closed (1008 if the close frame still fits, else the socket is dropped) and its slot freed, so
+//! the idle timeout and shutdown reach every connection.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -30,6 +33,35 @@ type PendingReply = Pin<Box<dyn Future<Output = Reply> + Send>>;
 pub struct ConnectionConfig {
     pub max_in_flight: usize,
     pub idle_timeout: Duration,
+    /// How long one reply may wait for the client to read.
+    pub reply_deadline: Duration,
+}
+
+/// Why a reply could not be sent.
+enum SendFailure {
+    /// The connection failed or the client went away.
+    Gone,
+    /// The client did not read within the deadline.
+    NotReading,
+}
+
+/// Sends one message within the deadline.
+async fn send_within<S>(
+    sink: &mut S,
+    message: Message,
+    deadline: Duration,
+) -> Result<(), SendFailure>
+where
+    S: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    match tokio::time::timeout(deadline, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "client went away before its reply");
+            Err(SendFailure::Gone)
+        }
+        Err(_) => Err(SendFailure::NotReading),
+    }
 }
 
 pub async fn serve(
@@ -50,13 +82,17 @@ pub async fn serve(
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
 
+    let deadline = config.reply_deadline;
     let close: Option<(u16, &str)> = loop {
         tokio::select! {
             biased;
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(error) = sink.send(Message::text(reply.to_json())).await {
-                    tracing::debug!(%error, "client went away before its reply");
-                    break None;
+                match send_within(&mut sink, Message::text(reply.to_json()), deadline).await {
+                    Ok(()) => {}
+                    Err(SendFailure::Gone) => break None,
+                    Err(SendFailure::NotReading) => {
+                        break Some((wire::CLOSE_NOT_READING, "replies not read in time"));
+                    }
                 }
             }
             () = shutdown.cancelled() => {
@@ -87,18 +123,34 @@ pub async fn serve(
     };
 
     // Every accepted frame still gets its reply before the close frame, as long as the client
-    // listens. The purchases themselves are committed whatever happens to the connection.
+    // reads them in time. The purchases themselves are committed whatever happens to the
+    // connection.
+    let not_reading = matches!(close, Some((wire::CLOSE_NOT_READING, _)));
     while let Some(reply) = in_flight.next().await {
-        if sink.send(Message::text(reply.to_json())).await.is_err() {
+        if not_reading {
+            continue; // the client does not read: the outcomes are committed, the replies dropped
+        }
+        if send_within(&mut sink, Message::text(reply.to_json()), deadline)
+            .await
+            .is_err()
+        {
+            tracing::info!("client did not read its replies in time; connection dropped");
             return;
         }
     }
     if let Some((code, reason)) = close {
+        if not_reading {
+            tracing::info!("client did not read its replies in time; closing with 1008");
+        }
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        if sink.send(Message::Close(Some(frame))).await.is_ok() {
+        let close_deadline = deadline.min(CLOSE_HANDSHAKE_TIMEOUT);
+        if send_within(&mut sink, Message::Close(Some(frame)), close_deadline)
+            .await
+            .is_ok()
+        {
             // Wait briefly for the client's close so the handshake completes cleanly.
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
                 while let Some(Ok(_)) = frames.next().await {}

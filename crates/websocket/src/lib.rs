@@ -122,6 +122,7 @@ impl Application {
             connection: connection::ConnectionConfig {
                 max_in_flight: settings.ws_max_in_flight as usize,
                 idle_timeout: settings.idle_timeout(),
+                reply_deadline: std::time::Duration::from_millis(settings.ws_reply_deadline_ms),
             },
             connection_slots: Arc::new(Semaphore::new(settings.ws_max_connections as usize)),
             pending_slots: Arc::new(Semaphore::new(

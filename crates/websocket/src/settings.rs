@@ -86,6 +86,11 @@ pub struct Settings {
     #[arg(long, env = "WS_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub ws_idle_timeout_secs: u64,
 
+    /// How long one reply may wait for the client to read it; a client that does not read in
+    /// time is closed (1008) and its slot freed.
+    #[arg(long, env = "WS_REPLY_DEADLINE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_reply_deadline_ms: u64,
+
     /// A client that has not sent a whole HTTP request header within this time is disconnected.
     #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub http_header_read_timeout_ms: u64,

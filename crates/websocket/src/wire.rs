@@ -12,6 +12,8 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code sent to an idle connection (normal closure).
 pub const CLOSE_IDLE: u16 = 1000;
+/// Policy violation: the client did not read its replies within `WS_REPLY_DEADLINE_MS`.
+pub const CLOSE_NOT_READING: u16 = 1008;
 
 pub fn rejected(rejection: Rejection) -> Reply {
     Reply::error(rejection.code, rejection.message)
