@@ -551,3 +551,47 @@ async fn overload_is_unavailable_and_saves_nothing() {
     assert_eq!(rows.len(), acked.len());
     app.stop().await;
 }
+
+/// A database that stops answering without resetting the connection (here: the purchases table
+/// locked by another session, so the commit waits forever) is answered `unavailable` with the
+/// purchase id once DATABASE_STATEMENT_TIMEOUT_MS passes, never left unanswered; the same
+/// purchase resent after the database answers again is acked once.
+#[tokio::test]
+async fn a_database_that_stops_answering_gives_unavailable_within_the_statement_timeout() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.database_statement_timeout_ms = 1_000;
+    let app = start_websocket(settings).await;
+    let mut socket = ws_connect(app.addr).await;
+    let first = request(&mut socket, r#"{"user_id":"u1","amount":"1.00"}"#).await;
+    assert!(matches!(first, Reply::Ack { .. }), "{first:?}");
+
+    let (locker, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let connection = tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE purchases IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let id = Uuid::new_v4();
+    let frame = format!(r#"{{"user_id":"u1","amount":"2.00","purchase_id":"{id}"}}"#);
+    let reply = request(&mut socket, &frame).await;
+    match reply {
+        Reply::Error {
+            code: ErrorCode::Unavailable,
+            purchase_id,
+            ..
+        } => assert_eq!(purchase_id, Some(id)),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    drop(locker);
+    let _ = connection.await;
+
+    let again = request(&mut socket, &frame).await;
+    assert!(matches!(again, Reply::Ack { .. }), "{again:?}");
+    assert_eq!(db.totals().await["u1"], (300, 2));
+    app.stop().await;
+}

@@ -25,6 +25,24 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
+    #[error("PostgreSQL did not answer {what} within {limit:?}")]
+    Timeout { what: &'static str, limit: Duration },
+}
+
+/// Runs one PostgreSQL call with a deadline: a database that hangs without resetting the
+/// connection (a lock held, a stalled network) is answered as unavailable instead of never.
+pub async fn within<T, E>(
+    limit: Duration,
+    what: &'static str,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, DbError>
+where
+    DbError: From<E>,
+{
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map_err(DbError::from),
+        Err(_) => Err(DbError::Timeout { what, limit }),
+    }
 }
 
 /// Builds the pool without connecting: the service starts even while PostgreSQL is down and

@@ -95,6 +95,7 @@ impl Application {
             settings.commit_batch_max as usize,
             settings.commit_queue_max as usize,
             (settings.database_pool_size as usize / 2).max(1),
+            settings.statement_timeout(),
             committed.clone(),
             &writer_tasks,
         );
@@ -105,6 +106,7 @@ impl Application {
             producer: self.producer,
             topic_spec: settings.kafka.clone(),
             batch_max: i64::from(settings.outbox_batch_max),
+            statement_timeout: settings.statement_timeout(),
             committed,
         };
         let relay_task = tokio::spawn(relay.run(relay_stop.clone(), settings.shutdown_timeout()));

@@ -15,11 +15,11 @@ use purchase::{Amount, PurchaseEvent, UserId};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio::sync::Notify;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::{DbError, Pool};
+use crate::db::{DbError, Pool, within};
 
 /// How often the relay looks for rows even without a local commit (rows left by another replica
 /// or by a previous run).
@@ -31,6 +31,8 @@ pub struct Relay {
     pub producer: FutureProducer,
     pub topic_spec: kafka_common::TopicSpec,
     pub batch_max: i64,
+    /// Longest any one PostgreSQL call of a round may take.
+    pub statement_timeout: Duration,
     /// Notified by the committer after each commit that wrote outbox rows.
     pub committed: Arc<Notify>,
 }
@@ -149,17 +151,18 @@ impl Relay {
 
     /// One round: returns how many events were published and removed from the outbox.
     async fn relay_once(&self) -> Result<usize, RelayError> {
+        let limit = self.statement_timeout;
         let mut conn = self.pool.get().await?;
-        let transaction = conn.transaction().await?;
+        let transaction = within(limit, "BEGIN", conn.transaction()).await?;
         // query_typed: parse, bind and execute in one round trip, no named statement kept.
-        let rows = transaction
-            .query_typed(
-                "SELECT o.id, p.purchase_id, p.user_id, p.amount_cents, p.created_at \
-                 FROM purchase_outbox o JOIN purchases p USING (purchase_id) \
-                 ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
-                &[(&self.batch_max, Type::INT8)],
-            )
-            .await?;
+        let params = [(&self.batch_max as &(dyn ToSql + Sync), Type::INT8)];
+        let selecting = transaction.query_typed(
+            "SELECT o.id, p.purchase_id, p.user_id, p.amount_cents, p.created_at \
+             FROM purchase_outbox o JOIN purchases p USING (purchase_id) \
+             ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
+            &params,
+        );
+        let rows = within(limit, "the outbox read", selecting).await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -204,14 +207,12 @@ impl Relay {
             }
         }
         if !delivered.is_empty() {
-            transaction
-                .execute_typed(
-                    "DELETE FROM purchase_outbox WHERE id = ANY($1)",
-                    &[(&delivered, Type::INT8_ARRAY)],
-                )
-                .await?;
+            let params = [(&delivered as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
+            let deleting = transaction
+                .execute_typed("DELETE FROM purchase_outbox WHERE id = ANY($1)", &params);
+            within(limit, "the outbox delete", deleting).await?;
         }
-        transaction.commit().await?;
+        within(limit, "the relay's commit", transaction.commit()).await?;
         if let Some(first) = failures.first() {
             return Err(RelayError::Kafka {
                 failed: failures.len(),

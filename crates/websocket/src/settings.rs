@@ -52,6 +52,11 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
     pub database_pool_size: u32,
 
+    /// How long one commit (or one statement of the outbox relay) may take; a database that
+    /// stops answering is then answered `unavailable` (with the purchase id) instead of never.
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub database_statement_timeout_ms: u64,
+
     /// How long a request waits for a PostgreSQL connection before it is answered `unavailable`.
     #[arg(long, env = "DATABASE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..))]
     pub database_timeout_ms: u64,
@@ -115,6 +120,10 @@ pub struct Settings {
 }
 
 impl Settings {
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.database_statement_timeout_ms)
+    }
+
     pub fn database_timeout(&self) -> Duration {
         Duration::from_millis(self.database_timeout_ms)
     }

@@ -68,6 +68,7 @@ impl Committer {
         batch_max: usize,
         queue_max: usize,
         concurrent_commits: usize,
+        statement_timeout: std::time::Duration,
         committed: Arc<Notify>,
         tracker: &TaskTracker,
     ) -> Self {
@@ -76,6 +77,7 @@ impl Committer {
             pool,
             batch_max,
             permits: Arc::new(Semaphore::new(concurrent_commits)),
+            statement_timeout,
             committed,
         };
         tracker.spawn(writer.run(receiver, tracker.clone()));
@@ -101,6 +103,8 @@ struct Writer {
     batch_max: usize,
     /// Bounds concurrent transactions, so a slow database cannot take every pooled connection.
     permits: Arc<Semaphore>,
+    /// Longest a batch's statements may take; past it the batch is answered `unavailable`.
+    statement_timeout: std::time::Duration,
     committed: Arc<Notify>,
 }
 
@@ -125,7 +129,8 @@ impl Writer {
     async fn commit(&self, jobs: Vec<Job>) {
         let purchases: Vec<&NewPurchase> = jobs.iter().map(|job| &job.purchase).collect();
         let size = purchases.len();
-        match commit_batch(&self.pool, &purchases).await {
+        let committing = commit_batch(&self.pool, &purchases);
+        match crate::db::within(self.statement_timeout, "a commit", committing).await {
             Ok(outcomes) => {
                 if outcomes.contains(&Outcome::Committed) {
                     self.committed.notify_one();
