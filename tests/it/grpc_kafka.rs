@@ -580,3 +580,67 @@ async fn prefix_memory(conn: &mut redis::aio::MultiplexedConnection, prefix: &st
     }
     bytes
 }
+
+/// The gRPC server's limits: reflection can be turned off, a request over
+/// GRPC_MAX_REQUEST_BYTES is refused, and a call that takes longer than GRPC_REQUEST_TIMEOUT_MS
+/// (Redis stalled behind a proxy) ends instead of hanging; health stays open throughout.
+#[tokio::test]
+async fn grpc_limits_reflection_off_request_size_and_timeout() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let fixture = Fixture::new().await;
+    let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
+    let mut settings = fixture.settings();
+    settings.redis_url = format!("redis://{}/", proxy.addr);
+    settings.grpc_reflection = false;
+    settings.grpc_max_request_bytes = 256;
+    settings.grpc_request_timeout_ms = 300;
+    settings.aggregator_stall_secs = 600;
+    let app = start_grpc_kafka(settings).await;
+    grpc_kafka::healthcheck(app.addr).await.expect("SERVING");
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let listed = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await;
+    assert_eq!(
+        listed.expect_err("reflection is off").code(),
+        tonic::Code::Unimplemented
+    );
+
+    let mut client = grpc_client(app.addr).await;
+    assert_eq!(
+        grpc_total(&mut client, "small")
+            .await
+            .expect("a small request"),
+        (0, 0)
+    );
+    let big = grpc_total(&mut client, &"x".repeat(1_000)).await;
+    assert_eq!(
+        big.expect_err("over the size limit").code(),
+        tonic::Code::OutOfRange
+    );
+
+    proxy.stall();
+    let stalled = grpc_total(&mut client, "small").await;
+    assert_eq!(
+        stalled
+            .expect_err("Redis stalled: the call times out")
+            .code(),
+        tonic::Code::Cancelled
+    );
+    grpc_kafka::healthcheck(app.addr)
+        .await
+        .expect("health stays open");
+    proxy.restore();
+    app.stop().await;
+}

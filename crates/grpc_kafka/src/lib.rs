@@ -121,12 +121,18 @@ impl Application {
 
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "grpc_kafka service listening");
         let server_shutdown = CancellationToken::new();
+        let wallet = WalletServiceServer::new(grpc::Wallet {
+            totals: self.totals.clone(),
+        })
+        .max_decoding_message_size(settings.grpc_max_request_bytes as usize);
         let server = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(settings.grpc_concurrency_per_connection as usize)
+            .timeout(std::time::Duration::from_millis(
+                settings.grpc_request_timeout_ms,
+            ))
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(WalletServiceServer::new(grpc::Wallet {
-                totals: self.totals.clone(),
-            }))
+            .add_optional_service(settings.grpc_reflection.then_some(reflection))
+            .add_service(wallet)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener).map(no_delay),
                 server_shutdown.clone().cancelled_owned(),

@@ -76,6 +76,22 @@ pub struct Settings {
     #[arg(long, env = "AGGREGATOR_STALL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub aggregator_stall_secs: u64,
 
+    /// Largest gRPC request accepted, in bytes; a larger one is refused (OUT_OF_RANGE).
+    #[arg(long, env = "GRPC_MAX_REQUEST_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..))]
+    pub grpc_max_request_bytes: u32,
+
+    /// Most gRPC calls served at once on one connection; more wait their turn.
+    #[arg(long, env = "GRPC_CONCURRENCY_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_concurrency_per_connection: u32,
+
+    /// Longest a gRPC call may take; past it the call ends with CANCELLED.
+    #[arg(long, env = "GRPC_REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub grpc_request_timeout_ms: u64,
+
+    /// Serve gRPC reflection (what grpcurl uses to discover the API): true or false.
+    #[arg(long, env = "GRPC_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub grpc_reflection: bool,
+
     /// On SIGTERM, how long to wait for the current batch and in-flight calls.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
