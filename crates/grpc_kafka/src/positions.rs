@@ -239,18 +239,14 @@ impl Positions {
         if !self.pending.is_empty() {
             return;
         }
-        let differs = match self.states.get(&partition) {
-            Some(State::Applying { next }) => *next != stored,
-            Some(State::Sought { target, .. } | State::SeekDue { target }) => *target != stored,
-            _ => false,
-        };
-        if differs {
+        if self.position(partition).is_some_and(|position| position != stored) {
             self.states
                 .insert(partition, State::SeekDue { target: stored });
         }
     }
 
-    /// Where a partition stands, for logs: the offset it applies or seeks next.
+    /// Where a partition stands: the offset it applies or seeks next (none while its stored
+    /// offset is unknown or being rewritten).
     pub fn position(&self, partition: i32) -> Option<i64> {
         match self.states.get(&partition)? {
             State::Applying { next } => Some(*next),
