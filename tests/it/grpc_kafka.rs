@@ -59,6 +59,14 @@ impl Fixture {
         grpc_kafka_settings(&self.topic, &self.prefix, &self.group)
     }
 
+    /// Settings that reach Redis through a proxy the test can cut or stall.
+    async fn settings_behind_a_redis_proxy(&self) -> (Proxy, grpc_kafka::Settings) {
+        let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
+        let mut settings = self.settings();
+        settings.redis_url = format!("redis://{}/", proxy.addr);
+        (proxy, settings)
+    }
+
     /// Publishes a new purchase event, keyed by its user, and counts it in `expected`.
     async fn purchase(&mut self, user: &str, cents: i64) -> PurchaseEvent {
         let event = event(user, cents);
@@ -206,9 +214,7 @@ async fn total_is_the_canonical_decimal() {
 #[tokio::test]
 async fn redis_outage_is_unavailable_and_recovers_by_itself() {
     let mut fixture = Fixture::new().await;
-    let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
-    let mut settings = fixture.settings();
-    settings.redis_url = format!("redis://{}/", proxy.addr);
+    let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
     settings.redis_timeout_ms = 300;
     let app = start_grpc_kafka(settings).await;
     let mut client = grpc_client(app.addr).await;
@@ -374,9 +380,7 @@ async fn a_stalled_aggregator_turns_health_not_serving_and_fails() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
     let mut fixture = Fixture::new().await;
-    let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
-    let mut settings = fixture.settings();
-    settings.redis_url = format!("redis://{}/", proxy.addr);
+    let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
     settings.aggregator_stall_secs = 2;
     settings.shutdown_timeout_secs = 3;
     let app = grpc_kafka::Application::build(settings)
@@ -591,9 +595,7 @@ async fn grpc_limits_reflection_off_request_size_and_timeout() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
     let fixture = Fixture::new().await;
-    let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
-    let mut settings = fixture.settings();
-    settings.redis_url = format!("redis://{}/", proxy.addr);
+    let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
     settings.grpc_reflection = false;
     settings.grpc_max_request_bytes = 256;
     settings.grpc_request_timeout_ms = 300;

@@ -389,6 +389,24 @@ async fn served_normally(fixture: &Fixture) {
     assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
 }
 
+/// Polls until a new client can connect and gets `frame` acked (a refused or closed connection
+/// counts as not yet).
+async fn eventually_served(
+    addr: std::net::SocketAddr,
+    frame: &'static str,
+    timeout: Duration,
+    what: &str,
+) {
+    eventually(timeout, what, || async move {
+        let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .ok()?;
+        let reply = request(&mut socket, frame).await;
+        matches!(reply, Reply::Ack { .. }).then_some(())
+    })
+    .await;
+}
+
 /// 2,000 clients that send half a request header and then nothing: those over the cap of pending
 /// connections are closed at once, the others when the header-read timeout passes. Then a
 /// well-behaved client is served and nothing was written for the half-sent ones.
@@ -450,17 +468,11 @@ async fn connections_over_the_pending_cap_are_closed_at_once() {
     let reply = request(&mut upgraded, r#"{"user_id":"good","amount":"1.00"}"#).await;
     assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
     drop(pending);
-    let addr = ws.addr;
-    eventually(
+    eventually_served(
+        ws.addr,
+        r#"{"user_id":"good","amount":"2.00"}"#,
         Duration::from_secs(30),
         "a new client to be served once the pending connections are gone",
-        || async move {
-            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-                .await
-                .ok()?;
-            let reply = request(&mut socket, r#"{"user_id":"good","amount":"2.00"}"#).await;
-            matches!(reply, Reply::Ack { .. }).then_some(())
-        },
     )
     .await;
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 2);
@@ -495,17 +507,11 @@ async fn a_client_that_never_reads_is_closed_after_the_reply_deadline() {
         }
         (sent, sink)
     });
-    let addr = ws.addr;
-    eventually(
+    eventually_served(
+        ws.addr,
+        r#"{"user_id":"good","amount":"1.00"}"#,
         Duration::from_secs(120),
         "the non-reading client's slot to be freed and a new client served",
-        || async move {
-            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-                .await
-                .ok()?;
-            let reply = request(&mut socket, r#"{"user_id":"good","amount":"1.00"}"#).await;
-            matches!(reply, Reply::Ack { .. }).then_some(())
-        },
     )
     .await;
     let (sent, _sink) = tokio::time::timeout(Duration::from_secs(60), flood)

@@ -239,7 +239,10 @@ impl Positions {
         if !self.pending.is_empty() {
             return;
         }
-        if self.position(partition).is_some_and(|position| position != stored) {
+        if self
+            .position(partition)
+            .is_some_and(|position| position != stored)
+        {
             self.states
                 .insert(partition, State::SeekDue { target: stored });
         }

@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use purchase::Reply;
 use tokio_tungstenite::tungstenite::Message;
-use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
 pub struct Plan {
@@ -73,13 +72,7 @@ pub async fn run(
     grpc_url: &str,
     plan: Plan,
 ) -> anyhow::Result<(serde_json::Value, bool)> {
-    let run = format!(
-        "bench-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or_default()
-    );
+    let run = crate::loadgen::run_id("bench");
     let mut expected: HashMap<String, (i64, u64)> = HashMap::new();
     let mut shares = Vec::with_capacity(plan.connections);
     for c in 0..plan.connections {
@@ -134,45 +127,27 @@ pub async fn run(
     );
 
     // Counted: poll the totals until every purchase of this run is in them (or a minute passed).
-    let mut client = WalletServiceClient::connect(grpc_url.to_owned())
+    let client = WalletServiceClient::connect(grpc_url.to_owned())
         .await
         .with_context(|| format!("cannot connect to {grpc_url}"))?;
-    let deadline = acked_at + Duration::from_secs(60);
-    loop {
-        let mut counted = 0u64;
-        let mut exact = true;
-        for (user, (cents, count)) in &expected {
-            let response = client
-                .get_total_spent(GetTotalSpentRequest {
-                    user_id: user.clone(),
-                })
-                .await
-                .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
-                .into_inner();
-            counted += response.purchase_count;
-            exact &= (response.total_cents, response.purchase_count) == (*cents, *count);
-        }
-        if exact || Instant::now() >= deadline {
-            let counted_after = acked_at.elapsed();
-            println!(
-                "counted {counted} of {total} in Redis {:.2} s after the last ack; totals exact: {}",
-                counted_after.as_secs_f64(),
-                if exact { "yes" } else { "no" }
-            );
-            let figures = serde_json::json!({
-                "mode": "closed",
-                "connections": plan.connections,
-                "in_flight": plan.in_flight,
-                "acked": latencies.len(),
-                "acked_per_sec": latencies.len() as f64 / elapsed.as_secs_f64(),
-                "ack_latency": ack_latency,
-                "counted_secs_after_last_ack": counted_after.as_secs_f64(),
-                "sustained_counted_per_sec": total as f64 / started.elapsed().as_secs_f64(),
-                "totals_exact": exact,
-            });
-            return Ok((figures, exact));
-        }
-        // Polling interval of the measurement, not a readiness assumption.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (counted, exact) =
+        crate::loadgen::await_counted(&client, &expected, Duration::from_secs(60)).await?;
+    let counted_after = acked_at.elapsed();
+    println!(
+        "counted {counted} of {total} in Redis {:.2} s after the last ack; totals exact: {}",
+        counted_after.as_secs_f64(),
+        if exact { "yes" } else { "no" }
+    );
+    let figures = serde_json::json!({
+        "mode": "closed",
+        "connections": plan.connections,
+        "in_flight": plan.in_flight,
+        "acked": latencies.len(),
+        "acked_per_sec": latencies.len() as f64 / elapsed.as_secs_f64(),
+        "ack_latency": ack_latency,
+        "counted_secs_after_last_ack": counted_after.as_secs_f64(),
+        "sustained_counted_per_sec": total as f64 / started.elapsed().as_secs_f64(),
+        "totals_exact": exact,
+    });
+    Ok((figures, exact))
 }

@@ -72,7 +72,7 @@ pub fn write_json(path: Option<&str>, value: &serde_json::Value) -> anyhow::Resu
     Ok(())
 }
 
-fn run_id(kind: &str) -> String {
+pub fn run_id(kind: &str) -> String {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -344,7 +344,8 @@ async fn watch_visible(
 }
 
 /// Polls until every user's total is as expected (or `wait` passed): (purchases counted, exact).
-async fn await_counted(
+/// The closed loop (`bench.rs`) and the open loop share it.
+pub async fn await_counted(
     client: &WalletServiceClient<tonic::transport::Channel>,
     expected: &std::collections::HashMap<String, (i64, u64)>,
     wait: Duration,
