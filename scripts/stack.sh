@@ -43,7 +43,20 @@ PG_DB=wallet
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
 
+# The development signing key of the stack's tokens (AUTH_MODE=jwt): made once, random, under the
+# stack's folder (git-ignored), readable by its owner only. walletctl mints tokens with it.
+dev_key() {
+  local key="$STACK/secrets/jwt-hs256.key"
+  if [ ! -s "$key" ]; then
+    mkdir -p "$STACK/secrets" && chmod 700 "$STACK/secrets"
+    (umask 077; head -c 48 /dev/urandom | base64 -w0 > "$key")
+  fi
+  echo "$key"
+}
+
 print_env() {
+  local key
+  key="$(dev_key)"
   cat <<EOF
 export DATABASE_URL=postgres://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB
 export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
@@ -51,6 +64,8 @@ export REDIS_URL=redis://127.0.0.1:$REDIS_PORT/
 export WEBSOCKET_ADDR=127.0.0.1:$WS_PORT
 export GRPC_ADDR=127.0.0.1:$GRPC_PORT
 export KAFKA_TOPIC=user_purchase
+export AUTH_MODE=jwt
+export JWT_HS256_SECRET_FILE=$key
 EOF
 }
 
@@ -383,6 +398,9 @@ start_services() {
 
 demo() {
   local ctl="$ROOT/target/release/walletctl" ws="ws://127.0.0.1:$WS_PORT/ws" grpc="http://127.0.0.1:$GRPC_PORT"
+  # walletctl mints each command's token with the stack's development key.
+  export JWT_HS256_SECRET_FILE
+  JWT_HS256_SECRET_FILE="$(dev_key)"
   # Users of their own per run, so the totals printed are exactly this run's purchases.
   local run alice bob
   run="demo-$(date +%s)"

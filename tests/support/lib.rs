@@ -29,6 +29,8 @@ use uuid::Uuid;
 use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
+pub mod keys;
+
 pub const HINT: &str =
     "start the test stack with `eval \"$(scripts/test.sh deps)\"` (or run `scripts/test.sh`)";
 
@@ -270,6 +272,10 @@ pub fn websocket_settings(database_url: &str, topic: &str) -> websocket::Setting
         "4",
         "--shutdown-timeout-secs",
         "20",
+        // Authentication is its own suite's subject (hostile.rs, auth.rs); elsewhere it is off,
+        // explicitly, as a deployment would have to say.
+        "--auth-mode",
+        "none",
     ])
     .expect("websocket settings");
     cli.settings
@@ -308,6 +314,8 @@ pub fn grpc_kafka_settings(topic: &str, prefix: &str, group: &str) -> grpc_kafka
         "127.0.0.1:0",
         "--redis-pool-size",
         "4",
+        "--auth-mode",
+        "none",
     ])
     .expect("grpc_kafka settings");
     cli.settings
@@ -600,6 +608,8 @@ impl Process {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", "warn")
+            // Off unless a test says otherwise (its own env comes after and wins).
+            .env("AUTH_MODE", "none")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

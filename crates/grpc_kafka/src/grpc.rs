@@ -1,8 +1,14 @@
 //! The gRPC API: `wallet.v1.WalletService/GetTotalSpent`, read from Redis.
 //!
-//! This is the one place where errors become gRPC statuses: invalid input is INVALID_ARGUMENT,
-//! an unreachable or failing Redis is UNAVAILABLE, a malformed stored value is INTERNAL. Redis error
-//! text is logged, never returned.
+//! This is the one place where errors become gRPC statuses: a missing or invalid bearer token is
+//! UNAUTHENTICATED, a token that may not read this user's total is PERMISSION_DENIED, invalid input
+//! is INVALID_ARGUMENT, an unreachable or failing Redis is UNAVAILABLE, a malformed stored value is
+//! INTERNAL. Redis error text is logged, never returned.
+//!
+//! Authentication is an interceptor in front of `WalletService` only ([`authenticate`]): the
+//! health service stays open to probes.
+
+use std::sync::Arc;
 
 use purchase::UserId;
 use purchase::amount::cents_to_decimal;
@@ -25,14 +31,45 @@ fn status(error: &TotalsError) -> Status {
     }
 }
 
+/// The interceptor that verifies the `authorization: Bearer <token>` metadata and hands what the
+/// token allows ([`auth::Access`]) to the handler.
+pub fn authenticate(
+    verifier: Arc<auth::Verifier>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(auth::bearer);
+        let access = verifier.verify(token).map_err(|error| {
+            tracing::info!(reason = %error, "grpc call refused: UNAUTHENTICATED");
+            Status::unauthenticated(error.to_string())
+        })?;
+        request.extensions_mut().insert(access);
+        Ok(request)
+    }
+}
+
 #[tonic::async_trait]
 impl WalletService for Wallet {
     async fn get_total_spent(
         &self,
         request: Request<GetTotalSpentRequest>,
     ) -> Result<Response<GetTotalSpentResponse>, Status> {
+        // Absent only if the service was mounted without the interceptor: refuse, never allow.
+        let allowed = request
+            .extensions()
+            .get::<auth::Access>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("a bearer token is required"))?;
         let user_id = request.into_inner().user_id;
         let user = UserId::parse(&user_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !allowed.may_read(user.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "this token may not read the total of user_id {user}"
+            )));
+        }
         let total = self.totals.total(&user).await.map_err(|error| {
             tracing::warn!(user_id = %user, %error, "cannot read total");
             status(&error)

@@ -44,6 +44,10 @@ pub enum StartError {
     },
     #[error("invalid settings: {0}")]
     Settings(String),
+    #[error("authentication settings: {0}")]
+    Auth(#[from] auth::ConfigError),
+    #[error("TLS settings: {0}")]
+    Tls(String),
     #[error("invalid REDIS_URL: {0}")]
     Redis(#[source] redis::RedisError),
     #[error("cannot build the reflection service: {0}")]
@@ -63,11 +67,24 @@ pub struct Application {
     listener: TcpListener,
     settings: Settings,
     totals: totals::Totals,
+    verifier: auth::Verifier,
+    /// The server builder, with TLS when configured (a bad certificate/key pair fails `build`).
+    server: tonic::transport::Server,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         settings.kafka.validate().map_err(StartError::Settings)?;
+        let verifier = auth::Verifier::from_settings(&settings.auth)?;
+        let server = match settings.tls.read().map_err(StartError::Tls)? {
+            None => tonic::transport::Server::builder(),
+            Some(pem) => {
+                let identity = tonic::transport::Identity::from_pem(pem.cert, pem.key);
+                tonic::transport::Server::builder()
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .map_err(|e| StartError::Tls(e.to_string()))?
+            }
+        };
         let pool = totals::Totals::pool(
             &settings.redis_url,
             settings.redis_pool_size,
@@ -87,6 +104,8 @@ impl Application {
             listener,
             settings,
             totals,
+            verifier,
+            server,
         })
     }
 
@@ -121,11 +140,15 @@ impl Application {
 
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "grpc_kafka service listening");
         let server_shutdown = CancellationToken::new();
-        let wallet = WalletServiceServer::new(grpc::Wallet {
-            totals: self.totals.clone(),
-        })
-        .max_decoding_message_size(settings.grpc_max_request_bytes as usize);
-        let server = tonic::transport::Server::builder()
+        let wallet = tonic::service::interceptor::InterceptedService::new(
+            WalletServiceServer::new(grpc::Wallet {
+                totals: self.totals.clone(),
+            })
+            .max_decoding_message_size(settings.grpc_max_request_bytes as usize),
+            grpc::authenticate(std::sync::Arc::new(self.verifier)),
+        );
+        let server = self
+            .server
             .concurrency_limit_per_connection(settings.grpc_concurrency_per_connection as usize)
             .timeout(std::time::Duration::from_millis(
                 settings.grpc_request_timeout_ms,

@@ -8,7 +8,14 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match service_kit::args_with_secret_files(&[("REDIS_URL", "--redis-url")]) {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("grpc_kafka: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     service_kit::init_logging(cli.settings.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {

@@ -34,7 +34,14 @@ pub struct Settings {
     #[command(flatten)]
     pub kafka: kafka_common::TopicSpec,
 
-    /// Redis connection URL, e.g. redis://host:6379/0.
+    #[command(flatten)]
+    pub auth: auth::AuthSettings,
+
+    #[command(flatten)]
+    pub tls: service_kit::TlsSettings,
+
+    /// Redis connection URL, e.g. redis://:password@host:6379/0. Or REDIS_URL_FILE: a file
+    /// holding it (the Docker secrets convention).
     #[arg(long, env = "REDIS_URL", value_parser = service_kit::SecretParser::new("REDIS_URL", parse_redis_url), hide_env_values = true)]
     pub redis_url: String,
 

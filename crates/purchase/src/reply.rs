@@ -19,6 +19,11 @@ pub enum ErrorCode {
     PurchaseIdConflict,
     /// A binary frame.
     UnsupportedFrame,
+    /// The connection's token is not allowed to submit for this user_id (nothing was written).
+    ForbiddenUser,
+    /// More frames per second than the connection's rate limit (nothing was written; the
+    /// connection stays open).
+    RateLimited,
     /// Storage down or overloaded: nothing was acknowledged; retrying with the same purchase_id is safe.
     Unavailable,
 }
@@ -32,6 +37,8 @@ impl ErrorCode {
             Self::InvalidPurchaseId => "invalid_purchase_id",
             Self::PurchaseIdConflict => "purchase_id_conflict",
             Self::UnsupportedFrame => "unsupported_frame",
+            Self::ForbiddenUser => "forbidden_user",
+            Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
         }
     }
@@ -111,6 +118,8 @@ mod tests {
             ErrorCode::InvalidPurchaseId,
             ErrorCode::PurchaseIdConflict,
             ErrorCode::UnsupportedFrame,
+            ErrorCode::ForbiddenUser,
+            ErrorCode::RateLimited,
             ErrorCode::Unavailable,
         ] {
             let json = Reply::error(code, "m").to_json();

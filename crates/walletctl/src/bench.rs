@@ -4,11 +4,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use futures_util::{SinkExt, StreamExt};
 use purchase::Reply;
 use tokio_tungstenite::tungstenite::Message;
-use wallet_proto::wallet_service_client::WalletServiceClient;
 
 pub struct Plan {
     pub connections: usize,
@@ -19,13 +18,11 @@ pub struct Plan {
 
 /// One connection's share: frames with (user, cents), and the ack latency of each.
 async fn connection(
-    url: String,
+    target: crate::client::Target,
     frames: Vec<(String, String)>,
     window: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    let (socket, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+    let socket = target.ws().await?;
     let (mut sink, mut stream) = socket.split();
     let mut pending: VecDeque<Instant> = VecDeque::with_capacity(window);
     let mut latencies = Vec::with_capacity(frames.len());
@@ -68,8 +65,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 pub async fn run(
-    ws_url: &str,
-    grpc_url: &str,
+    target: &crate::client::Target,
     plan: Plan,
 ) -> anyhow::Result<(serde_json::Value, bool)> {
     let run = crate::loadgen::run_id("bench");
@@ -95,14 +91,14 @@ pub async fn run(
     }
     let total = plan.connections * plan.purchases;
     println!(
-        "bench: {} connections x {} purchases ({} in flight each), {} users, {ws_url}",
-        plan.connections, plan.purchases, plan.in_flight, plan.users
+        "bench: {} connections x {} purchases ({} in flight each), {} users, {}",
+        plan.connections, plan.purchases, plan.in_flight, plan.users, target.ws_url
     );
 
     let started = Instant::now();
     let tasks: Vec<_> = shares
         .into_iter()
-        .map(|frames| tokio::spawn(connection(ws_url.to_owned(), frames, plan.in_flight)))
+        .map(|frames| tokio::spawn(connection(target.clone(), frames, plan.in_flight)))
         .collect();
     let mut latencies = Vec::with_capacity(total);
     for task in tasks {
@@ -127,9 +123,7 @@ pub async fn run(
     );
 
     // Counted: poll the totals until every purchase of this run is in them (or a minute passed).
-    let client = WalletServiceClient::connect(grpc_url.to_owned())
-        .await
-        .with_context(|| format!("cannot connect to {grpc_url}"))?;
+    let client = target.grpc().await?;
     let (counted, exact) =
         crate::loadgen::await_counted(&client, &expected, Duration::from_secs(60)).await?;
     let counted_after = acked_at.elapsed();

@@ -21,7 +21,6 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 use wallet_proto::GetTotalSpentRequest;
-use wallet_proto::wallet_service_client::WalletServiceClient;
 
 /// Latency percentiles in milliseconds, as a performance engineer reads them.
 pub fn summary(mut samples: Vec<Duration>) -> serde_json::Value {
@@ -97,8 +96,7 @@ struct Counters {
 
 /// The open loop. Returns the figures, and whether every purchase was acked and counted exactly.
 pub async fn open(
-    ws_url: &str,
-    grpc_url: &str,
+    target: &crate::client::Target,
     plan: Open,
 ) -> anyhow::Result<(serde_json::Value, bool)> {
     let run = run_id("open");
@@ -108,17 +106,16 @@ pub async fn open(
     let sample_every =
         ((plan.rate / plan.visible_samples_per_sec.max(0.001)).round() as usize).max(1);
     println!(
-        "bench open: {} purchases/s for {:.0} s over {} connections ({} each, one every {:.2} ms), {} users, {ws_url}",
+        "bench open: {} purchases/s for {:.0} s over {} connections ({} each, one every {:.2} ms), {} users, {}",
         plan.rate,
         plan.duration.as_secs_f64(),
         plan.connections,
         per_connection,
         interval.as_secs_f64() * 1e3,
-        plan.users
+        plan.users,
+        target.ws_url
     );
-    let client = WalletServiceClient::connect(grpc_url.to_owned())
-        .await
-        .with_context(|| format!("cannot connect to {grpc_url}"))?;
+    let client = target.grpc().await?;
     let counters = Arc::new(Counters::default());
     let reporter = {
         let counters = counters.clone();
@@ -149,7 +146,7 @@ pub async fn open(
             .collect();
         let offset = interval.mul_f64(c as f64 / plan.connections as f64);
         tasks.push(tokio::spawn(open_connection(OpenConnection {
-            url: ws_url.to_owned(),
+            target: target.clone(),
             frames,
             first: start + offset,
             interval,
@@ -223,12 +220,12 @@ type Intended = Arc<std::sync::Mutex<VecDeque<(Instant, Option<String>)>>>;
 
 /// One connection of the open loop and what it shares with the others.
 struct OpenConnection {
-    url: String,
+    target: crate::client::Target,
     frames: Vec<Planned>,
     first: Instant,
     interval: Duration,
     counters: Arc<Counters>,
-    client: WalletServiceClient<tonic::transport::Channel>,
+    client: crate::client::Wallet,
     visible: Arc<Mutex<Vec<Duration>>>,
 }
 
@@ -237,7 +234,7 @@ async fn open_connection(
     connection: OpenConnection,
 ) -> anyhow::Result<(Vec<Duration>, Instant, Vec<Planned>)> {
     let OpenConnection {
-        url,
+        target,
         frames,
         first,
         interval,
@@ -245,9 +242,7 @@ async fn open_connection(
         client,
         visible,
     } = connection;
-    let (socket, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+    let socket = target.ws().await?;
     let (mut sink, mut stream) = socket.split();
     let intended: Intended = Arc::default();
     let count = frames.len();
@@ -319,7 +314,7 @@ async fn open_connection(
 
 /// Polls a sampled user's total until its one purchase is counted (at most 30 s).
 async fn watch_visible(
-    mut client: WalletServiceClient<tonic::transport::Channel>,
+    mut client: crate::client::Wallet,
     user: String,
     acked_at: Instant,
     visible: Arc<Mutex<Vec<Duration>>>,
@@ -346,7 +341,7 @@ async fn watch_visible(
 /// Polls until every user's total is as expected (or `wait` passed): (purchases counted, exact).
 /// The closed loop (`bench.rs`) and the open loop share it.
 pub async fn await_counted(
-    client: &WalletServiceClient<tonic::transport::Channel>,
+    client: &crate::client::Wallet,
     expected: &std::collections::HashMap<String, (i64, u64)>,
     wait: Duration,
 ) -> anyhow::Result<(u64, bool)> {
@@ -390,21 +385,18 @@ pub struct Read {
 }
 
 /// `GetTotalSpent` from `concurrency` tasks over `channels` HTTP/2 connections.
-pub async fn read(grpc_url: &str, plan: Read) -> anyhow::Result<serde_json::Value> {
+pub async fn read(target: &crate::client::Target, plan: Read) -> anyhow::Result<serde_json::Value> {
     println!(
-        "bench read: GetTotalSpent from {} tasks over {} connections for {:.0} s, {grpc_url}",
+        "bench read: GetTotalSpent from {} tasks over {} connections for {:.0} s, {}",
         plan.concurrency,
         plan.channels,
-        plan.duration.as_secs_f64()
+        plan.duration.as_secs_f64(),
+        target.grpc_url
     );
     let mut channels = Vec::new();
     for _ in 0..plan.channels.max(1) {
         // One connection each: `connect` on its own endpoint opens a new HTTP/2 connection.
-        channels.push(
-            WalletServiceClient::connect(grpc_url.to_owned())
-                .await
-                .with_context(|| format!("cannot connect to {grpc_url}"))?,
-        );
+        channels.push(target.grpc().await?);
     }
     let done = Arc::new(AtomicU64::new(0));
     let reporter = {
@@ -478,8 +470,15 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Opens `connections` idle WebSocket connections and reports the server's memory per connection.
-pub async fn idle(ws_url: &str, connections: usize, pid: u32) -> anyhow::Result<serde_json::Value> {
-    println!("bench idle: {connections} idle connections to {ws_url}, server pid {pid}");
+pub async fn idle(
+    target: &crate::client::Target,
+    connections: usize,
+    pid: u32,
+) -> anyhow::Result<serde_json::Value> {
+    println!(
+        "bench idle: {connections} idle connections to {}, server pid {pid}",
+        target.ws_url
+    );
     let before = rss_kib(pid)?;
     let mut sockets = Vec::with_capacity(connections);
     let opened = Arc::new(AtomicU64::new(0));
@@ -488,9 +487,7 @@ pub async fn idle(ws_url: &str, connections: usize, pid: u32) -> anyhow::Result<
         progress(move || format!("open {}", opened.load(Ordering::Relaxed)))
     };
     for _ in 0..connections {
-        let (socket, _) = tokio_tungstenite::connect_async(ws_url)
-            .await
-            .with_context(|| format!("cannot connect to {ws_url}"))?;
+        let socket = target.ws().await?;
         sockets.push(socket);
         opened.fetch_add(1, Ordering::Relaxed);
     }

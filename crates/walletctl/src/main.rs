@@ -1,5 +1,10 @@
 //! walletctl: the command-line client for people. Sends purchases over WebSocket and prints each
-//! reply; queries totals over gRPC.
+//! reply; queries totals over gRPC; mints development tokens.
+//!
+//! Every connection carries a bearer token: `--token` (WALLET_TOKEN), or, when that is absent and
+//! the development key file is set (JWT_HS256_SECRET_FILE, the same setting the services read), a
+//! token minted for the command at hand: for one user's id when the command is about one user,
+//! with the `:any` scope it needs otherwise.
 
 use std::io::BufRead;
 use std::process::ExitCode;
@@ -11,9 +16,9 @@ use futures_util::{SinkExt, StreamExt};
 use purchase::Reply;
 use tokio_tungstenite::tungstenite::Message;
 use wallet_proto::GetTotalSpentRequest;
-use wallet_proto::wallet_service_client::WalletServiceClient;
 
 mod bench;
+mod client;
 mod loadgen;
 mod reconcile;
 
@@ -40,6 +45,28 @@ struct Cli {
         global = true
     )]
     grpc_url: String,
+    /// Bearer token for both services; never printed.
+    #[arg(long, env = "WALLET_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Development HS256 key file: without --token, walletctl mints the token it needs with it.
+    #[arg(long, env = "JWT_HS256_SECRET_FILE", global = true)]
+    jwt_key_file: Option<std::path::PathBuf>,
+    /// `iss` of minted tokens (the services' JWT_ISSUER).
+    #[arg(
+        long,
+        env = "JWT_ISSUER",
+        default_value = "purchase-totals",
+        global = true
+    )]
+    jwt_issuer: String,
+    /// `aud` of minted tokens (the services' JWT_AUDIENCE).
+    #[arg(
+        long,
+        env = "JWT_AUDIENCE",
+        default_value = "purchase-totals",
+        global = true
+    )]
+    jwt_audience: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,7 +77,8 @@ enum Command {
     Send {
         #[arg(long)]
         user_id: String,
-        /// Decimal amount with at most two places, e.g. 49.99 (sent as a JSON number).
+        /// Decimal amount with at most two places, e.g. 49.99: sent exactly as typed (a JSON number
+        /// literal when it is one, else a string), so the server's rules decide.
         #[arg(long)]
         amount: String,
         /// Idempotency key (a UUID); the server makes one when absent.
@@ -115,6 +143,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         wait_secs: u64,
     },
+    /// Print a token signed with the development key file (JWT_HS256_SECRET_FILE), for use with
+    /// --token, a browser or another client.
+    Token {
+        /// The subject: the user id the token may submit for and read.
+        #[arg(long)]
+        user_id: String,
+        /// Extra scopes, e.g. purchases:write:any or totals:read:any (repeatable).
+        #[arg(long)]
+        scope: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
     /// Print a user's total from the grpc_kafka service.
     Total {
         user_id: String,
@@ -147,40 +188,107 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Lifetime of the tokens walletctl mints for itself: long enough for a soak run.
+const MINTED_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+impl Cli {
+    /// The token for this command: the given one, or one minted from the development key for
+    /// `subject` with `scopes`, or none.
+    fn target(&self, subject: &str, scopes: &[&str]) -> anyhow::Result<client::Target> {
+        let token = match (&self.token, &self.jwt_key_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(_)) => Some(self.mint(subject, scopes, MINTED_LIFETIME)?),
+            (None, None) => None,
+        };
+        Ok(client::Target {
+            ws_url: self.ws_url.clone(),
+            grpc_url: self.grpc_url.clone(),
+            token,
+        })
+    }
+
+    fn mint(&self, subject: &str, scopes: &[&str], lifetime: Duration) -> anyhow::Result<String> {
+        let path = self
+            .jwt_key_file
+            .as_deref()
+            .context("set JWT_HS256_SECRET_FILE (or --jwt-key-file) to the development key file")?;
+        let secret = auth::read_secret_file(path)?;
+        auth::mint_hs256(
+            &secret,
+            &auth::TokenRequest {
+                subject,
+                scopes,
+                lifetime,
+                issuer: &self.jwt_issuer,
+                audience: &self.jwt_audience,
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("cannot sign the token: {e}"))
+    }
+}
+
+/// The subject of tokens minted for commands that act for many users.
+const TOOL_SUBJECT: &str = "walletctl";
+
+/// The frame of one purchase, the amount's text kept exactly: a JSON number literal stays that
+/// literal (never read through a float), anything else is sent as a string.
+fn purchase_frame(user_id: &str, amount: &str, purchase_id: Option<&str>) -> String {
+    let literal = serde_json::from_str::<&serde_json::value::RawValue>(amount)
+        .ok()
+        .filter(|raw| {
+            raw.get()
+                .starts_with(|c: char| c == '-' || c.is_ascii_digit())
+        })
+        .map_or_else(
+            || serde_json::Value::String(amount.to_owned()).to_string(),
+            |raw| raw.get().to_owned(),
+        );
+    let user = serde_json::Value::String(user_id.to_owned());
+    match purchase_id {
+        None => format!(r#"{{"user_id":{user},"amount":{literal}}}"#),
+        Some(id) => {
+            let id = serde_json::Value::String(id.to_owned());
+            format!(r#"{{"user_id":{user},"amount":{literal},"purchase_id":{id}}}"#)
+        }
+    }
+}
+
 /// Returns whether every reply was an ack (or the total was found).
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    match cli.command {
+    match &cli.command {
         Command::Send {
             user_id,
             amount,
             purchase_id,
         } => {
-            let mut frame = serde_json::Map::new();
-            frame.insert("user_id".into(), user_id.into());
-            let number: serde_json::Value = serde_json::from_str(&amount)
-                .ok()
-                .filter(serde_json::Value::is_number)
-                .unwrap_or(serde_json::Value::String(amount));
-            // Keep the amount's exact text: a number stays a number literal, anything else a string.
-            frame.insert("amount".into(), number);
-            if let Some(id) = purchase_id {
-                frame.insert("purchase_id".into(), id.into());
-            }
-            let text = serde_json::Value::Object(frame).to_string();
-            send_frames(&cli.ws_url, vec![text]).await
+            let frame = purchase_frame(user_id, amount, purchase_id.as_deref());
+            send_frames(&cli.target(user_id, &[])?, vec![frame]).await
+        }
+        Command::Token {
+            user_id,
+            scope,
+            ttl_secs,
+        } => {
+            let scopes: Vec<&str> = scope.iter().map(String::as_str).collect();
+            println!(
+                "{}",
+                cli.mint(user_id, &scopes, Duration::from_secs((*ttl_secs).max(1)))?
+            );
+            Ok(true)
         }
         Command::SendFile { path } => {
             let lines: Vec<String> = if path == "-" {
                 std::io::stdin().lock().lines().collect::<Result<_, _>>()?
             } else {
-                std::fs::read_to_string(&path)
+                std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read {path}"))?
                     .lines()
                     .map(str::to_owned)
                     .collect()
             };
             let frames = lines.into_iter().filter(|l| !l.trim().is_empty()).collect();
-            send_frames(&cli.ws_url, frames).await
+            let target = cli.target(TOOL_SUBJECT, &[auth::SCOPE_WRITE_ANY])?;
+            send_frames(&target, frames).await
         }
         Command::Bench {
             mode,
@@ -196,7 +304,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             pid,
             json,
         } => {
-            let duration = Duration::from_secs(duration_secs.max(1));
+            let (mode, connections, purchases, in_flight, users, rate) =
+                (*mode, *connections, *purchases, *in_flight, *users, *rate);
+            let (visible_samples, concurrency, grpc_connections, pid) =
+                (*visible_samples, *concurrency, *grpc_connections, *pid);
+            let target =
+                cli.target(TOOL_SUBJECT, &[auth::SCOPE_WRITE_ANY, auth::SCOPE_READ_ANY])?;
+            let duration = Duration::from_secs((*duration_secs).max(1));
             let (figures, ok) = match mode {
                 BenchMode::Closed => {
                     let plan = bench::Plan {
@@ -205,7 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         in_flight: in_flight.max(1),
                         users: users.max(1),
                     };
-                    bench::run(&cli.ws_url, &cli.grpc_url, plan).await?
+                    bench::run(&target, plan).await?
                 }
                 BenchMode::Open => {
                     let plan = loadgen::Open {
@@ -215,7 +329,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         users: users.max(1),
                         visible_samples_per_sec: visible_samples,
                     };
-                    loadgen::open(&cli.ws_url, &cli.grpc_url, plan).await?
+                    loadgen::open(&target, plan).await?
                 }
                 BenchMode::Read => {
                     let plan = loadgen::Read {
@@ -223,11 +337,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         channels: grpc_connections.max(1),
                         duration,
                     };
-                    (loadgen::read(&cli.grpc_url, plan).await?, true)
+                    (loadgen::read(&target, plan).await?, true)
                 }
                 BenchMode::Idle => {
                     let pid = pid.context("--pid of the local websocket server is needed")?;
-                    (loadgen::idle(&cli.ws_url, connections, pid).await?, true)
+                    (loadgen::idle(&target, connections, pid).await?, true)
                 }
             };
             loadgen::write_json(json.as_deref(), &figures)?;
@@ -236,27 +350,29 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Reconcile {
             database_url,
             wait_secs,
-        } => reconcile::run(&database_url, &cli.grpc_url, Duration::from_secs(wait_secs)).await,
+        } => {
+            let target = cli.target(TOOL_SUBJECT, &[auth::SCOPE_READ_ANY])?;
+            reconcile::run(database_url, &target, Duration::from_secs(*wait_secs)).await
+        }
         Command::Total {
             user_id,
             wait_count,
             wait_secs,
         } => {
+            let target = cli.target(user_id, &[])?;
             total(
-                &cli.grpc_url,
-                user_id,
-                wait_count,
-                Duration::from_secs(wait_secs),
+                &target,
+                user_id.clone(),
+                *wait_count,
+                Duration::from_secs(*wait_secs),
             )
             .await
         }
     }
 }
 
-async fn send_frames(url: &str, frames: Vec<String>) -> anyhow::Result<bool> {
-    let (socket, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+async fn send_frames(target: &client::Target, frames: Vec<String>) -> anyhow::Result<bool> {
+    let socket = target.ws().await?;
     let count = frames.len();
     let mut all_acked = true;
     let (mut sink, mut stream) = socket.split();
@@ -295,14 +411,12 @@ async fn send_frames(url: &str, frames: Vec<String>) -> anyhow::Result<bool> {
 }
 
 async fn total(
-    url: &str,
+    target: &client::Target,
     user_id: String,
     wait_count: u64,
     wait: Duration,
 ) -> anyhow::Result<bool> {
-    let mut client = WalletServiceClient::connect(url.to_owned())
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+    let mut client = target.grpc().await?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let response = client

@@ -11,7 +11,6 @@ use anyhow::Context;
 use futures_util::{StreamExt, stream};
 use purchase::amount::cents_to_decimal;
 use wallet_proto::GetTotalSpentRequest;
-use wallet_proto::wallet_service_client::WalletServiceClient;
 
 /// gRPC calls in flight at once.
 const CONCURRENCY: usize = 32;
@@ -23,14 +22,16 @@ type Difference = (String, ((i64, i64), (i64, i64)));
 
 /// Compares until no difference is left or `wait` has passed (the pipeline may still be counting
 /// the last purchases); returns whether the two sides agree.
-pub async fn run(database_url: &str, grpc_url: &str, wait: Duration) -> anyhow::Result<bool> {
+pub async fn run(
+    database_url: &str,
+    target: &crate::client::Target,
+    wait: Duration,
+) -> anyhow::Result<bool> {
     let (db, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
         .await
         .context("cannot connect to PostgreSQL (DATABASE_URL)")?;
     tokio::spawn(connection);
-    let client = WalletServiceClient::connect(grpc_url.to_owned())
-        .await
-        .with_context(|| format!("cannot connect to {grpc_url}"))?;
+    let client = target.grpc().await?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let ledger = ledger(&db).await?;
@@ -79,7 +80,7 @@ async fn ledger(db: &tokio_postgres::Client) -> anyhow::Result<Ledger> {
 
 /// Per user whose totals differ: (PostgreSQL, gRPC) as (cents, count).
 async fn compare(
-    client: &WalletServiceClient<tonic::transport::Channel>,
+    client: &crate::client::Wallet,
     ledger: &Ledger,
 ) -> anyhow::Result<BTreeMap<String, ((i64, i64), (i64, i64))>> {
     let answers: Vec<anyhow::Result<Option<Difference>>> = stream::iter(ledger.iter())

@@ -7,6 +7,11 @@
 //! Every send has a deadline (`WS_REPLY_DEADLINE_MS`): a client that does not read its replies is
 //! closed (1008 if the close frame still fits, else the socket is dropped) and its slot freed, so
 //! the idle timeout and shutdown reach every connection.
+//!
+//! Each connection carries what its token allows ([`auth::Access`]): a purchase for another
+//! user_id is answered `forbidden_user` and never submitted, and the connection is closed (1008)
+//! when the token expires. A token bucket per connection (`WS_RATE_LIMIT_PER_SEC`, burst
+//! `WS_RATE_LIMIT_BURST`) answers frames over the rate `rate_limited`, without closing.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -28,10 +33,16 @@ use crate::wire;
 /// How long the server waits for the client's close frame after sending its own.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Far enough to never fire, near enough for `Instant` arithmetic.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 type PendingReply = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
 pub struct ConnectionConfig {
     pub max_in_flight: usize,
+    /// Frames per second and burst of each connection's token bucket.
+    pub rate_per_sec: std::num::NonZeroU32,
+    pub rate_burst: std::num::NonZeroU32,
     pub idle_timeout: Duration,
     /// How long one reply may wait for the client to read.
     pub reply_deadline: Duration,
@@ -64,9 +75,12 @@ where
     }
 }
 
+type Limiter = governor::DefaultDirectRateLimiter;
+
 pub async fn serve(
     websocket: HyperWebsocket,
     committer: Committer,
+    access: auth::Access,
     config: &ConnectionConfig,
     shutdown: CancellationToken,
 ) {
@@ -81,6 +95,12 @@ pub async fn serve(
     let mut in_flight: FuturesOrdered<PendingReply> = FuturesOrdered::new();
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
+    // `None`: authentication is off (a verified token always has an expiry).
+    let expired = tokio::time::sleep(access.remaining().unwrap_or(NEVER));
+    tokio::pin!(expired);
+    let limiter: Limiter = governor::RateLimiter::direct(
+        governor::Quota::per_second(config.rate_per_sec).allow_burst(config.rate_burst),
+    );
 
     let deadline = config.reply_deadline;
     let close: Option<(u16, &str)> = loop {
@@ -91,7 +111,7 @@ pub async fn serve(
                     Ok(()) => {}
                     Err(SendFailure::Gone) => break None,
                     Err(SendFailure::NotReading) => {
-                        break Some((wire::CLOSE_NOT_READING, "replies not read in time"));
+                        break Some((wire::CLOSE_POLICY, "replies not read in time"));
                     }
                 }
             }
@@ -101,11 +121,20 @@ pub async fn serve(
             () = &mut idle, if in_flight.is_empty() => {
                 break Some((wire::CLOSE_IDLE, "idle timeout"));
             }
+            () = &mut expired => {
+                break Some((wire::CLOSE_POLICY, "token expired"));
+            }
             frame = frames.next(), if in_flight.len() < config.max_in_flight => {
                 idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout);
                 match frame {
                     None | Some(Ok(Message::Close(_))) => break None,
-                    Some(Ok(Message::Text(text))) => in_flight.push_back(handle_text(&text, &committer)),
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if limiter.check().is_err() => {
+                        let reply = wire::rate_limited(config.rate_per_sec.get());
+                        in_flight.push_back(Box::pin(std::future::ready(reply)));
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        in_flight.push_back(handle_text(&text, &access, &committer));
+                    }
                     Some(Ok(Message::Binary(_))) => {
                         in_flight.push_back(Box::pin(std::future::ready(wire::binary_frame())));
                     }
@@ -125,7 +154,7 @@ pub async fn serve(
     // Every accepted frame still gets its reply before the close frame, as long as the client
     // reads them in time. The purchases themselves are committed whatever happens to the
     // connection.
-    let not_reading = matches!(close, Some((wire::CLOSE_NOT_READING, _)));
+    let not_reading = matches!(close, Some((wire::CLOSE_POLICY, _)));
     while let Some(reply) = in_flight.next().await {
         if not_reading {
             continue; // the client does not read: the outcomes are committed, the replies dropped
@@ -160,7 +189,7 @@ pub async fn serve(
     }
 }
 
-fn handle_text(text: &str, committer: &Committer) -> PendingReply {
+fn handle_text(text: &str, access: &auth::Access, committer: &Committer) -> PendingReply {
     let request = match parse_frame(text) {
         Ok(request) => request,
         Err(rejection) => {
@@ -168,6 +197,10 @@ fn handle_text(text: &str, committer: &Committer) -> PendingReply {
             return Box::pin(std::future::ready(wire::rejected(rejection)));
         }
     };
+    if !access.may_write_for(request.user_id.as_str()) {
+        tracing::debug!(user_id = %request.user_id, "purchase for another user refused");
+        return Box::pin(std::future::ready(wire::forbidden_user(&request.user_id)));
+    }
     let purchase = NewPurchase {
         purchase_id: request.purchase_id.unwrap_or_else(Uuid::now_v7),
         user_id: request.user_id,

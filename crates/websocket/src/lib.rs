@@ -45,6 +45,10 @@ pub enum StartError {
     Producer(#[source] rdkafka::error::KafkaError),
     #[error("cannot prepare the database (DATABASE_URL): {0}")]
     Database(#[from] db::DbError),
+    #[error("authentication settings: {0}")]
+    Auth(#[from] auth::ConfigError),
+    #[error("TLS settings: {0}")]
+    Tls(String),
 }
 
 /// A built service: listening, migrated, not yet serving.
@@ -53,11 +57,16 @@ pub struct Application {
     settings: Settings,
     pool: db::Pool,
     producer: FutureProducer,
+    verifier: auth::Verifier,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Application {
     /// Applies migrations, creates the producer and binds the listener (port 0 picks a free port).
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        // Settings that can be refused are checked before anything is touched.
+        let verifier = auth::Verifier::from_settings(&settings.auth)?;
+        let tls = tls_acceptor(&settings.tls).map_err(StartError::Tls)?;
         let pool = db::pool(
             settings.database_url.clone(),
             settings.database_pool_size,
@@ -74,6 +83,8 @@ impl Application {
             settings,
             pool,
             producer,
+            verifier,
+            tls,
         })
     }
 
@@ -123,6 +134,8 @@ impl Application {
                 .write_buffer_size(settings.ws_read_buffer_bytes as usize),
             connection: connection::ConnectionConfig {
                 max_in_flight: settings.ws_max_in_flight as usize,
+                rate_per_sec: nonzero(settings.ws_rate_limit_per_sec),
+                rate_burst: nonzero(settings.ws_rate_limit_burst),
                 idle_timeout: settings.idle_timeout(),
                 reply_deadline: std::time::Duration::from_millis(settings.ws_reply_deadline_ms),
             },
@@ -133,6 +146,10 @@ impl Application {
             header_read_timeout: settings.header_read_timeout(),
             shutdown: shutdown.clone(),
             websockets: TaskTracker::new(),
+            verifier: self.verifier,
+            tls: self.tls,
+            per_ip: (settings.http_max_connections_per_ip > 0)
+                .then(|| server::PerIp::new(settings.http_max_connections_per_ip)),
         });
         let http = TaskTracker::new();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");
@@ -163,6 +180,38 @@ impl Application {
         let _ = relay_task.await;
         tracing::info!("websocket service stopped");
     }
+}
+
+fn nonzero(value: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(value).unwrap_or(std::num::NonZeroU32::MIN)
+}
+
+/// The TLS acceptor of `TLS_CERT_FILE` and `TLS_KEY_FILE`, when both are set.
+fn tls_acceptor(
+    settings: &service_kit::TlsSettings,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(pem) = settings.read()? else {
+        return Ok(None);
+    };
+    let chain = CertificateDer::pem_slice_iter(&pem.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("TLS_CERT_FILE holds no PEM certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("TLS_CERT_FILE holds no PEM certificate".to_owned());
+    }
+    let key = PrivateKeyDer::from_pem_slice(&pem.key)
+        .map_err(|e| format!("TLS_KEY_FILE holds no PEM private key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("TLS_CERT_FILE and TLS_KEY_FILE do not make a usable pair: {e}"))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
 fn producer(settings: &Settings) -> Result<FutureProducer, rdkafka::error::KafkaError> {

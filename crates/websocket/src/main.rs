@@ -8,7 +8,14 @@ use websocket::{Application, Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match service_kit::args_with_secret_files(&[("DATABASE_URL", "--database-url")]) {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("websocket: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     service_kit::init_logging(cli.settings.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {

@@ -3,12 +3,26 @@
 //!
 //! Routes: `GET /ws` (WebSocket), `GET /healthz` (the process is up), `GET /readyz` (PostgreSQL
 //! answers; 503 otherwise or while shutting down).
+//!
+//! Every accepted connection holds a slot: a pending one until it upgrades or closes
+//! (`HTTP_MAX_PENDING_CONNECTIONS`), a WebSocket one after (`WS_MAX_CONNECTIONS`), and, when
+//! `HTTP_MAX_CONNECTIONS_PER_IP` is set, one of its peer address's for its whole life. With TLS on,
+//! the handshake must finish within the header-read timeout too.
+//!
+//! The bearer token is checked at the handshake, before any frame is read: from the
+//! `Authorization: Bearer` header, or for browsers (which cannot set it) from a
+//! `Sec-WebSocket-Protocol` offer `bearer.<token>` (next to [`SUBPROTOCOL`], which the server then
+//! selects) or the `access_token` query parameter. A missing or invalid token is answered 401.
+//! Tokens and query strings are never logged.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
+use hyper::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -38,6 +52,69 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Tracks WebSocket tasks, which outlive their HTTP connection after the upgrade.
     pub websockets: TaskTracker,
+    pub verifier: auth::Verifier,
+    /// TLS for every connection (wss://), when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Connections per peer address, when capped.
+    pub per_ip: Option<Arc<PerIp>>,
+}
+
+/// The subprotocol the server selects when a client offers it (browsers offer it together with
+/// `bearer.<token>`, so that the selected protocol is never the token itself).
+pub const SUBPROTOCOL: &str = "purchases.v1";
+const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
+
+/// Open connections per peer address, capped.
+pub struct PerIp {
+    limit: u32,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One connection's place in its address's count; released on drop.
+pub struct IpSlot {
+    per_ip: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    pub fn new(limit: u32) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            per_ip: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .per_ip
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Accepts connections until `shutdown` is cancelled; HTTP connections are tracked on `http`.
@@ -61,32 +138,65 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskT
             drop(stream);
             continue;
         };
+        let ip_slot = match &shared.per_ip {
+            None => None,
+            Some(per_ip) => match per_ip.try_acquire(peer.ip()) {
+                Some(slot) => Some(Arc::new(slot)),
+                None => {
+                    tracing::debug!(%peer, "too many connections from this address; closed");
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         http.spawn(async move {
             // Held until the HTTP side ends: on an upgrade the WebSocket holds a slot of its own.
             let _pending = pending;
-            let service = service_fn(|request| route(request, shared.clone()));
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(shared.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "http connection ended with an error");
+            match shared.tls.clone() {
+                None => serve_http(TokioIo::new(stream), peer, shared, ip_slot).await,
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(shared.header_read_timeout, handshake).await {
+                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), peer, shared, ip_slot).await,
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "tls handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                     }
-                }
-                () = shared.shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
                 }
             }
         });
     }
     tracing::info!("stopped accepting connections");
+}
+
+/// Serves one HTTP/1.1 connection (plain or TLS) until it ends, upgrades or the server shuts down.
+async fn serve_http<I>(
+    io: I,
+    peer: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    ip_slot: Option<Arc<IpSlot>>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(|request| route(request, shared.clone(), ip_slot.clone()));
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.header_read_timeout)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "http connection ended with an error");
+            }
+        }
+        () = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -100,6 +210,7 @@ fn text(status: StatusCode, body: &'static str) -> HttpResponse {
 async fn route(
     mut request: Request<Incoming>,
     shared: Arc<Shared>,
+    ip_slot: Option<Arc<IpSlot>>,
 ) -> Result<HttpResponse, Infallible> {
     if request.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n"));
@@ -117,6 +228,14 @@ async fn route(
             if shared.shutdown.is_cancelled() {
                 return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"));
             }
+            let presented = presented_token(&request);
+            let access = match shared.verifier.verify(presented.token.as_deref()) {
+                Ok(access) => access,
+                Err(error) => {
+                    tracing::info!(reason = %error, "websocket handshake refused: 401");
+                    return Ok(unauthorized(&error));
+                }
+            };
             let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
                 tracing::warn!("connection limit reached");
                 return Ok(text(
@@ -125,17 +244,24 @@ async fn route(
                 ));
             };
             match hyper_tungstenite::upgrade(&mut request, Some(shared.ws_config)) {
-                Ok((response, websocket)) => {
+                Ok((mut response, websocket)) => {
+                    if presented.offered_subprotocol {
+                        response.headers_mut().insert(
+                            SEC_WEBSOCKET_PROTOCOL,
+                            HeaderValue::from_static(SUBPROTOCOL),
+                        );
+                    }
                     let task_shared = shared.clone();
                     shared.websockets.spawn(async move {
                         connection::serve(
                             websocket,
                             task_shared.committer.clone(),
+                            access,
                             &task_shared.connection,
                             task_shared.shutdown.clone(),
                         )
                         .await;
-                        drop(slot);
+                        drop((slot, ip_slot));
                     });
                     response.map(|_| Full::new(Bytes::new()))
                 }
@@ -151,6 +277,58 @@ async fn route(
         ),
     };
     Ok(response)
+}
+
+/// The token a handshake carries, and whether the client offered [`SUBPROTOCOL`].
+struct Presented {
+    token: Option<String>,
+    offered_subprotocol: bool,
+}
+
+fn presented_token(request: &Request<Incoming>) -> Presented {
+    let headers = request.headers();
+    let offers: Vec<&str> = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect();
+    let from_header = headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(auth::bearer);
+    let from_protocol = offers
+        .iter()
+        .find_map(|offer| offer.strip_prefix(PROTOCOL_TOKEN_PREFIX));
+    let from_query = request.uri().query().and_then(|query| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("access_token="))
+    });
+    Presented {
+        token: from_header
+            .or(from_protocol)
+            .or(from_query)
+            .map(str::to_owned),
+        offered_subprotocol: offers.contains(&SUBPROTOCOL),
+    }
+}
+
+/// 401 with the RFC 6750 challenge; the reason names the failed check, never the token.
+fn unauthorized(error: &auth::AuthError) -> HttpResponse {
+    let challenge = match error {
+        auth::AuthError::Missing => r#"Bearer realm="purchases""#.to_owned(),
+        other => format!(
+            r#"Bearer realm="purchases", error="invalid_token", error_description="{other}""#
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(format!("unauthorized: {error}\n"))));
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response.headers_mut().insert(WWW_AUTHENTICATE, value);
+    }
+    response
 }
 
 async fn readiness(shared: &Shared) -> HttpResponse {

@@ -33,12 +33,19 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// PostgreSQL connection string, e.g. postgres://user:pass@host:5432/db.
+    /// PostgreSQL connection string, e.g. postgres://user:pass@host:5432/db. Or
+    /// DATABASE_URL_FILE: a file holding it (the Docker secrets convention).
     #[arg(long, env = "DATABASE_URL", value_parser = service_kit::SecretParser::new("DATABASE_URL", parse_database_url), hide_env_values = true)]
     pub database_url: tokio_postgres::Config,
 
     #[command(flatten)]
     pub kafka: kafka_common::TopicSpec,
+
+    #[command(flatten)]
+    pub auth: auth::AuthSettings,
+
+    #[command(flatten)]
+    pub tls: service_kit::TlsSettings,
 
     /// Address the WebSocket server listens on; port 0 picks a free port.
     #[arg(long, env = "WEBSOCKET_ADDR", default_value = "0.0.0.0:8080")]
@@ -105,6 +112,20 @@ pub struct Settings {
     /// against WS_MAX_CONNECTIONS instead, so every accepted connection is bounded.
     #[arg(long, env = "HTTP_MAX_PENDING_CONNECTIONS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_pending_connections: u32,
+
+    /// Most accepted TCP connections from one IP address (pending and upgraded alike); more are
+    /// closed at once. 0: no cap per address.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub http_max_connections_per_ip: u32,
+
+    /// Frames per second one connection may send (token bucket); more are answered
+    /// `rate_limited` and not processed, and the connection stays open.
+    #[arg(long, env = "WS_RATE_LIMIT_PER_SEC", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ws_rate_limit_per_sec: u32,
+
+    /// Frames one connection may send at once above its rate (the bucket's size).
+    #[arg(long, env = "WS_RATE_LIMIT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ws_rate_limit_burst: u32,
 
     /// Most WebSocket connections served at once; more are answered HTTP 503.
     #[arg(long, env = "WS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]

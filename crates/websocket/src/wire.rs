@@ -12,8 +12,27 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code sent to an idle connection (normal closure).
 pub const CLOSE_IDLE: u16 = 1000;
-/// Policy violation: the client did not read its replies within `WS_REPLY_DEADLINE_MS`.
-pub const CLOSE_NOT_READING: u16 = 1008;
+/// Policy violation: the client did not read its replies within `WS_REPLY_DEADLINE_MS`, or its
+/// token expired while the connection was open.
+pub const CLOSE_POLICY: u16 = 1008;
+
+pub fn forbidden_user(user_id: &purchase::UserId) -> Reply {
+    Reply::error(
+        ErrorCode::ForbiddenUser,
+        format!(
+            "this connection's token may not submit purchases for user_id {user_id}; nothing was saved"
+        ),
+    )
+}
+
+pub fn rate_limited(per_second: u32) -> Reply {
+    Reply::error(
+        ErrorCode::RateLimited,
+        format!(
+            "more than {per_second} frames per second on this connection; this one was not processed; slow down and resend it"
+        ),
+    )
+}
 
 pub fn rejected(rejection: Rejection) -> Reply {
     Reply::error(rejection.code, rejection.message)

@@ -1,0 +1,170 @@
+use std::io::Write;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use super::*;
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test";
+
+fn secret_file(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(bytes).expect("write secret");
+    file
+}
+
+fn settings(secret: &tempfile::NamedTempFile) -> AuthSettings {
+    AuthSettings {
+        auth_mode: AuthMode::Jwt,
+        jwt_hs256_secret_file: Some(secret.path().to_owned()),
+        jwt_jwks_file: None,
+        jwt_issuer: "purchase-totals".into(),
+        jwt_audience: "purchase-totals".into(),
+        jwt_leeway_secs: 0,
+    }
+}
+
+fn request<'a>(subject: &'a str, scopes: &'a [&'a str]) -> TokenRequest<'a> {
+    TokenRequest {
+        subject,
+        scopes,
+        lifetime: Duration::from_secs(60),
+        issuer: "purchase-totals",
+        audience: "purchase-totals",
+    }
+}
+
+fn sign(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET),
+    )
+    .expect("sign")
+}
+
+fn claims(overrides: serde_json::Value) -> serde_json::Value {
+    let now = now_secs();
+    let mut claims = serde_json::json!({
+        "sub": "123", "exp": now + 60, "iss": "purchase-totals", "aud": "purchase-totals",
+    });
+    for (key, value) in overrides.as_object().expect("object") {
+        if value.is_null() {
+            claims.as_object_mut().expect("object").remove(key);
+        } else {
+            claims[key] = value.clone();
+        }
+    }
+    claims
+}
+
+#[test]
+fn a_minted_token_grants_its_subject_only() {
+    let file = secret_file(SECRET);
+    let verifier = Verifier::from_settings(&settings(&file)).expect("verifier");
+    let token = mint_hs256(SECRET, &request("123", &[])).expect("mint");
+    let access = verifier.verify(Some(&token)).expect("valid token");
+    assert!(access.may_write_for("123") && access.may_read("123"));
+    assert!(!access.may_write_for("124") && !access.may_read("124"));
+    assert!(access.remaining().expect("expires") <= Duration::from_secs(60));
+}
+
+#[test]
+fn scopes_widen_to_any_user_one_right_at_a_time() {
+    let file = secret_file(SECRET);
+    let verifier = Verifier::from_settings(&settings(&file)).expect("verifier");
+    let writer = mint_hs256(SECRET, &request("backend", &[SCOPE_WRITE_ANY])).expect("mint");
+    let access = verifier.verify(Some(&writer)).expect("valid");
+    assert!(access.may_write_for("123") && !access.may_read("123"));
+    let reader = mint_hs256(SECRET, &request("backend", &[SCOPE_READ_ANY])).expect("mint");
+    let access = verifier.verify(Some(&reader)).expect("valid");
+    assert!(access.may_read("123") && !access.may_write_for("123"));
+}
+
+#[test]
+fn every_forgery_is_refused_with_its_reason() {
+    let file = secret_file(SECRET);
+    let verifier = Verifier::from_settings(&settings(&file)).expect("verifier");
+    let now = now_secs();
+    let wrong_key = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(serde_json::json!({})),
+        &EncodingKey::from_secret(b"another secret of thirty-two bytes!!"),
+    )
+    .expect("sign");
+    let unsigned = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims(serde_json::json!({})).to_string())
+    );
+    let cases = [
+        (None, AuthError::Missing),
+        (Some("not a token".to_owned()), AuthError::Malformed),
+        (Some(wrong_key), AuthError::Signature),
+        (Some(unsigned), AuthError::Malformed),
+        (
+            Some(sign(&claims(serde_json::json!({"exp": now - 1})))),
+            AuthError::Expired,
+        ),
+        (
+            Some(sign(&claims(serde_json::json!({"nbf": now + 120})))),
+            AuthError::NotYetValid,
+        ),
+        (
+            Some(sign(&claims(serde_json::json!({"aud": "someone-else"})))),
+            AuthError::Audience,
+        ),
+        (
+            Some(sign(&claims(serde_json::json!({"iss": "someone-else"})))),
+            AuthError::Issuer,
+        ),
+        (
+            Some(sign(&claims(serde_json::json!({"sub": null})))),
+            AuthError::MissingClaim("sub".into()),
+        ),
+        (
+            Some(sign(&claims(serde_json::json!({"aud": null})))),
+            AuthError::MissingClaim("aud".into()),
+        ),
+    ];
+    for (token, expected) in cases {
+        assert_eq!(
+            verifier.verify(token.as_deref()),
+            Err(expected.clone()),
+            "{token:?}"
+        );
+    }
+    // An audience list that contains ours is accepted.
+    let listed = sign(&claims(
+        serde_json::json!({"aud": ["other", "purchase-totals"]}),
+    ));
+    assert!(verifier.verify(Some(&listed)).is_ok());
+}
+
+#[test]
+fn jwt_mode_without_a_key_refuses_to_start_and_none_is_explicit() {
+    let file = secret_file(SECRET);
+    let mut no_key = settings(&file);
+    no_key.jwt_hs256_secret_file = None;
+    assert!(matches!(
+        Verifier::from_settings(&no_key),
+        Err(ConfigError::NoKey)
+    ));
+    let short = secret_file(b"short\n");
+    assert!(matches!(
+        Verifier::from_settings(&settings(&short)),
+        Err(ConfigError::ShortSecret(5))
+    ));
+    no_key.auth_mode = AuthMode::None;
+    let open = Verifier::from_settings(&no_key).expect("none");
+    assert!(!open.is_enabled());
+    assert_eq!(open.verify(None), Ok(Access::Open));
+}
+
+#[test]
+fn bearer_header_values() {
+    assert_eq!(bearer("Bearer abc"), Some("abc"));
+    assert_eq!(bearer("bearer  abc "), Some("abc"));
+    assert_eq!(bearer("Basic abc"), None);
+    assert_eq!(bearer("Bearer "), None);
+}

@@ -1,0 +1,571 @@
+//! The trust model over real connections (ARCHITECTURE.md, "Trust model"): forged, expired and
+//! misaddressed tokens are refused at the WebSocket handshake (401) and on gRPC (UNAUTHENTICATED),
+//! a token submits and reads only for its subject unless a scope says otherwise, and the abuse
+//! limits that do not close a connection (rate limit) or close it early (per-address cap, token
+//! expiry) hold. TLS round trips on both listeners. After each refusal a well-behaved client is
+//! served and nothing was written for the refused ones.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::Algorithm;
+use purchase::{ErrorCode, Reply};
+use tests::keys::{Keys, tls_certificate};
+use tests::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request as WsRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use wallet_proto::GetTotalSpentRequest;
+
+struct Fixture {
+    keys: Keys,
+    db: TestDb,
+    topic: String,
+    ws: Running,
+    grpc: Running,
+}
+
+/// websocket accepts HS256 and the JWKS keys; grpc_kafka only the JWKS keys (RS256, ES256), so
+/// an HS256 token there is an algorithm it does not accept at all. No leeway.
+async fn fixture(tweak: impl FnOnce(&mut websocket::Settings)) -> Fixture {
+    let keys = Keys::generate();
+    let db = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.auth.auth_mode = auth::AuthMode::Jwt;
+    settings.auth.jwt_hs256_secret_file = Some(keys.secret_file.clone());
+    settings.auth.jwt_jwks_file = Some(keys.jwks_file.clone());
+    settings.auth.jwt_leeway_secs = 0;
+    tweak(&mut settings);
+    let ws = start_websocket(settings).await;
+    let prefix = format!("{}:", unique("auth"));
+    let mut grpc_settings = grpc_kafka_settings(&topic, &prefix, &unique("group"));
+    grpc_settings.auth.auth_mode = auth::AuthMode::Jwt;
+    grpc_settings.auth.jwt_jwks_file = Some(keys.jwks_file.clone());
+    grpc_settings.auth.jwt_leeway_secs = 0;
+    let grpc = start_grpc_kafka(grpc_settings).await;
+    Fixture {
+        keys,
+        db,
+        topic,
+        ws,
+        grpc,
+    }
+}
+
+impl Fixture {
+    async fn stop(self) {
+        self.ws.stop().await;
+        self.grpc.stop().await;
+    }
+}
+
+fn ws_request(addr: std::net::SocketAddr, query: &str) -> WsRequest {
+    format!("ws://{addr}/ws{query}")
+        .into_client_request()
+        .expect("request")
+}
+
+fn with_bearer(mut request: WsRequest, token: &str) -> WsRequest {
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+    );
+    request
+}
+
+/// The HTTP status a refused handshake got (panics if it was accepted).
+async fn refused_status(request: WsRequest) -> u16 {
+    match tokio_tungstenite::connect_async(request).await {
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("handshake failed without an HTTP answer: {other}"),
+        Ok(_) => panic!("handshake accepted"),
+    }
+}
+
+async fn connect_with(request: WsRequest) -> Socket {
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("handshake accepted")
+        .0
+}
+
+fn purchase(user: &str, amount: &str) -> String {
+    format!(r#"{{"user_id":"{user}","amount":"{amount}"}}"#)
+}
+
+/// The forgeries of the acceptance list, each for user `alice`, named.
+fn forgeries(keys: &Keys) -> Vec<(&'static str, String)> {
+    let now = auth::now_secs();
+    let claims = |overrides| Keys::claims("alice", &[], overrides);
+    let valid = claims(serde_json::json!({}));
+    vec![
+        (
+            "wrong key",
+            keys.sign_hs256(b"not the server's secret, but long enough", &valid),
+        ),
+        ("alg none", Keys::unsigned(&valid)),
+        (
+            "HS256 signed with the RSA public key (algorithm confusion)",
+            keys.sign_hs256(keys.rsa_public_pem.as_bytes(), &valid),
+        ),
+        (
+            "expired",
+            keys.sign(
+                Algorithm::RS256,
+                &claims(serde_json::json!({"exp": now - 5})),
+            ),
+        ),
+        (
+            "not yet valid",
+            keys.sign(
+                Algorithm::ES256,
+                &claims(serde_json::json!({"nbf": now + 3600})),
+            ),
+        ),
+        (
+            "wrong audience",
+            keys.sign(
+                Algorithm::RS256,
+                &claims(serde_json::json!({"aud": "another-service"})),
+            ),
+        ),
+        (
+            "wrong issuer",
+            keys.sign(
+                Algorithm::RS256,
+                &claims(serde_json::json!({"iss": "someone-else"})),
+            ),
+        ),
+        (
+            "no subject",
+            keys.sign(Algorithm::RS256, &claims(serde_json::json!({"sub": null}))),
+        ),
+        ("not a JWT", "abc.def.ghi".to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn forged_and_missing_tokens_are_refused_at_the_handshake_and_nothing_is_written() {
+    let fixture = fixture(|_| {}).await;
+    let addr = fixture.ws.addr;
+    assert_eq!(refused_status(ws_request(addr, "")).await, 401, "no token");
+    for (name, token) in forgeries(&fixture.keys) {
+        let status = refused_status(with_bearer(ws_request(addr, ""), &token)).await;
+        assert_eq!(status, 401, "{name} over the Authorization header");
+        let status = refused_status(ws_request(addr, &format!("?access_token={token}"))).await;
+        assert_eq!(status, 401, "{name} in the query string");
+        let mut offered = ws_request(addr, "");
+        offered.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&format!("purchases.v1, bearer.{token}")).expect("header"),
+        );
+        assert_eq!(
+            refused_status(offered).await,
+            401,
+            "{name} as a subprotocol"
+        );
+    }
+    // A well-behaved client is served normally; only its purchase was written.
+    let token = fixture.keys.hs256("alice", &[]);
+    let mut socket = connect_with(with_bearer(ws_request(addr, ""), &token)).await;
+    let reply = request(&mut socket, &purchase("alice", "1.00")).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    assert_eq!(fixture.db.count("SELECT COUNT(*) FROM purchases").await, 1);
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_submits_only_for_its_subject_unless_it_has_the_write_any_scope() {
+    let fixture = fixture(|_| {}).await;
+    let addr = fixture.ws.addr;
+    let keys = &fixture.keys;
+
+    // Alice's token (HS256, by header): her purchase is acked, one for bob is refused, and the
+    // connection stays usable.
+    let mut alice =
+        connect_with(with_bearer(ws_request(addr, ""), &keys.hs256("alice", &[]))).await;
+    let reply = request(&mut alice, &purchase("bob", "5.00")).await;
+    match reply {
+        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::ForbiddenUser),
+        other => panic!("expected forbidden_user, got {other:?}"),
+    }
+    let reply = request(&mut alice, &purchase("alice", "1.25")).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+
+    // A browser: the token as a subprotocol offer (RS256); the server selects purchases.v1.
+    let mut offered = ws_request(addr, "");
+    let rs_token = keys.sign(
+        Algorithm::RS256,
+        &Keys::claims("alice", &[], serde_json::json!({})),
+    );
+    offered.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("purchases.v1, bearer.{rs_token}")).expect("header"),
+    );
+    let (mut browser, response) = tokio_tungstenite::connect_async(offered)
+        .await
+        .expect("subprotocol handshake");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().expect("ascii")),
+        Some("purchases.v1")
+    );
+    let reply = request(&mut browser, &purchase("alice", "2.00")).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+
+    // The query string (ES256).
+    let es_token = keys.sign(
+        Algorithm::ES256,
+        &Keys::claims("alice", &[], serde_json::json!({})),
+    );
+    let mut query = connect_with(ws_request(addr, &format!("?access_token={es_token}"))).await;
+    let reply = request(&mut query, &purchase("alice", "3.00")).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+
+    // A trusted backend with purchases:write:any submits for anyone.
+    let backend_token = keys.hs256("checkout-backend", &[auth::SCOPE_WRITE_ANY]);
+    let mut backend = connect_with(with_bearer(ws_request(addr, ""), &backend_token)).await;
+    for user in ["bob", "carol"] {
+        let reply = request(&mut backend, &purchase(user, "10.00")).await;
+        assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    }
+
+    // Exactly the acked purchases were written; bob has only the backend's.
+    let totals = fixture.db.totals().await;
+    let expected: HashMap<String, (i64, i64)> = [
+        ("alice".to_owned(), (625, 3)),
+        ("bob".to_owned(), (1000, 1)),
+        ("carol".to_owned(), (1000, 1)),
+    ]
+    .into();
+    assert_eq!(totals, expected);
+    fixture.stop().await;
+}
+
+async fn grpc_call(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+    user_id: &str,
+) -> Result<(i64, u64), tonic::Status> {
+    let mut client = grpc_client(addr).await;
+    let mut call = tonic::Request::new(GetTotalSpentRequest {
+        user_id: user_id.to_owned(),
+    });
+    if let Some(token) = token {
+        call.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("metadata"),
+        );
+    }
+    let response = client.get_total_spent(call).await?.into_inner();
+    Ok((response.total_cents, response.purchase_count))
+}
+
+#[tokio::test]
+async fn grpc_reads_need_a_token_for_the_same_user_or_the_read_any_scope() {
+    let fixture = fixture(|_| {}).await;
+    let (ws, grpc, keys) = (fixture.ws.addr, fixture.grpc.addr, &fixture.keys);
+    let backend = keys.hs256("backend", &[auth::SCOPE_WRITE_ANY]);
+    let mut socket = connect_with(with_bearer(ws_request(ws, ""), &backend)).await;
+    for user in ["alice", "bob"] {
+        let reply = request(&mut socket, &purchase(user, "4.00")).await;
+        assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    }
+
+    let unauthenticated = |result: Result<(i64, u64), tonic::Status>, what: &str| match result {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unauthenticated, "{what}"),
+        Ok(total) => panic!("{what}: answered {total:?}"),
+    };
+    unauthenticated(grpc_call(grpc, None, "alice").await, "no token");
+    for (name, token) in forgeries(keys) {
+        unauthenticated(grpc_call(grpc, Some(&token), "alice").await, name);
+    }
+    // grpc_kafka has no HS256 key: even a token signed with websocket's secret is refused.
+    unauthenticated(
+        grpc_call(grpc, Some(&keys.hs256("alice", &[])), "alice").await,
+        "HS256 where only the JWKS is configured",
+    );
+
+    let alice = keys.sign(
+        Algorithm::RS256,
+        &Keys::claims("alice", &[], serde_json::json!({})),
+    );
+    let denied = grpc_call(grpc, Some(&alice), "bob").await;
+    assert_eq!(
+        denied.expect_err("alice reading bob").code(),
+        tonic::Code::PermissionDenied
+    );
+    let reader = keys.sign(
+        Algorithm::ES256,
+        &Keys::claims("reporting", &[auth::SCOPE_READ_ANY], serde_json::json!({})),
+    );
+    // Alice's own total with her token, bob's with the read-any scope, once both are counted.
+    eventually(Duration::from_secs(60), "both totals counted", || {
+        let (alice, reader) = (alice.clone(), reader.clone());
+        async move {
+            let own = grpc_call(grpc, Some(&alice), "alice").await.ok()?;
+            let other = grpc_call(grpc, Some(&reader), "bob").await.ok()?;
+            (own == (400, 1) && other == (400, 1)).then_some(())
+        }
+    })
+    .await;
+
+    // Health stays open to probes without a token.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "wallet.v1.WalletService".into(),
+        })
+        .await
+        .expect("health without a token")
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let _ = &fixture.topic;
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_token_expires() {
+    let fixture = fixture(|_| {}).await;
+    let token = fixture.keys.hs256_expiring("alice", Duration::from_secs(2));
+    let mut socket = connect_with(with_bearer(ws_request(fixture.ws.addr, ""), &token)).await;
+    let reply = request(&mut socket, &purchase("alice", "1.00")).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    let close = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed within 30 s")
+    .expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "token expired");
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn frames_over_the_rate_limit_are_answered_rate_limited_and_the_connection_stays_open() {
+    let fixture = fixture(|settings| {
+        settings.ws_rate_limit_per_sec = 2;
+        settings.ws_rate_limit_burst = 5;
+    })
+    .await;
+    let token = fixture.keys.hs256("alice", &[]);
+    let mut socket = connect_with(with_bearer(ws_request(fixture.ws.addr, ""), &token)).await;
+    // 30 frames at once: the burst (5, and perhaps one refilled) is acked, the rest refused.
+    for _ in 0..30 {
+        socket
+            .send(Message::text(purchase("alice", "1.00")))
+            .await
+            .expect("send");
+    }
+    let mut acked = 0;
+    let mut limited = 0;
+    for _ in 0..30 {
+        match next_reply(&mut socket).await {
+            Reply::Ack { .. } => acked += 1,
+            Reply::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => limited += 1,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    assert!((5..=7).contains(&acked), "acked {acked}");
+    assert_eq!(acked + limited, 30);
+    // The same connection is served again once the bucket refills.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match request(&mut socket, &purchase("alice", "1.00")).await {
+            Reply::Ack { .. } => break,
+            Reply::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "bucket never refilled"
+                );
+                // Polling interval; the reply decides.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    let written = fixture.db.count("SELECT COUNT(*) FROM purchases").await;
+    assert_eq!(
+        written,
+        acked + 1,
+        "exactly the acked purchases were written"
+    );
+    fixture.stop().await;
+}
+
+/// A plain TCP connection from `local` (any loopback address) to `addr`.
+async fn connect_from(local: [u8; 4], addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from((local, 0)))
+        .expect("bind loopback address");
+    socket.connect(addr).await.expect("connect")
+}
+
+#[tokio::test]
+async fn connections_over_the_per_address_cap_are_closed_and_other_addresses_are_served() {
+    let fixture = fixture(|settings| settings.http_max_connections_per_ip = 3).await;
+    let addr = fixture.ws.addr;
+    let token = fixture.keys.hs256("alice", &[]);
+    // Three from 127.0.0.1: two upgraded, one half-sent header; all count.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(connect_with(with_bearer(ws_request(addr, ""), &token)).await);
+    }
+    let mut half = connect_from([127, 0, 0, 1], addr).await;
+    tokio::io::AsyncWriteExt::write_all(&mut half, b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("half header");
+    // The fourth from 127.0.0.1 is closed before a byte is read.
+    let mut fourth = connect_from([127, 0, 0, 1], addr).await;
+    let mut buffer = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut fourth, &mut buffer),
+    )
+    .await
+    .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Another address is served meanwhile.
+    let other = connect_from([127, 0, 0, 2], addr).await;
+    let (mut socket, _) = tokio_tungstenite::client_async(
+        with_bearer(ws_request(addr, ""), &token),
+        tokio_tungstenite::MaybeTlsStream::Plain(other),
+    )
+    .await
+    .expect("127.0.0.2 served");
+    let reply = request(&mut socket, &purchase("alice", "1.00")).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    // Closing one frees its place for 127.0.0.1.
+    drop(half);
+    eventually(Duration::from_secs(10), "a place for 127.0.0.1", || {
+        let request = with_bearer(ws_request(addr, ""), &token);
+        async move {
+            tokio_tungstenite::connect_async(request)
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+    drop(held);
+    assert_eq!(fixture.db.count("SELECT COUNT(*) FROM purchases").await, 1);
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn tls_round_trip_on_both_listeners() {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (cert_file, key_file, cert_pem) = tls_certificate(certs.path());
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut ws_settings = websocket_settings(&db.url, &topic);
+    ws_settings.tls.tls_cert_file = Some(cert_file.clone());
+    ws_settings.tls.tls_key_file = Some(key_file.clone());
+    let ws = start_websocket(ws_settings).await;
+    let prefix = format!("{}:", unique("tls"));
+    let mut grpc_settings = grpc_kafka_settings(&topic, &prefix, &unique("group"));
+    grpc_settings.tls.tls_cert_file = Some(cert_file);
+    grpc_settings.tls.tls_key_file = Some(key_file);
+    let grpc = start_grpc_kafka(grpc_settings).await;
+
+    // wss:// with a client that trusts only the generated certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes());
+    roots
+        .add(der.expect("cert der"))
+        .expect("trust the certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(ws.addr).await.expect("tcp");
+    let tls = connector
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("tls handshake");
+    let request = format!("wss://localhost:{}/ws", ws.addr.port())
+        .into_client_request()
+        .expect("request");
+    let (mut socket, _) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("websocket over tls");
+    socket
+        .send(Message::text(purchase("tls-user", "7.77")))
+        .await
+        .expect("send");
+    let reply = loop {
+        match socket.next().await.expect("reply").expect("read") {
+            Message::Text(text) => break serde_json::from_str::<Reply>(&text).expect("reply"),
+            _ => continue,
+        }
+    };
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+
+    // Plain ws:// to the TLS listener gets no WebSocket.
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", ws.addr))
+            .await
+            .is_err()
+    );
+
+    // gRPC over TLS, trusting the same certificate, reads the total.
+    let tls_config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", grpc.addr))
+        .expect("endpoint")
+        .tls_config(tls_config)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("grpc over tls");
+    let client = wallet_proto::wallet_service_client::WalletServiceClient::new(channel);
+    eventually(Duration::from_secs(60), "the total over TLS", || {
+        let mut client = client.clone();
+        async move {
+            let response = client
+                .get_total_spent(GetTotalSpentRequest {
+                    user_id: "tls-user".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (response.total_cents == 777 && response.purchase_count == 1).then_some(())
+        }
+    })
+    .await;
+    ws.stop().await;
+    grpc.stop().await;
+}
