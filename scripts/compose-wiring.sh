@@ -4,6 +4,10 @@
 # environment docker-compose.yml gives them (read from the file with compose-check), the compose
 # host names pointed at loopback, and runs the end-to-end flow against them:
 # purchases over WebSocket with walletctl, exact totals over gRPC, SIGTERM exits 0.
+# The Docker secrets (/run/secrets/NAME) become files under the run's folder, with the same
+# names and the native stack's addresses (its PostgreSQL trusts loopback and its Redis has no
+# requirepass, so those two credentials are accepted but not checked here); the services read them
+# through the same *_FILE settings, and authentication is on as in compose (AUTH_MODE=jwt).
 #
 #   scripts/compose-wiring.sh kraft        # the default profile: Kafka 4, KRaft
 #   scripts/compose-wiring.sh zookeeper    # Kafka 3.9 with ZooKeeper
@@ -40,14 +44,23 @@ rewrite() {
       -e "s#^KAFKA_BROKERS=kafka:9092\$#KAFKA_BROKERS=127.0.0.1:$kafka_port#" \
       -e "s#redis://redis:6379/#redis://127.0.0.1:$REDIS_PORT/#" \
       -e "s#^WEBSOCKET_ADDR=0.0.0.0:8080\$#WEBSOCKET_ADDR=127.0.0.1:$WS_PORT#" \
-      -e "s#^GRPC_ADDR=0.0.0.0:50051\$#GRPC_ADDR=127.0.0.1:$GRPC_PORT#"
+      -e "s#^GRPC_ADDR=0.0.0.0:50051\$#GRPC_ADDR=127.0.0.1:$GRPC_PORT#" \
+      -e "s#=/run/secrets/#=$RUN/secrets/#"
 }
+mkdir -p "$RUN/secrets" && chmod 700 "$RUN/secrets"
+printf 'postgres://postgres:native-stack-trusts-loopback@127.0.0.1:%s/wallet\n' "$PG_PORT" > "$RUN/secrets/database_url"
+printf 'redis://127.0.0.1:%s/0\n' "$REDIS_PORT" > "$RUN/secrets/redis_url"
+[ -s "$RUN/secrets/jwt_hs256_key" ] || head -c 48 /dev/urandom | base64 -w0 > "$RUN/secrets/jwt_hs256_key"
+export JWT_HS256_SECRET_FILE="$RUN/secrets/jwt_hs256_key" # walletctl mints its tokens with it
 service_env() { "$CHECK" -profile "$MODE" -env "$1" docker-compose.yml | rewrite; }
 for service in migrate websocket grpc_kafka; do
   service_env "$service" > "$RUN/$service.env"
   if grep -E '(postgres|kafka|redis):[0-9]' "$RUN/$service.env"; then
     die "$service has a compose host name the rewrite does not cover"
   fi
+  for file in $(sed -n 's/^[A-Z_]*_FILE=//p' "$RUN/$service.env"); do
+    [ -s "$file" ] || die "$service reads $file, which the wiring run does not provide"
+  done
 done
 
 # Runs a binary with only the environment of its compose service. In the background, `exec`
