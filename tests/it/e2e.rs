@@ -241,6 +241,79 @@ async fn binaries_answer_errors_and_resends_per_contract() {
     assert!(system.grpc_kafka.terminate().await.success());
 }
 
+/// `*_FILE` settings (Docker secrets) are read, never echoed, and exclusive with the plain
+/// variable; authentication is on unless turned off explicitly, and off is warned about.
+#[tokio::test]
+async fn secret_files_and_the_authentication_mode_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("database_url");
+    std::fs::write(&secret, "postgres://user:s3cret-pw@127.0.0.1:notaport/db\n").expect("write");
+    let secret = secret.to_str().expect("utf8 path");
+    let short_key = dir.path().join("short.key");
+    std::fs::write(&short_key, "too short\n").expect("write");
+    let short_key = short_key.to_str().expect("utf8 path");
+    let run = |name: &'static str, env: &[(&str, &str)]| {
+        let output = std::process::Command::new(binary(name))
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .expect("run binary");
+        assert!(!output.status.success(), "{name} started with {env:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let kafka = ("KAFKA_BROKERS", "127.0.0.1:1");
+    // The file is read: its (unparsable) URL is refused by name, its password never shown.
+    let stderr = run("websocket", &[("DATABASE_URL_FILE", secret), kafka]);
+    assert!(stderr.contains("invalid DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+    let stderr = run(
+        "websocket",
+        &[
+            ("DATABASE_URL_FILE", secret),
+            ("DATABASE_URL", "postgres://u@h/db"),
+            kafka,
+        ],
+    );
+    assert!(
+        stderr.contains("set DATABASE_URL or DATABASE_URL_FILE, not both"),
+        "{stderr}"
+    );
+    let stderr = run(
+        "grpc_kafka",
+        &[("REDIS_URL_FILE", "/nonexistent/redis_url"), kafka],
+    );
+    assert!(stderr.contains("cannot read REDIS_URL_FILE"), "{stderr}");
+    // No AUTH_MODE: jwt, which without a key refuses to start, saying how to configure it.
+    let stderr = run(
+        "grpc_kafka",
+        &[("REDIS_URL", "redis://127.0.0.1:1/"), kafka],
+    );
+    assert!(stderr.contains("AUTH_MODE=jwt needs a key"), "{stderr}");
+    let stderr = run(
+        "websocket",
+        &[
+            ("DATABASE_URL", "postgres://u@127.0.0.1:1/db"),
+            kafka,
+            ("JWT_HS256_SECRET_FILE", short_key),
+        ],
+    );
+    assert!(stderr.contains("JWT_HS256_SECRET_FILE holds"), "{stderr}");
+    // Off only when said, and then warned about before anything else happens.
+    let stderr = run(
+        "websocket",
+        &[
+            ("DATABASE_URL", "postgres://u@127.0.0.1:1/db"),
+            kafka,
+            ("AUTH_MODE", "none"),
+            ("DATABASE_TIMEOUT_MS", "100"),
+        ],
+    );
+    assert!(
+        stderr.contains("AUTH_MODE=none: authentication is off"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
     let run = |name: &'static str, env: &[(&str, &str)]| {
