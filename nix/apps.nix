@@ -1,5 +1,12 @@
-# `nix run .#load-images` loads both images into Docker; `nix run .#up` also runs docker compose.
-{ pkgs, images }:
+# `nix run .#load-images` loads both images into Docker; `nix run .#up` also makes the compose
+# secrets and runs docker compose; `nix run .#smoke -- [kraft|zookeeper]` is the compose smoke
+# test CI runs (scripts/compose-smoke.sh with the Nix-built walletctl). Run them from the
+# repository: docker compose reads docker-compose.yml and .secrets/ there.
+{
+  pkgs,
+  images,
+  build,
+}:
 let
   load = pkgs.writeShellApplication {
     name = "load-images";
@@ -9,33 +16,46 @@ let
       ${images.grpc_kafka-image} | docker load
     '';
   };
+  secrets = ''SECRETS_DIR="$PWD/.secrets" bash ${../scripts/compose-secrets.sh} >/dev/null'';
   up = pkgs.writeShellApplication {
     name = "up";
     runtimeInputs = [
+      pkgs.coreutils
       pkgs.docker-client
       pkgs.docker-compose
       load
     ];
     text = ''
+      ${secrets}
       load-images
-      docker compose up --wait "$@"
+      # nixpkgs' docker-compose, called directly: the docker client would not find it as a plugin.
+      docker-compose up --wait "$@"
     '';
+  };
+  smoke = pkgs.writeShellApplication {
+    name = "smoke";
+    runtimeInputs = [
+      pkgs.coreutils
+      pkgs.docker-client
+      pkgs.docker-compose
+      build.walletctl
+      load
+    ];
+    text = ''
+      load-images
+      DOCKER_COMPOSE=docker-compose COMPOSE_SECRETS_SCRIPT=${../scripts/compose-secrets.sh} \
+        bash ${../scripts/compose-smoke.sh} "$@"
+    '';
+  };
+  app = program: description: {
+    type = "app";
+    program = pkgs.lib.getExe program;
+    meta = { inherit description; };
   };
 in
 {
-  load-images = {
-    type = "app";
-    program = pkgs.lib.getExe load;
-    meta.description = "Build the two service images and load them into Docker";
-  };
-  up = {
-    type = "app";
-    program = pkgs.lib.getExe up;
-    meta.description = "Load the images and start the whole system with docker compose";
-  };
-  default = {
-    type = "app";
-    program = pkgs.lib.getExe up;
-    meta.description = "Load the images and start the whole system with docker compose";
-  };
+  load-images = app load "Build the two service images and load them into Docker";
+  up = app up "Make the compose secrets, load the images and start the whole system with docker compose";
+  smoke = app smoke "The compose smoke test: up, purchases over WebSocket, totals over gRPC, down";
+  default = app up "Make the compose secrets, load the images and start the whole system with docker compose";
 }

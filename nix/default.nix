@@ -9,25 +9,33 @@ let
   pkgs = nixpkgs.legacyPackages.${system};
   build = import ./packages.nix { inherit pkgs crane; };
   images = import ./images.nix { inherit pkgs build; };
-  checks = import ./checks.nix { inherit pkgs build advisory-db; };
-  apps = import ./apps.nix { inherit pkgs images; };
-in
-{
   packages = {
     inherit (build) websocket grpc_kafka walletctl;
     inherit (images) websocket-image grpc_kafka-image;
+    # The three binaries. The images stay outputs of their own: each is a script that streams
+    # the image (dockerTools.streamLayeredImage), not a directory, so it cannot be joined here;
+    # `nix run .#load-images` loads them.
     default = pkgs.symlinkJoin {
       name = "purchase-pipeline";
       paths = [
         build.websocket
         build.grpc_kafka
         build.walletctl
-        images.websocket-image
-        images.grpc_kafka-image
       ];
     };
   };
-  inherit apps checks;
+  checks = import ./checks.nix {
+    inherit
+      pkgs
+      build
+      advisory-db
+      packages
+      ;
+  };
+  apps = import ./apps.nix { inherit pkgs images build; };
+in
+{
+  inherit packages apps checks;
   devShells.default = import ./shell.nix { inherit pkgs build checks; };
   formatter = pkgs.nixfmt;
 }

@@ -92,7 +92,12 @@ pg_bindir() {
   done
 }
 
+# shellcheck source=scripts/prereqs.sh
+. "$ROOT/scripts/prereqs.sh"
+
 ensure_installed() {
+  # First what no script installs (the Rust toolchain) and the C compiler, with a clear message.
+  prereqs_build
   local missing=()
   [ -n "$(pg_bindir)" ] || missing+=(postgresql)
   command -v psql >/dev/null || missing+=(postgresql-client)
@@ -184,8 +189,9 @@ kafka_jars() { # pom-folder target-folder
   if [ ! -f "$libs/.complete" ] || [ "$ROOT/scripts/$1/pom.xml" -nt "$libs/.complete" ]; then
     log "resolving jars of scripts/$1/pom.xml with Maven"
     rm -rf "$libs" && mkdir -p "$libs"
+    # Maven's own colour codes are stripped: some versions print them even in batch mode.
     mvn -q -B -Dstyle.color=never -f "$ROOT/scripts/$1/pom.xml" dependency:copy-dependencies \
-      -DincludeScope=runtime -DoutputDirectory="$libs" >&2
+      -DincludeScope=runtime -DoutputDirectory="$libs" 2>&1 | sed -u 's/\x1b\[[0-9;]*m//g; s/\[0m//g' >&2
     touch "$libs/.complete"
   fi
   echo "$libs"

@@ -5,7 +5,8 @@
 #   - flake.lock is valid JSON, version 7, and pins exactly the revisions and narHashes of
 #     ../shared/nix-pins.json (when that file is beside the repository);
 #   - docker-compose.yml validates against the Compose Specification (compose-go, the loader of
-#     Docker Compose) in both profiles, kraft and zookeeper, plus the project's own rules.
+#     Docker Compose) in both profiles, kraft and zookeeper, plus the project's own rules;
+#   - the GitHub Actions workflows pass actionlint.
 # Tools are installed where missing into $STACK_DIR/tools (default .stack/tools; git-ignored).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,9 +24,15 @@ if ! command -v nix-instantiate >/dev/null; then
     echo "nix-instantiate is missing: install Debian's nix-bin" >&2; exit 1
   fi
 fi
-if [ ! -x "$TOOLS/bin/deadnix" ]; then
-  log "installing deadnix with cargo"
-  cargo install --quiet --locked --root "$TOOLS" deadnix
+# shellcheck source=scripts/prereqs.sh
+. scripts/prereqs.sh
+if ! "$TOOLS/bin/deadnix" --version 2>/dev/null | grep -qx "deadnix $PREREQ_DEADNIX_VERSION"; then
+  log "installing deadnix $PREREQ_DEADNIX_VERSION with cargo"
+  cargo install --quiet --locked --force --version "$PREREQ_DEADNIX_VERSION" --root "$TOOLS" deadnix
+fi
+if ! "$TOOLS/bin/actionlint" -version 2>/dev/null | head -n1 | grep -qx "${PREREQ_ACTIONLINT_VERSION#v}"; then
+  log "building actionlint $PREREQ_ACTIONLINT_VERSION (Go module proxy)"
+  GOBIN="$TOOLS/bin" go install "github.com/rhysd/actionlint/cmd/actionlint@$PREREQ_ACTIONLINT_VERSION"
 fi
 if [ ! -x "$TOOLS/compose-check" ] || [ -n "$(find scripts/compose-check -newer "$TOOLS/compose-check" -type f)" ]; then
   log "building compose-check (compose-go)"
@@ -66,4 +73,6 @@ PY
 for profile in kraft zookeeper; do
   "$TOOLS/compose-check" -profile "$profile" docker-compose.yml
 done
+log "actionlint .github/workflows/*.yml"
+"$TOOLS/bin/actionlint" .github/workflows/*.yml
 echo "static checks passed"

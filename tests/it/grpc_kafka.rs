@@ -250,42 +250,55 @@ async fn health_and_reflection_are_served() {
     let app = start_grpc_kafka(fixture.settings()).await;
     grpc_kafka::healthcheck(app.addr).await.expect("SERVING");
 
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = reflection
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let response = responses
-        .message()
-        .await
-        .expect("message")
-        .expect("one response");
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection response");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"wallet.v1.WalletService".to_owned()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_owned()),
-        "{names:?}"
-    );
+    // Both reflection versions list both services: v1, and v1alpha for tools that predate v1
+    // (ghz without --proto asks for it).
+    macro_rules! listed_services {
+        ($version:ident, $addr:expr) => {{
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", $addr))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let response = ServerReflectionClient::new(channel)
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .expect("reflection")
+                .into_inner()
+                .message()
+                .await
+                .expect("message")
+                .expect("one response");
+            let Some(MessageResponse::ListServicesResponse(list)) = response.message_response
+            else {
+                panic!("unexpected reflection response");
+            };
+            list.service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>()
+        }};
+    }
+    for names in [
+        listed_services!(v1, app.addr),
+        listed_services!(v1alpha, app.addr),
+    ] {
+        assert!(
+            names.contains(&"wallet.v1.WalletService".to_owned()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"grpc.health.v1.Health".to_owned()),
+            "{names:?}"
+        );
+    }
 
     let addr = app.addr;
     app.stop().await;

@@ -121,10 +121,15 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let settings = self.settings;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(wallet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Reflection v1 and, for tools that predate it and still ask for it (ghz, older grpcurl),
+        // v1alpha, from the same descriptors.
+        let descriptors = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(wallet_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = descriptors().build_v1()?;
+        let reflection_v1alpha = descriptors().build_v1alpha()?;
         health_reporter
             .set_serving::<WalletServiceServer<grpc::Wallet>>()
             .await;
@@ -155,6 +160,7 @@ impl Application {
             ))
             .add_service(health_service)
             .add_optional_service(settings.grpc_reflection.then_some(reflection))
+            .add_optional_service(settings.grpc_reflection.then_some(reflection_v1alpha))
             .add_service(wallet)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener).map(no_delay),

@@ -428,8 +428,16 @@ async fn total(
             .into_inner();
         if response.purchase_count >= wait_count || tokio::time::Instant::now() >= deadline {
             println!(
-                "{}: total {} ({} cents) over {} purchases",
-                response.user_id, response.total, response.total_cents, response.purchase_count
+                "{}: total {} ({} cents) over {} purchase{}",
+                response.user_id,
+                response.total,
+                response.total_cents,
+                response.purchase_count,
+                if response.purchase_count == 1 {
+                    ""
+                } else {
+                    "s"
+                }
             );
             return Ok(response.purchase_count >= wait_count);
         }
