@@ -107,10 +107,17 @@ if [ ! -x "$GHZ" ]; then
   log "installing ghz from the Go module proxy"
   go install github.com/bojand/ghz/cmd/ghz@v0.93.0 >&2
 fi
+# Calls carry a token for the user they read, as every client's do (AUTH_MODE=jwt).
+reader_token="$("${ctl[@]}" token --user-id bench-reader)"
 ghz_args=(--insecure --proto proto/wallet/v1/wallet.proto --import-paths proto
-  --call wallet.v1.WalletService/GetTotalSpent -d '{"user_id":"bench-reader"}' -O json)
+  --call wallet.v1.WalletService/GetTotalSpent -d '{"user_id":"bench-reader"}' -O json
+  --metadata "{\"authorization\":\"Bearer $reader_token\"}")
 "$GHZ" "${ghz_args[@]}" -c 1 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-1.json"
 "$GHZ" "${ghz_args[@]}" -c 50 --connections 4 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-50.json"
+for run in ghz-1 ghz-50; do # figures of failed calls would mean nothing
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])).get('statusCodeDistribution', {}); sys.exit(0 if set(d) == {'OK'} else f'{sys.argv[1]}: {d}')" "$OUT/$run.json" \
+    || die "ghz calls failed (see $OUT/$run.json)"
+done
 
 log "project: idle WebSocket connections (server memory per connection)"
 "${ctl[@]}" bench --mode idle --connections "$(pick 5000 200)" --pid "$(head -n1 "$STACK/websocket/websocket.pid")" \
