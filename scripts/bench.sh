@@ -114,9 +114,17 @@ ghz_args=(--insecure --proto proto/wallet/v1/wallet.proto --import-paths proto
   --metadata "{\"authorization\":\"Bearer $reader_token\"}")
 "$GHZ" "${ghz_args[@]}" -c 1 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-1.json"
 "$GHZ" "${ghz_args[@]}" -c 50 --connections 4 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-50.json"
-for run in ghz-1 ghz-50; do # figures of failed calls would mean nothing
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])).get('statusCodeDistribution', {}); sys.exit(0 if set(d) == {'OK'} else f'{sys.argv[1]}: {d}')" "$OUT/$run.json" \
-    || die "ghz calls failed (see $OUT/$run.json)"
+# Figures of refused calls would mean nothing: every call must be OK, except the few in flight
+# when ghz ends its run (it closes the connections under them: Unavailable or Canceled).
+for run in ghz-1:1 ghz-50:50; do
+  python3 - "$OUT/${run%%:*}.json" "${run##*:}" <<'PY' || die "ghz calls failed (see $OUT/${run%%:*}.json)"
+import json, sys
+codes = json.load(open(sys.argv[1])).get("statusCodeDistribution", {})
+cut_short = sum(n for code, n in codes.items() if code in ("Unavailable", "Canceled"))
+others = {code: n for code, n in codes.items() if code not in ("OK", "Unavailable", "Canceled")}
+if not codes.get("OK") or others or cut_short > int(sys.argv[2]):
+    sys.exit(f"{sys.argv[1]}: {codes}")
+PY
 done
 
 log "project: idle WebSocket connections (server memory per connection)"

@@ -26,6 +26,7 @@ PG_PORT="${STACK_PG_PORT:-55432}"
 REDIS_PORT="${STACK_REDIS_PORT:-56379}"
 WS_PORT="${STACK_WIRING_WS_PORT:-18080}"
 GRPC_PORT="${STACK_WIRING_GRPC_PORT:-60051}"
+METRICS_PORT="${STACK_WIRING_METRICS_PORT:-19465}"
 log() { printf '[wiring %s] %s\n' "$MODE" "$*" >&2; }
 die() { printf '[wiring %s] error: %s\n' "$MODE" "$*" >&2; exit 1; }
 
@@ -45,6 +46,7 @@ rewrite() {
       -e "s#redis://redis:6379/#redis://127.0.0.1:$REDIS_PORT/#" \
       -e "s#^WEBSOCKET_ADDR=0.0.0.0:8080\$#WEBSOCKET_ADDR=127.0.0.1:$WS_PORT#" \
       -e "s#^GRPC_ADDR=0.0.0.0:50051\$#GRPC_ADDR=127.0.0.1:$GRPC_PORT#" \
+      -e "s#^METRICS_ADDR=0.0.0.0:9464\$#METRICS_ADDR=127.0.0.1:$METRICS_PORT#" \
       -e "s#=/run/secrets/#=$RUN/secrets/#"
 }
 mkdir -p "$RUN/secrets" && chmod 700 "$RUN/secrets"

@@ -6,7 +6,9 @@
 #     ../shared/nix-pins.json (when that file is beside the repository);
 #   - docker-compose.yml validates against the Compose Specification (compose-go, the loader of
 #     Docker Compose) in both profiles, kraft and zookeeper, plus the project's own rules;
-#   - the GitHub Actions workflows pass actionlint.
+#   - the GitHub Actions workflows pass actionlint;
+#   - the monitoring profile's Prometheus configuration passes `promtool check config`, and the
+#     Grafana dashboard is JSON whose every query names only metrics the services export.
 # Tools are installed where missing into $STACK_DIR/tools (default .stack/tools; git-ignored).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +31,11 @@ fi
 if ! "$TOOLS/bin/deadnix" --version 2>/dev/null | grep -qx "deadnix $PREREQ_DEADNIX_VERSION"; then
   log "installing deadnix $PREREQ_DEADNIX_VERSION with cargo"
   cargo install --quiet --locked --force --version "$PREREQ_DEADNIX_VERSION" --root "$TOOLS" deadnix
+fi
+if [ ! -x "$TOOLS/bin/promtool" ] || [ "$(cat "$TOOLS/promtool.version" 2>/dev/null)" != "$PREREQ_PROMTOOL_VERSION" ]; then
+  log "building promtool $PREREQ_PROMTOOL_VERSION (Go module proxy)"
+  GOBIN="$TOOLS/bin" go install "github.com/prometheus/prometheus/cmd/promtool@$PREREQ_PROMTOOL_VERSION"
+  echo "$PREREQ_PROMTOOL_VERSION" > "$TOOLS/promtool.version"
 fi
 if ! "$TOOLS/bin/actionlint" -version 2>/dev/null | head -n1 | grep -qx "${PREREQ_ACTIONLINT_VERSION#v}"; then
   log "building actionlint $PREREQ_ACTIONLINT_VERSION (Go module proxy)"
@@ -73,6 +80,36 @@ PY
 for profile in kraft zookeeper; do
   "$TOOLS/compose-check" -profile "$profile" docker-compose.yml
 done
+log "promtool check config scripts/monitoring/prometheus.yml"
+"$TOOLS/bin/promtool" check config scripts/monitoring/prometheus.yml >&2
+log "Grafana dashboard"
+python3 - scripts/monitoring/grafana/dashboards/*.json <<'PY'
+import json, re, sys
+# Every metric family the services export (README, "Metrics"); a query naming another is a typo.
+exported = {
+    "websocket_connections_open", "websocket_connections_refused_total", "websocket_frames_total",
+    "websocket_commit_batch_size", "websocket_commit_duration_seconds", "websocket_commit_queue_depth",
+    "websocket_outbox_backlog_rows", "websocket_outbox_oldest_age_seconds",
+    "websocket_outbox_events_relayed_total", "websocket_kafka_produce_errors_total",
+    "grpc_kafka_events_applied_total", "grpc_kafka_duplicates_skipped_total",
+    "grpc_kafka_redis_apply_duration_seconds", "grpc_kafka_ack_to_visible_seconds",
+    "grpc_kafka_consumer_lag_records", "grpc_kafka_last_applied_event_age_seconds",
+    "grpc_requests_total", "grpc_request_duration_seconds",
+    "process_resident_memory_bytes", "process_open_fds",
+}
+functions = {"sum", "rate", "by", "histogram_quantile", "max", "le", "method", "outcome", "reason",
+             "partition", "job", "code"}
+for path in sys.argv[1:]:
+    dashboard = json.load(open(path))
+    assert dashboard.get("panels"), f"{path}: no panels"
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            for name in re.findall(r"[a-z_]+(?=[{\[( ]|$)", re.sub(r'"[^"]*"', "", target["expr"])):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert name in functions or base in exported or name in exported, \
+                    f"{path}: panel {panel['title']!r} queries unknown metric {name}"
+print(f"[static] {len(sys.argv) - 1} dashboard(s) parse and query exported metrics", file=sys.stderr)
+PY
 log "actionlint .github/workflows/*.yml"
 "$TOOLS/bin/actionlint" .github/workflows/*.yml
 echo "static checks passed"

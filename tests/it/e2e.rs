@@ -27,6 +27,11 @@ struct System {
 }
 
 async fn start_system() -> System {
+    start_system_with(&[]).await
+}
+
+/// [`start_system`] with more environment for both services.
+async fn start_system_with(extra: &[(&str, String)]) -> System {
     let env = Env::get();
     let prefix = format!("{}:", unique("prefix"));
     let db = fresh_database().await;
@@ -40,7 +45,10 @@ async fn start_system() -> System {
             ("KAFKA_BROKERS", env.kafka_brokers.clone()),
             ("WEBSOCKET_ADDR", ws_addr.to_string()),
             ("KAFKA_TOPIC", topic.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
     );
     let grpc_kafka = Process::spawn(
         "grpc_kafka",
@@ -51,7 +59,10 @@ async fn start_system() -> System {
             ("KAFKA_TOPIC", topic.clone()),
             ("KAFKA_GROUP_ID", unique("group")),
             ("REDIS_KEY_PREFIX", prefix.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
     );
     eventually(Duration::from_secs(60), "websocket to be ready", || async {
         websocket::healthcheck(ws_addr).await.ok()
@@ -306,6 +317,7 @@ async fn secret_files_and_the_authentication_mode_at_start() {
             kafka,
             ("AUTH_MODE", "none"),
             ("DATABASE_TIMEOUT_MS", "100"),
+            ("DATABASE_WAIT_SECS", "0"),
         ],
     );
     assert!(
@@ -468,4 +480,63 @@ async fn reconcile_is_clean_when_exact_and_names_every_difference() {
     assert!(stdout.contains("1 differences"), "{stdout}");
     system.websocket.terminate().await;
     system.grpc_kafka.terminate().await;
+}
+
+/// One trace per purchase across both services: an incoming `traceparent` (handshake header) is
+/// honoured, websocket exports its `purchase` span and grpc_kafka its `purchase.apply` span, both
+/// in that trace, to an OTLP collector (in this test process).
+#[tokio::test]
+async fn one_trace_spans_the_frame_in_websocket_and_the_apply_in_grpc_kafka() {
+    let collector = OtlpCollector::start().await;
+    let otel = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{}", collector.addr),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let system = start_system_with(&otel).await;
+    let trace_id = format!("{:032x}", rand::rng().random::<u128>() | 1);
+    let mut handshake =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/ws",
+            system.ws_addr
+        ))
+        .expect("request");
+    handshake.headers_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("header"),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(handshake)
+        .await
+        .expect("connect");
+    let reply = request(&mut socket, r#"{"user_id":"traced","amount":"3.50"}"#).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    let spans = eventually(Duration::from_secs(60), "both spans exported", || {
+        let collector = &collector;
+        let trace_id = trace_id.clone();
+        async move {
+            let spans = collector.spans();
+            let has = |service: &str, name: &str| {
+                spans
+                    .iter()
+                    .any(|s| s.service == service && s.name == name && s.trace_id == trace_id)
+            };
+            (has("websocket", "purchase") && has("grpc_kafka", "purchase.apply")).then_some(spans)
+        }
+    })
+    .await;
+    let frame = spans
+        .iter()
+        .find(|s| s.service == "websocket" && s.trace_id == trace_id)
+        .expect("websocket span");
+    assert_eq!(
+        frame.parent_span_id, "00f067aa0ba902b7",
+        "the incoming traceparent is the frame span's parent"
+    );
+    drop(socket);
+    assert!(system.websocket.terminate().await.success());
+    assert!(system.grpc_kafka.terminate().await.success());
 }

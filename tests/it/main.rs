@@ -4,7 +4,8 @@
 //! - `grpc_kafka`: the aggregator and gRPC API in-process against real Kafka and Redis;
 //! - `e2e`: the real binaries as processes, the whole pipeline under concurrent load;
 //! - `hostile`: the bad-input corpus, oversized frames, abrupt and non-reading clients;
-//! - `auth`: forged tokens, who may submit and read, rate limit, per-address cap, TLS.
+//! - `auth`: forged tokens, who may submit and read, rate limit, per-address cap, TLS;
+//! - `observability`: `/metrics` of both services against what was sent; readiness.
 //!
 //! The fault-injection suite is a binary of its own (`tests/faults`): it takes the shared services
 //! down, so it runs alone.
@@ -13,4 +14,5 @@ mod auth;
 mod e2e;
 mod grpc_kafka;
 mod hostile;
+mod observability;
 mod websocket;

@@ -429,9 +429,76 @@ async fn postgres_outage_gives_unavailable_never_an_ack_and_recovers_by_itself()
 async fn migrations_are_idempotent() {
     let db = fresh_database().await;
     let pool = websocket::db::pool(db.url.parse().expect("url"), 2, Duration::from_secs(5));
-    websocket::db::migrate(&pool).await.expect("first run");
-    websocket::db::migrate(&pool).await.expect("second run");
+    let wait = Duration::ZERO;
+    websocket::db::migrate(&pool, wait)
+        .await
+        .expect("first run");
+    websocket::db::migrate(&pool, wait)
+        .await
+        .expect("second run");
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 0);
+}
+
+/// `websocket migrate` (the compose migrate step) waits for a PostgreSQL that cannot be reached
+/// yet, as during a container's first-start initialisation, and succeeds once it can; with its
+/// budget (`DATABASE_WAIT_SECS`) spent it fails, naming what it could not reach.
+#[tokio::test]
+async fn migrate_waits_for_postgres_within_its_budget() {
+    use tokio::io::AsyncBufReadExt;
+    let db = fresh_database().await;
+    let real = host_port(&db.url);
+    let port = free_port();
+    let url = db
+        .url
+        .replace(&real.to_string(), &format!("127.0.0.1:{port}"));
+    let migrate = |wait: &str| {
+        tokio::process::Command::new(binary("websocket"))
+            .arg("migrate")
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .env("DATABASE_URL", &url)
+            .env("KAFKA_BROKERS", "127.0.0.1:1")
+            .env("DATABASE_WAIT_SECS", wait)
+            .env("DATABASE_TIMEOUT_MS", "200")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("websocket migrate")
+    };
+
+    // Nothing listens yet: it says it is waiting; then the database appears and it succeeds.
+    let mut waiting = migrate("120");
+    let mut lines = tokio::io::BufReader::new(waiting.stderr.take().expect("stderr")).lines();
+    let said = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            if line.contains("PostgreSQL not reachable yet") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("a retry within 30 s");
+    assert!(said, "migrate exited without retrying");
+    let proxy = Proxy::start_on(([127, 0, 0, 1], port).into(), real).await;
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let status = tokio::time::timeout(Duration::from_secs(60), waiting.wait())
+        .await
+        .expect("migrate finished")
+        .expect("wait");
+    drain.abort();
+    assert!(status.success(), "{status}");
+    assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 0);
+
+    // With no budget and nothing to reach, it fails at once, naming what it could not reach.
+    drop(proxy);
+    let output = tokio::time::timeout(Duration::from_secs(30), migrate("0").wait_with_output())
+        .await
+        .expect("fails quickly")
+        .expect("output");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot reach PostgreSQL"), "{stderr}");
 }
 
 #[tokio::test]

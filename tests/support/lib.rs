@@ -30,6 +30,9 @@ use wallet_proto::GetTotalSpentRequest;
 use wallet_proto::wallet_service_client::WalletServiceClient;
 
 pub mod keys;
+mod otlp;
+
+pub use otlp::{ExportedSpan, OtlpCollector};
 
 pub const HINT: &str =
     "start the test stack with `eval \"$(scripts/test.sh deps)\"` (or run `scripts/test.sh`)";
@@ -240,6 +243,8 @@ pub fn topic_records_on(brokers: &str, topic: &str) -> Vec<(String, PurchaseEven
 /// A service running in-process on a free port.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `GET /metrics` is served (the websocket service: its own port).
+    pub metrics: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -290,6 +295,7 @@ pub async fn start_websocket(settings: websocket::Settings) -> Running {
     let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     Running {
         addr,
+        metrics: addr,
         shutdown,
         task,
     }
@@ -314,6 +320,8 @@ pub fn grpc_kafka_settings(topic: &str, prefix: &str, group: &str) -> grpc_kafka
         "127.0.0.1:0",
         "--redis-pool-size",
         "4",
+        "--metrics-addr",
+        "127.0.0.1:0",
         "--auth-mode",
         "none",
     ])
@@ -326,6 +334,7 @@ pub async fn start_grpc_kafka(settings: grpc_kafka::Settings) -> Running {
         .await
         .unwrap_or_else(|e| panic!("grpc_kafka service did not start: {e}; {HINT}"));
     let addr = app.local_addr();
+    let metrics = app.metrics_addr();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -333,6 +342,7 @@ pub async fn start_grpc_kafka(settings: grpc_kafka::Settings) -> Running {
     });
     Running {
         addr,
+        metrics,
         shutdown,
         task,
     }
@@ -426,6 +436,68 @@ pub async fn await_totals(
     }
 }
 
+/// One scrape of `GET /metrics` at `addr`, parsed by a Prometheus text-format parser.
+pub async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request /metrics");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read /metrics");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let lines = body.lines().map(|line| Ok(line.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format")
+}
+
+/// The value of `name` with exactly these labels (0 when absent: a counter not yet incremented).
+pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .find(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map_or(0.0, |s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+/// Publishes every record of `topic` once more (as a relay retry after a lost acknowledgement
+/// would): same key, same event.
+pub async fn republish(topic: &str) -> usize {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let records = topic_records(topic);
+    let producer: FutureProducer = kafka_common::client_config(&Env::get().kafka_brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    for (key, event) in &records {
+        let payload = event.encode().expect("encode");
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("republish");
+    }
+    records.len()
+}
+
 /// Removes every Redis key under `prefix` (a FLUSHALL limited to one test's keys).
 pub async fn wipe_redis_prefix(prefix: &str) -> anyhow::Result<()> {
     let mut conn = redis_connection().await;
@@ -478,7 +550,12 @@ struct Link {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// A proxy listening on `addr` (a port chosen before, e.g. one a process already dials).
+    pub async fn start_on(addr: SocketAddr, target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
@@ -610,6 +687,8 @@ impl Process {
             .env("RUST_LOG", "warn")
             // Off unless a test says otherwise (its own env comes after and wins).
             .env("AUTH_MODE", "none")
+            // Every replica a port of its own for its metrics.
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -152,6 +152,8 @@ struct Record {
     fetched: Fetched,
     /// `None` for a record that is not a valid purchase event: its offset moves, nothing counts.
     event: Option<Counted>,
+    /// The record's `traceparent` header, kept only while spans are exported.
+    traceparent: Option<String>,
 }
 
 /// Starts consuming: makes sure the topic exists and fits the rebuild path, subscribes, and runs
@@ -160,6 +162,7 @@ pub async fn run(
     settings: &Settings,
     totals: Totals,
     heartbeat: Heartbeat,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) -> Result<(), AggregatorError> {
     let mut retry = Retry::new(heartbeat.clone());
@@ -206,6 +209,8 @@ pub async fn run(
         received: 0,
         retry,
         heartbeat,
+        metrics,
+        lag_reported: std::collections::BTreeSet::new(),
     };
     aggregator.consume(stop).await
 }
@@ -222,6 +227,9 @@ struct Aggregator {
     received: u64,
     retry: Retry,
     heartbeat: Heartbeat,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Partitions whose lag is in the metrics (removed when no longer assigned).
+    lag_reported: std::collections::BTreeSet<i32>,
 }
 
 impl Aggregator {
@@ -237,8 +245,9 @@ impl Aggregator {
                 if let Some(assigned) = self.source.take_rebalance() {
                     self.positions.rebalanced(&assigned);
                 }
-                let events = self.admit(records, &stop).await?;
+                let (events, spans) = self.admit(records, &stop).await?;
                 self.apply(&events, &stop).await?;
+                drop(spans); // the traced events' apply spans end with the apply
                 if last_check.elapsed() >= OFFSET_CHECK_INTERVAL {
                     // Catches offsets that changed while idle (Redis wiped, restored from an older
                     // file, failed over to a lagging replica): read again from what Redis holds.
@@ -300,6 +309,19 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
             None
         }
     };
+    let traceparent = if telemetry::trace::exporting() {
+        use rdkafka::message::{Headers, Message as _};
+        message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|header| header.key == "traceparent")
+                .and_then(|header| header.value)
+                .and_then(|value| std::str::from_utf8(value).ok())
+                .map(str::to_owned)
+        })
+    } else {
+        None
+    };
     Record {
         fetched: Fetched {
             seq: *received,
@@ -307,18 +329,21 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
             offset,
         },
         event,
+        traceparent,
     }
 }
 
 impl Aggregator {
     /// Offers every record to the positions, fetching what they ask for; returns the events of the
-    /// admitted records (the batch).
+    /// admitted records (the batch), and a span for each traced one: `purchase.apply`, a child of
+    /// the frame's span in websocket, open until the batch is applied.
     async fn admit(
         &mut self,
         records: Vec<Record>,
         stop: &CancellationToken,
-    ) -> Step<Vec<Counted>> {
+    ) -> Step<(Vec<Counted>, Vec<tracing::Span>)> {
         let mut events = Vec::with_capacity(records.len());
+        let mut spans = Vec::new();
         for record in records {
             let fetched = record.fetched;
             let partition = fetched.partition;
@@ -326,6 +351,18 @@ impl Aggregator {
             loop {
                 match self.positions.offer(fetched, marks) {
                     Admission::Admit => {
+                        if let (Some(event), Some(parent)) = (&record.event, &record.traceparent) {
+                            let span = tracing::info_span!(
+                                "purchase.apply",
+                                purchase_id = %event.purchase_id,
+                                partition,
+                                offset = fetched.offset,
+                                trace_id = tracing::field::Empty
+                            );
+                            telemetry::trace::set_parent(&span, parent);
+                            telemetry::trace::record_trace_id(&span);
+                            spans.push(span);
+                        }
                         events.extend(record.event);
                         break;
                     }
@@ -357,7 +394,7 @@ impl Aggregator {
                 }
             }
         }
-        Ok(events)
+        Ok((events, spans))
     }
 
     /// Moves a stored offset with a compare-and-set and nothing counted.
@@ -412,6 +449,7 @@ impl Aggregator {
             return Ok(());
         }
         let (totals, log) = (&self.totals, &self.log);
+        let started = Instant::now();
         let applied = self
             .retry
             .redis("apply batch", stop, || totals.apply(log, &moves, events))
@@ -419,6 +457,7 @@ impl Aggregator {
         match applied {
             Ok(Applied::Counted(counted)) => {
                 tracing::debug!(events = events.len(), counted, "applied batch");
+                self.metrics.applied(events, counted, started.elapsed());
                 self.positions.applied();
                 Ok(())
             }
@@ -446,11 +485,25 @@ impl Aggregator {
             .await
     }
 
-    /// Compares every assigned partition's position with its stored offset.
+    /// Compares every assigned partition's position with its stored offset, and reports each
+    /// one's lag (high watermark minus stored offset) to the metrics.
     async fn check(&mut self, stop: &CancellationToken) -> Step<()> {
         let partitions: Vec<i32> = self.positions.assigned().collect();
+        for gone in self.lag_reported.clone() {
+            if !partitions.contains(&gone) {
+                let label = crate::metrics::Partition { partition: gone };
+                self.metrics.consumer_lag.remove(&label);
+                self.lag_reported.remove(&gone);
+            }
+        }
         for partition in partitions {
             let stored = self.stored_offset(partition, stop).await?;
+            if let Ok(marks) = self.source.watermarks(partition).await {
+                let label = crate::metrics::Partition { partition };
+                let lag = (marks.high - stored).max(0);
+                self.metrics.consumer_lag.get_or_create(&label).set(lag);
+                self.lag_reported.insert(partition);
+            }
             if let Some(position) = self.positions.position(partition)
                 && position != stored
             {

@@ -20,7 +20,10 @@ use crate::totals::{Totals, TotalsError};
 
 pub struct Wallet {
     pub totals: Totals,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
+
+const GET_TOTAL_SPENT: &str = "GetTotalSpent";
 
 fn status(error: &TotalsError) -> Status {
     match error {
@@ -35,8 +38,10 @@ fn status(error: &TotalsError) -> Status {
 /// token allows ([`auth::Access`]) to the handler.
 pub fn authenticate(
     verifier: Arc<auth::Verifier>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
+        let started = std::time::Instant::now();
         let token = request
             .metadata()
             .get("authorization")
@@ -44,6 +49,12 @@ pub fn authenticate(
             .and_then(auth::bearer);
         let access = verifier.verify(token).map_err(|error| {
             tracing::info!(reason = %error, "grpc call refused: UNAUTHENTICATED");
+            // The only method behind this interceptor.
+            metrics.call(
+                GET_TOTAL_SPENT,
+                tonic::Code::Unauthenticated,
+                started.elapsed(),
+            );
             Status::unauthenticated(error.to_string())
         })?;
         request.extensions_mut().insert(access);
@@ -54,6 +65,21 @@ pub fn authenticate(
 #[tonic::async_trait]
 impl WalletService for Wallet {
     async fn get_total_spent(
+        &self,
+        request: Request<GetTotalSpentRequest>,
+    ) -> Result<Response<GetTotalSpentResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.total_spent(request).await;
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics.call(GET_TOTAL_SPENT, code, started.elapsed());
+        result
+    }
+}
+
+impl Wallet {
+    async fn total_spent(
         &self,
         request: Request<GetTotalSpentRequest>,
     ) -> Result<Response<GetTotalSpentResponse>, Status> {

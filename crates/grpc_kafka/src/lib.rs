@@ -7,17 +7,21 @@
 //! - [`positions`]: where each partition stands, as a state machine without I/O;
 //! - [`kafka`]: the rdkafka adapter (consumer, rebalances, seeks, watermarks);
 //! - [`aggregator`]: the loop that joins them and applies each batch exactly once;
-//! - [`grpc`]: `WalletService` and the one mapping from errors to gRPC statuses.
+//! - [`grpc`]: `WalletService` and the one mapping from errors to gRPC statuses;
+//! - [`metrics`]: what `GET /metrics` on `METRICS_ADDR` shows.
 //!
-//! This file is wiring: it starts the aggregator and the gRPC server and supervises both. A dead
-//! or stalled aggregator turns health NOT_SERVING and ends `run_until_stopped` with an error, so
-//! the process exits non-zero and the orchestrator restarts it.
+//! This file is wiring: it starts the aggregator, the gRPC server and the metrics endpoint and
+//! supervises them. Health is readiness: SERVING while Redis answers and the aggregator runs,
+//! NOT_SERVING while Redis does not (back to SERVING by itself when it does). A dead or stalled
+//! aggregator turns health NOT_SERVING for good and ends `run_until_stopped` with an error, so the
+//! process exits non-zero and the orchestrator restarts it.
 //!
 //! This service never touches PostgreSQL and never produces to Kafka.
 
 pub mod aggregator;
 pub mod grpc;
 pub mod kafka;
+pub mod metrics;
 pub mod positions;
 pub mod settings;
 pub mod totals;
@@ -70,6 +74,7 @@ pub struct Application {
     verifier: auth::Verifier,
     /// The server builder, with TLS when configured (a bad certificate/key pair fails `build`).
     server: tonic::transport::Server,
+    metrics_listener: TcpListener,
 }
 
 impl Application {
@@ -100,12 +105,17 @@ impl Application {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        let addr = settings.metrics_addr;
+        let metrics_listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
         Ok(Self {
             listener,
             settings,
             totals,
             verifier,
             server,
+            metrics_listener,
         })
     }
 
@@ -113,6 +123,13 @@ impl Application {
         self.listener
             .local_addr()
             .unwrap_or(self.settings.grpc_addr)
+    }
+
+    /// Where `GET /metrics` is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .unwrap_or(self.settings.metrics_addr)
     }
 
     /// Serves until `shutdown` is cancelled, then: report NOT_SERVING, stop consuming after the
@@ -134,23 +151,38 @@ impl Application {
             .set_serving::<WalletServiceServer<grpc::Wallet>>()
             .await;
 
+        let metrics = std::sync::Arc::new(metrics::Metrics::default());
+        let metrics_stop = CancellationToken::new();
+        let metrics_task = tokio::spawn(metrics::serve(
+            self.metrics_listener,
+            metrics.clone(),
+            metrics_stop.clone(),
+        ));
         let heartbeat = aggregator::Heartbeat::default();
         heartbeat.beat();
         let aggregator_stop = CancellationToken::new();
         let mut aggregator_task = tokio::spawn({
             let (settings, totals) = (settings.clone(), self.totals.clone());
             let (heartbeat, stop) = (heartbeat.clone(), aggregator_stop.clone());
-            async move { aggregator::run(&settings, totals, heartbeat, stop).await }
+            let metrics = metrics.clone();
+            async move { aggregator::run(&settings, totals, heartbeat, metrics, stop).await }
         });
+        let readiness_stop = CancellationToken::new();
+        let readiness_task = tokio::spawn(follow_redis(
+            self.totals.clone(),
+            health_reporter.clone(),
+            readiness_stop.clone(),
+        ));
 
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "grpc_kafka service listening");
         let server_shutdown = CancellationToken::new();
         let wallet = tonic::service::interceptor::InterceptedService::new(
             WalletServiceServer::new(grpc::Wallet {
                 totals: self.totals.clone(),
+                metrics: metrics.clone(),
             })
             .max_decoding_message_size(settings.grpc_max_request_bytes as usize),
-            grpc::authenticate(std::sync::Arc::new(self.verifier)),
+            grpc::authenticate(std::sync::Arc::new(self.verifier), metrics.clone()),
         );
         let server = self
             .server
@@ -181,12 +213,10 @@ impl Application {
         if let Some(error) = &failure {
             tracing::error!(%error, "stopping: the aggregator is not running");
         }
-        // Both the overall service ("") and the wallet service: a probe of either sees it.
-        for service in ["", "wallet.v1.WalletService"] {
-            health_reporter
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
+        // From here on NOT_SERVING for good: readiness no longer follows Redis.
+        readiness_stop.cancel();
+        let _ = readiness_task.await;
+        set_health(&health_reporter, ServingStatus::NotServing).await;
         aggregator_stop.cancel();
         let deadline = tokio::time::Instant::now() + settings.shutdown_timeout();
         if !aggregator_task.is_finished() {
@@ -204,6 +234,8 @@ impl Application {
         {
             tracing::warn!("grpc calls still running at the shutdown deadline");
         }
+        metrics_stop.cancel();
+        let _ = metrics_task.await;
         tracing::info!("grpc_kafka service stopped");
         failure.map_or(Ok(()), Err)
     }
@@ -217,6 +249,49 @@ fn no_delay(accepted: std::io::Result<TcpStream>) -> std::io::Result<TcpStream> 
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
     Ok(stream)
+}
+
+/// Both the overall service ("") and the wallet service: a probe of either sees it.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in ["", "wallet.v1.WalletService"] {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// How often readiness asks Redis, and how long it waits for the answer.
+const READINESS_PERIOD: Duration = Duration::from_secs(1);
+
+/// Health follows Redis: NOT_SERVING while it does not answer a PING within the period, SERVING
+/// again once it does. Runs until `stop`.
+async fn follow_redis(
+    totals: totals::Totals,
+    reporter: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut serving = true;
+    loop {
+        let answered = matches!(
+            tokio::time::timeout(READINESS_PERIOD, totals.ping()).await,
+            Ok(Ok(()))
+        );
+        if answered != serving {
+            serving = answered;
+            if stop.is_cancelled() {
+                return;
+            }
+            if serving {
+                tracing::info!("redis answers again: SERVING");
+                set_health(&reporter, ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("redis does not answer: NOT_SERVING");
+                set_health(&reporter, ServingStatus::NotServing).await;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(READINESS_PERIOD) => {}
+        }
+    }
 }
 
 /// Resolves once the aggregator's heartbeat has been silent for `limit`.

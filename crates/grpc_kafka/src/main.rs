@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
-    service_kit::init_logging(cli.settings.log_format);
+    let _telemetry = service_kit::init_telemetry("grpc_kafka", cli.settings.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let app = match Application::build(cli.settings).await {

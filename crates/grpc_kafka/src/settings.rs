@@ -49,6 +49,11 @@ pub struct Settings {
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the metrics endpoint (`GET /metrics`, Prometheus text format); port 0 picks a
+    /// free port.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: SocketAddr,
+
     /// Consumer group; replicas with the same group share the partitions.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "grpc_kafka")]
     pub kafka_group_id: String,

@@ -106,6 +106,13 @@ impl Totals {
     }
 
     /// The total of one user; zeros for a user never seen.
+    /// Whether Redis answers a PING (readiness).
+    pub async fn ping(&self) -> Result<(), TotalsError> {
+        let mut conn = self.pool.get().await?;
+        let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
+        Ok(())
+    }
+
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
         let key = format!("{}total:{user}", self.prefix);
         let mut conn = self.pool.get().await?;

@@ -1,11 +1,8 @@
-//! Process plumbing shared by both services: structured logging and shutdown signals.
-//!
-//! Logs are `tracing` events to stderr, as text or as JSON lines, filtered by `RUST_LOG` (default
-//! `info`). This crate only configures output and turns signals into a cancellation; it never
-//! decides what is logged or how a service shuts down.
+//! Process plumbing shared by both services: the log format setting, shutdown signals, TLS files
+//! and `*_FILE` secrets. The subscriber itself (logs and trace export) is `telemetry::trace`.
+//! This crate never decides what is logged or how a service shuts down.
 
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Output format of the log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,17 +25,10 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global subscriber. Calling it twice (as tests may) keeps the first one.
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _already_set = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+/// Installs the global subscriber (logs in `format`, trace export when configured) for
+/// `service`; keep the guard until the end of `main`.
+pub fn init_telemetry(service: &'static str, format: LogFormat) -> telemetry::trace::TracingGuard {
+    telemetry::trace::init(service, format == LogFormat::Json)
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT (Ctrl-C).

@@ -81,7 +81,9 @@ pub async fn serve(
     websocket: HyperWebsocket,
     committer: Committer,
     access: auth::Access,
+    traceparent: Option<String>,
     config: &ConnectionConfig,
+    metrics: &crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) {
     let stream = match websocket.await {
@@ -107,6 +109,7 @@ pub async fn serve(
         tokio::select! {
             biased;
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                metrics.frame(outcome_label(&reply));
                 match send_within(&mut sink, Message::text(reply.to_json()), deadline).await {
                     Ok(()) => {}
                     Err(SendFailure::Gone) => break None,
@@ -133,7 +136,8 @@ pub async fn serve(
                         in_flight.push_back(Box::pin(std::future::ready(reply)));
                     }
                     Some(Ok(Message::Text(text))) => {
-                        in_flight.push_back(handle_text(&text, &access, &committer));
+                        let parent = traceparent.as_deref();
+                        in_flight.push_back(handle_text(&text, &access, parent, &committer));
                     }
                     Some(Ok(Message::Binary(_))) => {
                         in_flight.push_back(Box::pin(std::future::ready(wire::binary_frame())));
@@ -156,6 +160,7 @@ pub async fn serve(
     // connection.
     let not_reading = matches!(close, Some((wire::CLOSE_POLICY, _)));
     while let Some(reply) = in_flight.next().await {
+        metrics.frame(outcome_label(&reply));
         if not_reading {
             continue; // the client does not read: the outcomes are committed, the replies dropped
         }
@@ -189,7 +194,23 @@ pub async fn serve(
     }
 }
 
-fn handle_text(text: &str, access: &auth::Access, committer: &Committer) -> PendingReply {
+/// The `outcome` label of a reply: `ack` or its error code.
+fn outcome_label(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Ack { .. } => "ack",
+        Reply::Error { code, .. } => code.as_str(),
+    }
+}
+
+/// One frame: parse, check, submit. A valid purchase gets a span (`purchase`, from frame to
+/// ack) whose trace context is stored with it; the connection's `traceparent` (handshake
+/// header) is its parent.
+fn handle_text(
+    text: &str,
+    access: &auth::Access,
+    parent: Option<&str>,
+    committer: &Committer,
+) -> PendingReply {
     let request = match parse_frame(text) {
         Ok(request) => request,
         Err(rejection) => {
@@ -201,28 +222,44 @@ fn handle_text(text: &str, access: &auth::Access, committer: &Committer) -> Pend
         tracing::debug!(user_id = %request.user_id, "purchase for another user refused");
         return Box::pin(std::future::ready(wire::forbidden_user(&request.user_id)));
     }
+    let purchase_id = request.purchase_id.unwrap_or_else(Uuid::now_v7);
+    let span = tracing::info_span!(
+        "purchase",
+        %purchase_id,
+        user_id = %request.user_id,
+        trace_id = tracing::field::Empty
+    );
+    if let Some(parent) = parent {
+        telemetry::trace::set_parent(&span, parent);
+    }
+    telemetry::trace::record_trace_id(&span);
     let purchase = NewPurchase {
-        purchase_id: request.purchase_id.unwrap_or_else(Uuid::now_v7),
+        purchase_id,
         user_id: request.user_id,
         amount: request.amount,
+        // Without export the span has no context: an incoming one is passed on as it came.
+        traceparent: telemetry::trace::traceparent(&span).or_else(|| parent.map(str::to_owned)),
     };
     let committer = committer.clone();
-    Box::pin(async move {
-        let result = committer.submit(purchase.clone()).await;
-        match &result {
-            Ok(outcome) => tracing::debug!(
-                purchase_id = %purchase.purchase_id,
-                user_id = %purchase.user_id,
-                amount_cents = purchase.amount.cents(),
-                ?outcome,
-                "purchase stored"
-            ),
-            Err(error) => tracing::warn!(
-                purchase_id = %purchase.purchase_id,
-                %error,
-                "purchase not stored"
-            ),
-        }
-        wire::outcome(&purchase, &result)
-    })
+    Box::pin(tracing::Instrument::instrument(
+        async move {
+            let result = committer.submit(purchase.clone()).await;
+            match &result {
+                Ok(outcome) => tracing::debug!(
+                    purchase_id = %purchase.purchase_id,
+                    user_id = %purchase.user_id,
+                    amount_cents = purchase.amount.cents(),
+                    ?outcome,
+                    "purchase stored"
+                ),
+                Err(error) => tracing::warn!(
+                    purchase_id = %purchase.purchase_id,
+                    %error,
+                    "purchase not stored"
+                ),
+            }
+            wire::outcome(&purchase, &result)
+        },
+        span,
+    ))
 }

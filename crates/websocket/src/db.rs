@@ -58,9 +58,21 @@ pub fn pool(config: tokio_postgres::Config, size: u32, timeout: Duration) -> Poo
         .build_unchecked(manager)
 }
 
-/// Applies every pending migration; safe to run concurrently and repeatedly.
-pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
-    let mut conn = pool.get().await?;
+/// Applies every pending migration; safe to run concurrently and repeatedly. A PostgreSQL that
+/// cannot be reached yet (still starting, as in a container's first-start initialisation) is
+/// waited for up to `wait`; any other error fails at once.
+pub async fn migrate(pool: &Pool, wait: Duration) -> Result<(), DbError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut conn = loop {
+        match pool.get().await {
+            Ok(conn) => break conn,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(%error, "PostgreSQL not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
     let report = embedded::migrations::runner().run_async(&mut *conn).await;

@@ -7,13 +7,15 @@
 //! - [`outbox`]: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
 //! - [`server`]: HTTP accept loop, `/ws` upgrades, health endpoints;
 //! - [`connection`]: one WebSocket: parse, submit, reply in order, close;
-//! - [`wire`]: the one mapping from outcomes and errors to replies and close codes.
+//! - [`wire`]: the one mapping from outcomes and errors to replies and close codes;
+//! - [`metrics`]: what `GET /metrics` shows.
 //!
 //! This service never writes to Kafka outside the relay and never acknowledges a purchase that is
 //! not committed in PostgreSQL.
 
 pub mod connection;
 pub mod db;
+pub mod metrics;
 pub mod outbox;
 pub mod server;
 pub mod settings;
@@ -72,7 +74,7 @@ impl Application {
             settings.database_pool_size,
             settings.database_timeout(),
         );
-        db::migrate(&pool).await?;
+        db::migrate(&pool, settings.database_wait()).await?;
         let producer = producer(&settings).map_err(StartError::Producer)?;
         let addr = settings.websocket_addr;
         let listener = TcpListener::bind(addr)
@@ -100,14 +102,18 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
         let settings = self.settings;
         let committed = Arc::new(Notify::new());
+        let metrics = Arc::new(metrics::Metrics::default());
         let writer_tasks = TaskTracker::new();
         let committer = store::Committer::start(
             self.pool.clone(),
-            settings.commit_batch_max as usize,
-            settings.commit_queue_max as usize,
-            (settings.database_pool_size as usize / 2).max(1),
-            settings.statement_timeout(),
-            committed.clone(),
+            store::WriterConfig {
+                batch_max: settings.commit_batch_max as usize,
+                queue_max: settings.commit_queue_max as usize,
+                concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
+                statement_timeout: settings.statement_timeout(),
+                committed: committed.clone(),
+                metrics: metrics.clone(),
+            },
             &writer_tasks,
         );
 
@@ -119,6 +125,7 @@ impl Application {
             batch_max: i64::from(settings.outbox_batch_max),
             statement_timeout: settings.statement_timeout(),
             committed,
+            metrics: metrics.clone(),
         };
         let relay_task = tokio::spawn(relay.run(relay_stop.clone(), settings.shutdown_timeout()));
 
@@ -150,6 +157,8 @@ impl Application {
             tls: self.tls,
             per_ip: (settings.http_max_connections_per_ip > 0)
                 .then(|| server::PerIp::new(settings.http_max_connections_per_ip)),
+            metrics,
+            statement_timeout: settings.statement_timeout(),
         });
         let http = TaskTracker::new();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");

@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
-    service_kit::init_logging(cli.settings.log_format);
+    let _telemetry = service_kit::init_telemetry("websocket", cli.settings.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let app = match Application::build(cli.settings).await {
@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
                 2,
                 settings.database_timeout(),
             );
-            match websocket::db::migrate(&pool).await {
+            match websocket::db::migrate(&pool, settings.database_wait()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!(%error, "migration failed");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use purchase::{Amount, PurchaseEvent, UserId};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio::sync::Notify;
@@ -25,6 +26,8 @@ use crate::db::{DbError, Pool, within};
 /// or by a previous run).
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The Kafka record header carrying the W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
 
 pub struct Relay {
     pub pool: Pool,
@@ -35,6 +38,7 @@ pub struct Relay {
     pub statement_timeout: Duration,
     /// Notified by the committer after each commit that wrote outbox rows.
     pub committed: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +161,7 @@ impl Relay {
         // query_typed: parse, bind and execute in one round trip, no named statement kept.
         let params = [(&self.batch_max as &(dyn ToSql + Sync), Type::INT8)];
         let selecting = transaction.query_typed(
-            "SELECT o.id, p.purchase_id, p.user_id, p.amount_cents, p.created_at \
+            "SELECT o.id, p.purchase_id, p.user_id, p.amount_cents, p.created_at, o.traceparent \
              FROM purchase_outbox o JOIN purchases p USING (purchase_id) \
              ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
             &params,
@@ -174,6 +178,7 @@ impl Relay {
             let user_id: String = row.get(2);
             let cents: i64 = row.get(3);
             let created_at: DateTime<Utc> = row.get(4);
+            let traceparent: Option<String> = row.get(5);
             // The table's CHECK constraints and the parser admit the same values, so these hold.
             let (Ok(user), Ok(amount)) = (UserId::parse(&user_id), Amount::from_cents(cents))
             else {
@@ -190,9 +195,16 @@ impl Relay {
                     continue;
                 }
             };
-            let record = FutureRecord::to(&self.topic_spec.topic)
+            let mut record = FutureRecord::to(&self.topic_spec.topic)
                 .key(user.as_str())
                 .payload(&payload);
+            if let Some(traceparent) = &traceparent {
+                // The trace continues in grpc_kafka's apply of this event.
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: TRACEPARENT,
+                    value: Some(traceparent.as_bytes()),
+                }));
+            }
             match self.producer.send_result(record) {
                 Ok(delivery) => pending.push(async move { (outbox_id, delivery.await) }),
                 Err((error, _record)) => failures.push(error.to_string()),
@@ -213,6 +225,8 @@ impl Relay {
             within(limit, "the outbox delete", deleting).await?;
         }
         within(limit, "the relay's commit", transaction.commit()).await?;
+        self.metrics.events_relayed.inc_by(delivered.len() as u64);
+        self.metrics.produce_errors.inc_by(failures.len() as u64);
         if let Some(first) = failures.first() {
             return Err(RelayError::Kafka {
                 failed: failures.len(),

@@ -2,7 +2,7 @@
 //! health endpoints. It owns no purchase logic.
 //!
 //! Routes: `GET /ws` (WebSocket), `GET /healthz` (the process is up), `GET /readyz` (PostgreSQL
-//! answers; 503 otherwise or while shutting down).
+//! answers; 503 otherwise or while shutting down), `GET /metrics` (Prometheus text format).
 //!
 //! Every accepted connection holds a slot: a pending one until it upgrades or closes
 //! (`HTTP_MAX_PENDING_CONNECTIONS`), a WebSocket one after (`WS_MAX_CONNECTIONS`), and, when
@@ -57,6 +57,9 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Connections per peer address, when capped.
     pub per_ip: Option<Arc<PerIp>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Longest the scrape's outbox query may take.
+    pub statement_timeout: std::time::Duration,
 }
 
 /// The subprotocol the server selects when a client offers it (browsers offer it together with
@@ -135,6 +138,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskT
         let Ok(pending) = shared.pending_slots.clone().try_acquire_owned() else {
             // Over the cap: closed at once, before a byte is read.
             tracing::debug!(%peer, "too many pending connections; closed");
+            shared.metrics.refused("pending_cap");
             drop(stream);
             continue;
         };
@@ -144,6 +148,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskT
                 Some(slot) => Some(Arc::new(slot)),
                 None => {
                     tracing::debug!(%peer, "too many connections from this address; closed");
+                    shared.metrics.refused("per_ip_cap");
                     drop(stream);
                     continue;
                 }
@@ -218,6 +223,7 @@ async fn route(
     let response = match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => readiness(&shared).await,
+        "/metrics" => metrics(&shared).await,
         "/ws" => {
             if !hyper_tungstenite::is_upgrade_request(&request) {
                 return Ok(text(
@@ -226,18 +232,27 @@ async fn route(
                 ));
             }
             if shared.shutdown.is_cancelled() {
+                shared.metrics.refused("shutting_down");
                 return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"));
             }
             let presented = presented_token(&request);
+            // An incoming trace context is honoured: the connection's purchases continue it.
+            let traceparent = request
+                .headers()
+                .get("traceparent")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
             let access = match shared.verifier.verify(presented.token.as_deref()) {
                 Ok(access) => access,
                 Err(error) => {
                     tracing::info!(reason = %error, "websocket handshake refused: 401");
+                    shared.metrics.refused("unauthorized");
                     return Ok(unauthorized(&error));
                 }
             };
             let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
                 tracing::warn!("connection limit reached");
+                shared.metrics.refused("connection_cap");
                 return Ok(text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "too many connections\n",
@@ -253,14 +268,19 @@ async fn route(
                     }
                     let task_shared = shared.clone();
                     shared.websockets.spawn(async move {
+                        let open = &task_shared.metrics.connections_open;
+                        open.inc();
                         connection::serve(
                             websocket,
                             task_shared.committer.clone(),
                             access,
+                            traceparent,
                             &task_shared.connection,
+                            &task_shared.metrics,
                             task_shared.shutdown.clone(),
                         )
                         .await;
+                        open.dec();
                         drop((slot, ip_slot));
                     });
                     response.map(|_| Full::new(Bytes::new()))
@@ -328,6 +348,39 @@ fn unauthorized(error: &auth::AuthError) -> HttpResponse {
     if let Ok(value) = HeaderValue::from_str(&challenge) {
         response.headers_mut().insert(WWW_AUTHENTICATE, value);
     }
+    response
+}
+
+/// The metrics, with the gauges of state read now: the commit queue, and the outbox backlog
+/// from PostgreSQL (a database that does not answer in time leaves the last figures).
+async fn metrics(shared: &Shared) -> HttpResponse {
+    let metrics = &shared.metrics;
+    metrics
+        .commit_queue_depth
+        .set(i64::try_from(shared.committer.queue_depth()).unwrap_or(i64::MAX));
+    let backlog = async {
+        let conn = shared.pool.get().await.ok()?;
+        conn.query_one(
+            "SELECT count(*), \
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(p.created_at)), 0)::float8 \
+             FROM purchase_outbox o JOIN purchases p USING (purchase_id)",
+            &[],
+        )
+        .await
+        .ok()
+    };
+    let limit = shared
+        .statement_timeout
+        .min(std::time::Duration::from_secs(2));
+    if let Ok(Some(row)) = tokio::time::timeout(limit, backlog).await {
+        metrics.outbox_backlog.set(row.get::<_, i64>(0));
+        metrics.outbox_oldest_age.set(row.get::<_, f64>(1));
+    }
+    let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static(telemetry::CONTENT_TYPE),
+    );
     response
 }
 

@@ -64,6 +64,11 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     pub database_statement_timeout_ms: u64,
 
+    /// At start (and in `websocket migrate`), how long to keep trying to reach PostgreSQL before
+    /// giving up: a database still initialising is waited for.
+    #[arg(long, env = "DATABASE_WAIT_SECS", default_value_t = 60)]
+    pub database_wait_secs: u64,
+
     /// How long a request waits for a PostgreSQL connection before it is answered `unavailable`.
     #[arg(long, env = "DATABASE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..))]
     pub database_timeout_ms: u64,
@@ -143,6 +148,10 @@ pub struct Settings {
 impl Settings {
     pub fn statement_timeout(&self) -> Duration {
         Duration::from_millis(self.database_statement_timeout_ms)
+    }
+
+    pub fn database_wait(&self) -> Duration {
+        Duration::from_secs(self.database_wait_secs)
     }
 
     pub fn database_timeout(&self) -> Duration {

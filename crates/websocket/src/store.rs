@@ -23,6 +23,8 @@ pub struct NewPurchase {
     pub purchase_id: Uuid,
     pub user_id: UserId,
     pub amount: Amount,
+    /// The W3C trace context of the frame, stored with the outbox row (None: not traced).
+    pub traceparent: Option<String>,
 }
 
 /// What became of one purchase.
@@ -60,25 +62,29 @@ pub struct Committer {
     jobs: mpsc::Sender<Job>,
 }
 
+/// What the writer needs besides the pool.
+pub struct WriterConfig {
+    pub batch_max: usize,
+    pub queue_max: usize,
+    /// Transactions at once, so a slow database cannot take every pooled connection.
+    pub concurrent_commits: usize,
+    pub statement_timeout: std::time::Duration,
+    /// Notified after each commit that wrote outbox rows.
+    pub committed: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
 impl Committer {
-    /// Starts the writer task on `tracker`; `committed` is notified after each commit that wrote
-    /// outbox rows.
-    pub fn start(
-        pool: Pool,
-        batch_max: usize,
-        queue_max: usize,
-        concurrent_commits: usize,
-        statement_timeout: std::time::Duration,
-        committed: Arc<Notify>,
-        tracker: &TaskTracker,
-    ) -> Self {
-        let (jobs, receiver) = mpsc::channel(queue_max);
+    /// Starts the writer task on `tracker`.
+    pub fn start(pool: Pool, config: WriterConfig, tracker: &TaskTracker) -> Self {
+        let (jobs, receiver) = mpsc::channel(config.queue_max);
         let writer = Writer {
             pool,
-            batch_max,
-            permits: Arc::new(Semaphore::new(concurrent_commits)),
-            statement_timeout,
-            committed,
+            batch_max: config.batch_max,
+            permits: Arc::new(Semaphore::new(config.concurrent_commits)),
+            statement_timeout: config.statement_timeout,
+            committed: config.committed,
+            metrics: config.metrics,
         };
         tracker.spawn(writer.run(receiver, tracker.clone()));
         Self { jobs }
@@ -96,6 +102,11 @@ impl Committer {
             })?;
         outcome.await.map_err(|_| StoreError::ShuttingDown)?
     }
+
+    /// Purchases waiting for a commit now.
+    pub fn queue_depth(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
 }
 
 struct Writer {
@@ -106,6 +117,7 @@ struct Writer {
     /// Longest a batch's statements may take; past it the batch is answered `unavailable`.
     statement_timeout: std::time::Duration,
     committed: Arc<Notify>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Writer {
@@ -130,8 +142,10 @@ impl Writer {
         let purchases: Vec<&NewPurchase> = jobs.iter().map(|job| &job.purchase).collect();
         let size = purchases.len();
         let committing = commit_batch(&self.pool, &purchases);
+        let started = std::time::Instant::now();
         match crate::db::within(self.statement_timeout, "a commit", committing).await {
             Ok(outcomes) => {
+                self.metrics.committed(size, started.elapsed());
                 if outcomes.contains(&Outcome::Committed) {
                     self.committed.notify_one();
                 }
@@ -161,11 +175,13 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
     let mut ids = Vec::with_capacity(first.len());
     let mut users = Vec::with_capacity(first.len());
     let mut cents = Vec::with_capacity(first.len());
+    let mut traces: Vec<Option<&str>> = Vec::with_capacity(first.len());
     for (index, purchase) in batch.iter().enumerate() {
         if first[&purchase.purchase_id] == index {
             ids.push(purchase.purchase_id);
             users.push(purchase.user_id.as_str());
             cents.push(purchase.amount.cents());
+            traces.push(purchase.traceparent.as_deref());
         }
     }
 
@@ -177,22 +193,24 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
     let inserted: HashSet<Uuid> = conn
         .query_typed(
             "WITH input AS ( \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[]) \
-                     WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, n)), \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) \
+                     WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, traceparent, n)), \
              inserted AS ( \
                  INSERT INTO purchases (purchase_id, user_id, amount_cents) \
                  SELECT purchase_id, user_id, amount_cents FROM input ORDER BY n \
                  ON CONFLICT (purchase_id) DO NOTHING \
                  RETURNING purchase_id), \
              outbox AS ( \
-                 INSERT INTO purchase_outbox (purchase_id) \
-                 SELECT input.purchase_id FROM input JOIN inserted USING (purchase_id) \
+                 INSERT INTO purchase_outbox (purchase_id, traceparent) \
+                 SELECT input.purchase_id, input.traceparent \
+                 FROM input JOIN inserted USING (purchase_id) \
                  ORDER BY input.n) \
              SELECT purchase_id FROM inserted",
             &[
                 (&ids, Type::UUID_ARRAY),
                 (&users, Type::TEXT_ARRAY),
                 (&cents, Type::INT8_ARRAY),
+                (&traces, Type::TEXT_ARRAY),
             ],
         )
         .await?

@@ -1,0 +1,225 @@
+//! The grpc_kafka service's metrics, served at `GET /metrics` on `METRICS_ADDR` (Prometheus text
+//! format), and the small HTTP server that serves them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Partition {
+    pub partition: i32,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Call {
+    pub method: &'static str,
+    /// The gRPC status code name, e.g. `Ok`, `Unauthenticated`.
+    pub code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Method {
+    pub method: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_applied: Counter,
+    pub duplicates_skipped: Counter,
+    pub redis_apply_duration: Histogram,
+    pub ack_to_visible: Histogram,
+    pub consumer_lag: Family<Partition, Gauge>,
+    pub grpc_requests: Family<Call, Counter>,
+    pub grpc_duration: HistogramFamily<Method>,
+    last_applied_age: Gauge<f64, AtomicU64>,
+    /// `created_at` of the last applied event, in milliseconds since the epoch (0: none yet).
+    last_applied_ms: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = telemetry::registry();
+        let this = Self {
+            registry: Registry::default(),
+            events_applied: Counter::default(),
+            duplicates_skipped: Counter::default(),
+            redis_apply_duration: telemetry::seconds_histogram(),
+            ack_to_visible: telemetry::seconds_histogram(),
+            consumer_lag: Family::default(),
+            grpc_requests: Family::default(),
+            grpc_duration: Family::new_with_constructor(telemetry::seconds_histogram),
+            last_applied_age: Gauge::default(),
+            last_applied_ms: AtomicI64::new(0),
+        };
+        let r = &mut registry;
+        r.register(
+            "grpc_kafka_events_applied",
+            "Purchase events counted into the totals.",
+            this.events_applied.clone(),
+        );
+        r.register(
+            "grpc_kafka_duplicates_skipped",
+            "Events skipped because their purchase id was already counted.",
+            this.duplicates_skipped.clone(),
+        );
+        telemetry::register_with_unit(
+            r,
+            "grpc_kafka_redis_apply_duration",
+            "Duration of one batch's apply script in Redis.",
+            Unit::Seconds,
+            this.redis_apply_duration.clone(),
+        );
+        telemetry::register_with_unit(
+            r,
+            "grpc_kafka_ack_to_visible",
+            "From a purchase's commit (its created_at) to its event being applied in Redis.",
+            Unit::Seconds,
+            this.ack_to_visible.clone(),
+        );
+        r.register(
+            "grpc_kafka_consumer_lag_records",
+            "Per assigned partition: high watermark minus the next offset to apply.",
+            this.consumer_lag.clone(),
+        );
+        telemetry::register_with_unit(
+            r,
+            "grpc_kafka_last_applied_event_age",
+            "Now minus the created_at of the last applied event (0 before the first).",
+            Unit::Seconds,
+            this.last_applied_age.clone(),
+        );
+        r.register(
+            "grpc_requests",
+            "gRPC requests of the wallet service, by method and status code.",
+            this.grpc_requests.clone(),
+        );
+        telemetry::register_with_unit(
+            r,
+            "grpc_request_duration",
+            "Duration of gRPC requests of the wallet service, by method.",
+            Unit::Seconds,
+            this.grpc_duration.clone(),
+        );
+        Self { registry, ..this }
+    }
+}
+
+impl Metrics {
+    /// One applied batch: `events` offered, `counted` of them new.
+    pub fn applied(
+        &self,
+        events: &[crate::totals::Counted],
+        counted: u64,
+        took: std::time::Duration,
+    ) {
+        self.redis_apply_duration.observe(took.as_secs_f64());
+        self.events_applied.inc_by(counted);
+        self.duplicates_skipped
+            .inc_by((events.len() as u64).saturating_sub(counted));
+        let now = Utc::now();
+        let mut latest: Option<DateTime<Utc>> = None;
+        for event in events {
+            let age = (now - event.created_at).to_std().unwrap_or_default();
+            self.ack_to_visible.observe(age.as_secs_f64());
+            latest = latest.max(Some(event.created_at));
+        }
+        if let Some(latest) = latest {
+            self.last_applied_ms
+                .fetch_max(latest.timestamp_millis(), Ordering::Relaxed);
+        }
+    }
+
+    /// One answered call.
+    pub fn call(&self, method: &'static str, code: tonic::Code, took: std::time::Duration) {
+        self.grpc_requests
+            .get_or_create(&Call {
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.grpc_duration
+            .get_or_create(&Method { method })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let last = self.last_applied_ms.load(Ordering::Relaxed);
+        if last > 0 {
+            let age_ms = Utc::now().timestamp_millis().saturating_sub(last).max(0);
+            self.last_applied_age.set(age_ms as f64 / 1000.0);
+        }
+        telemetry::render(&self.registry)
+    }
+}
+
+/// Serves `GET /metrics` (and `GET /healthz`) on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(route(&request, &metrics)) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => (StatusCode::OK, telemetry::CONTENT_TYPE, metrics.render()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; metrics are at /metrics\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}

@@ -1,0 +1,137 @@
+//! The websocket service's metrics, served at `GET /metrics` (Prometheus text format).
+//!
+//! Counters and histograms are updated where things happen; the gauges that describe state
+//! (commit queue depth, outbox backlog and the age of its oldest row) are read when scraped.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// `ack` or the reply's error code.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Why a connection was refused: `pending_cap`, `per_ip_cap`, `connection_cap`,
+    /// `unauthorized`, `shutting_down`.
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: Gauge,
+    pub connections_refused: Family<Reason, Counter>,
+    pub frames: Family<Outcome, Counter>,
+    pub commit_batch_size: Histogram,
+    pub commit_duration: Histogram,
+    pub commit_queue_depth: Gauge,
+    pub outbox_backlog: Gauge,
+    pub outbox_oldest_age: Gauge<f64, AtomicU64>,
+    pub events_relayed: Counter,
+    pub produce_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = telemetry::registry();
+        let this = Self {
+            registry: Registry::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Family::default(),
+            frames: Family::default(),
+            commit_batch_size: telemetry::size_histogram(),
+            commit_duration: telemetry::seconds_histogram(),
+            commit_queue_depth: Gauge::default(),
+            outbox_backlog: Gauge::default(),
+            outbox_oldest_age: Gauge::default(),
+            events_relayed: Counter::default(),
+            produce_errors: Counter::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "websocket_connections_open",
+            "WebSocket connections open now.",
+            this.connections_open.clone(),
+        );
+        r.register(
+            "websocket_connections_refused",
+            "Connections refused, by reason.",
+            this.connections_refused.clone(),
+        );
+        r.register(
+            "websocket_frames",
+            "Frames answered, by outcome: ack or the error code.",
+            this.frames.clone(),
+        );
+        r.register(
+            "websocket_commit_batch_size",
+            "Purchases per group commit.",
+            this.commit_batch_size.clone(),
+        );
+        telemetry::register_with_unit(
+            r,
+            "websocket_commit_duration",
+            "Duration of one group commit (one transaction).",
+            Unit::Seconds,
+            this.commit_duration.clone(),
+        );
+        r.register(
+            "websocket_commit_queue_depth",
+            "Purchases waiting for a commit.",
+            this.commit_queue_depth.clone(),
+        );
+        r.register(
+            "websocket_outbox_backlog_rows",
+            "Committed purchases not yet confirmed on Kafka (outbox rows).",
+            this.outbox_backlog.clone(),
+        );
+        telemetry::register_with_unit(
+            r,
+            "websocket_outbox_oldest_age",
+            "Age of the oldest purchase not yet confirmed on Kafka (0 when none).",
+            Unit::Seconds,
+            this.outbox_oldest_age.clone(),
+        );
+        r.register(
+            "websocket_outbox_events_relayed",
+            "Events confirmed by Kafka and removed from the outbox.",
+            this.events_relayed.clone(),
+        );
+        r.register(
+            "websocket_kafka_produce_errors",
+            "Events Kafka did not confirm (they stay in the outbox and are sent again).",
+            this.produce_errors.clone(),
+        );
+        Self { registry, ..this }
+    }
+}
+
+impl Metrics {
+    pub fn frame(&self, outcome: &'static str) {
+        self.frames.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn committed(&self, size: usize, took: Duration) {
+        self.commit_batch_size.observe(size as f64);
+        self.commit_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        telemetry::render(&self.registry)
+    }
+}
