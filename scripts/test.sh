@@ -17,7 +17,8 @@
 #   4. the Nix and compose static checks (scripts/static-checks.sh);
 #   5. the docker-compose wiring run natively, in KRaft and in ZooKeeper mode (scripts/compose-wiring.sh);
 #   6. every unit, integration and end-to-end test (cargo test), a smoke run of the benchmarks
-#      (scripts/bench.sh --smoke), then the fault-injection suite, which prints one line of figures
+#      (scripts/bench.sh --smoke), the console page in a real browser (scripts/browser-test.sh),
+#      then the fault-injection suite, which prints one line of figures
 #      per scenario; closing with one summary line.
 #
 # Tests need the real services: if they cannot be reached, the tests fail, they never skip.
@@ -35,7 +36,7 @@ export STACK_WS_PORT=18180 STACK_GRPC_PORT=60151 STACK_METRICS_PORT=19464
 export STACK_WIRING_WS_PORT=18181 STACK_WIRING_GRPC_PORT=60152 STACK_WIRING_METRICS_PORT=19465
 
 test_env() {
-  scripts/stack.sh env | grep -v -e WEBSOCKET_ADDR -e GRPC_ADDR -e METRICS_ADDR
+  scripts/stack.sh env | grep -v -e WEBSOCKET_ADDR -e GRPC_ADDR -e METRICS_ADDR -e CONSOLE_TOTALS_URL -e GRPC_WEB_ALLOWED_ORIGINS
   local database_url
   database_url="$(scripts/stack.sh env | sed -n 's/^export DATABASE_URL=//p')"
   echo "export TEST_DATABASE_URL=${database_url%/*}/postgres"
@@ -84,6 +85,10 @@ cargo test --locked --no-fail-fast -p tests --test it 2>&1 | tee -a "$log" || st
 
 step "benchmark smoke: scripts/bench.sh --smoke (every step, tiny; figures printed, never asserted)"
 scripts/bench.sh --smoke || status=1
+
+step "browser test of the console page (Chromium, playwright-core) against the same services"
+scripts/stack.sh services >/dev/null
+scripts/browser-test.sh || status=1
 scripts/stack.sh stop-services
 
 step "fault-injection suite (takes the test stack's PostgreSQL, Redis and Kafka down one at a time)"

@@ -190,6 +190,10 @@ impl Application {
             .timeout(std::time::Duration::from_millis(
                 settings.grpc_request_timeout_ms,
             ))
+            // gRPC-Web for browser pages (HTTP/1.1), CORS limited to the configured origins.
+            .accept_http1(true)
+            .layer(cors(&settings.grpc_web_allowed_origins))
+            .layer(tonic_web::GrpcWebLayer::new())
             .add_service(health_service)
             .add_optional_service(settings.grpc_reflection.then_some(reflection))
             .add_optional_service(settings.grpc_reflection.then_some(reflection_v1alpha))
@@ -239,6 +243,30 @@ impl Application {
         tracing::info!("grpc_kafka service stopped");
         failure.map_or(Ok(()), Err)
     }
+}
+
+/// CORS for gRPC-Web calls from the listed origins only: the headers a gRPC-Web client sends
+/// (the bearer token among them) and the status trailers it must read.
+fn cors(origins: &[hyper::header::HeaderValue]) -> tower_http::cors::CorsLayer {
+    use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let header = HeaderName::from_static;
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins.iter().cloned()))
+        .allow_methods([hyper::Method::POST])
+        .allow_headers([
+            AUTHORIZATION,
+            CONTENT_TYPE,
+            header("x-grpc-web"),
+            header("x-user-agent"),
+            header("grpc-timeout"),
+        ])
+        .expose_headers([
+            header("grpc-status"),
+            header("grpc-message"),
+            header("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(600))
 }
 
 /// Accepted sockets send each response at once: with Nagle's algorithm on, a small response

@@ -100,6 +100,13 @@ pub struct Settings {
     #[arg(long, env = "GRPC_REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub grpc_request_timeout_ms: u64,
 
+    /// Origins (e.g. http://127.0.0.1:8080, the websocket service's console page) whose browser
+    /// pages may call the API over gRPC-Web, comma-separated. gRPC-Web itself is always served
+    /// (same method, validation and authentication); without an origin listed here, browsers of
+    /// other origins are refused by CORS.
+    #[arg(long, env = "GRPC_WEB_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub grpc_web_allowed_origins: Vec<hyper::header::HeaderValue>,
+
     /// Serve gRPC reflection (what grpcurl uses to discover the API): true or false.
     #[arg(long, env = "GRPC_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub grpc_reflection: bool,
@@ -139,4 +146,19 @@ fn parse_redis_url(text: &str) -> Result<String, String> {
     redis::Client::open(text)
         .map(|_| text.to_owned())
         .map_err(|e| format!("not a Redis URL: {e}"))
+}
+
+/// An origin as browsers send it: scheme, host and optional port, nothing else.
+fn parse_origin(text: &str) -> Result<hyper::header::HeaderValue, String> {
+    let text = text.trim();
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+        .ok_or_else(|| format!("{text:?} is not an origin such as http://127.0.0.1:8080"))?;
+    if rest.is_empty() || rest.contains('/') {
+        return Err(format!(
+            "{text:?} is not an origin (scheme://host[:port], no path)"
+        ));
+    }
+    hyper::header::HeaderValue::from_str(text).map_err(|e| format!("{text:?}: {e}"))
 }

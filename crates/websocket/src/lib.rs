@@ -6,6 +6,7 @@
 //! - [`store`]: group commit of purchases and their outbox rows;
 //! - [`outbox`]: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
 //! - [`server`]: HTTP accept loop, `/ws` upgrades, health endpoints;
+//! - [`console`]: the console page at `/`;
 //! - [`connection`]: one WebSocket: parse, submit, reply in order, close;
 //! - [`wire`]: the one mapping from outcomes and errors to replies and close codes;
 //! - [`metrics`]: what `GET /metrics` shows.
@@ -14,6 +15,7 @@
 //! not committed in PostgreSQL.
 
 pub mod connection;
+pub mod console;
 pub mod db;
 pub mod metrics;
 pub mod outbox;
@@ -159,6 +161,7 @@ impl Application {
                 .then(|| server::PerIp::new(settings.http_max_connections_per_ip)),
             metrics,
             statement_timeout: settings.statement_timeout(),
+            console: console::Console::new(settings.console_totals_url.as_deref()),
         });
         let http = TaskTracker::new();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");

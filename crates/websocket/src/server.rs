@@ -2,7 +2,8 @@
 //! health endpoints. It owns no purchase logic.
 //!
 //! Routes: `GET /ws` (WebSocket), `GET /healthz` (the process is up), `GET /readyz` (PostgreSQL
-//! answers; 503 otherwise or while shutting down), `GET /metrics` (Prometheus text format).
+//! answers; 503 otherwise or while shutting down), `GET /metrics` (Prometheus text format), and
+//! the console page (`GET /` and its files, [`crate::console`]).
 //!
 //! Every accepted connection holds a slot: a pending one until it upgrades or closes
 //! (`HTTP_MAX_PENDING_CONNECTIONS`), a WebSocket one after (`WS_MAX_CONNECTIONS`), and, when
@@ -60,6 +61,7 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Longest the scrape's outbox query may take.
     pub statement_timeout: std::time::Duration,
+    pub console: crate::console::Console,
 }
 
 /// The subprotocol the server selects when a client offers it (browsers offer it together with
@@ -291,10 +293,19 @@ async fn route(
                 }
             }
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found; the WebSocket endpoint is /ws\n",
-        ),
+        path => {
+            let host = request
+                .headers()
+                .get(hyper::header::HOST)
+                .and_then(|value| value.to_str().ok());
+            match shared.console.route(path, host) {
+                Some(page) => page,
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "not found; the WebSocket endpoint is /ws, the console is /\n",
+                ),
+            }
+        }
     };
     Ok(response)
 }

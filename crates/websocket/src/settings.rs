@@ -140,6 +140,12 @@ pub struct Settings {
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
 
+    /// Where the console page (`GET /`) reads totals: grpc_kafka's address for gRPC-Web, e.g.
+    /// http://127.0.0.1:50051 (grpc_kafka must list this service's origin in
+    /// GRPC_WEB_ALLOWED_ORIGINS). Unset: the page sends purchases but shows no totals.
+    #[arg(long, env = "CONSOLE_TOTALS_URL", value_parser = crate::console::parse_totals_url)]
+    pub console_totals_url: Option<String>,
+
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: service_kit::LogFormat,
