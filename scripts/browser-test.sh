@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The console page in a real browser, against a running stack's services (scripts/stack.sh;
-# scripts/test.sh runs it against its own stack): Debian's Chromium (installed when missing, as
-# root) driven by playwright-core (tests/browser, installed from its lock file when missing).
-# Mints a token for a user of this run with walletctl and the stack's development key.
+# scripts/test.sh runs it against its own stack, scripts/compose-wiring.sh against the compose
+# configuration): Debian's Chromium (installed when missing, as root) driven by playwright-core
+# (tests/browser, installed from its lock file when missing). Mints a token for a user of this
+# run with walletctl and the development key.
+#
+# CONSOLE_ADDR, JWT_HS256_SECRET_FILE and WALLETCTL override the stack's address, key and
+# walletctl binary.
 #
 #   scripts/browser-test.sh [--screenshot FILE]     default: $STACK_DIR/console.png
 #
@@ -34,8 +38,12 @@ if [ ! -d tests/browser/node_modules/playwright-core ] \
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >&2)
 fi
 
-eval "$(scripts/stack.sh env)"
-ctl="$ROOT/target/release/walletctl"
+if [ -n "${CONSOLE_ADDR:-}" ]; then
+  WEBSOCKET_ADDR="$CONSOLE_ADDR"
+else
+  eval "$(scripts/stack.sh env)"
+fi
+ctl="${WALLETCTL:-$ROOT/target/release/walletctl}"
 [ -x "$ctl" ] || die "$ctl is missing: start the services first (scripts/stack.sh services)"
 listening() { (exec 3<>"/dev/tcp/${WEBSOCKET_ADDR%:*}/${WEBSOCKET_ADDR##*:}") 2>/dev/null; }
 listening || die "the websocket service is not running at $WEBSOCKET_ADDR (scripts/stack.sh services)"

@@ -47,6 +47,8 @@ rewrite() {
       -e "s#^WEBSOCKET_ADDR=0.0.0.0:8080\$#WEBSOCKET_ADDR=127.0.0.1:$WS_PORT#" \
       -e "s#^GRPC_ADDR=0.0.0.0:50051\$#GRPC_ADDR=127.0.0.1:$GRPC_PORT#" \
       -e "s#^METRICS_ADDR=0.0.0.0:9464\$#METRICS_ADDR=127.0.0.1:$METRICS_PORT#" \
+      -e "s#^CONSOLE_TOTALS_URL=http://localhost:50051\$#CONSOLE_TOTALS_URL=http://127.0.0.1:$GRPC_PORT#" \
+      -e "s#^GRPC_WEB_ALLOWED_ORIGINS=.*#GRPC_WEB_ALLOWED_ORIGINS=http://127.0.0.1:$WS_PORT#" \
       -e "s#=/run/secrets/#=$RUN/secrets/#"
 }
 mkdir -p "$RUN/secrets" && chmod 700 "$RUN/secrets"
@@ -131,6 +133,12 @@ for user in "${!cents[@]}"; do
 done
 [ $failed = 0 ] || die "totals do not match"
 log "totals of all 10 users are exact"
+
+if [ "$MODE" = kraft ]; then
+  log "the console page in a browser, with the compose configuration"
+  CONSOLE_ADDR="127.0.0.1:$WS_PORT" WALLETCTL="$BIN/walletctl" \
+    scripts/browser-test.sh --screenshot "$RUN/console.png" || die "browser test of the console failed"
+fi
 
 kill -TERM "$ws_pid" "$grpc_pid"
 ws_status=0; wait "$ws_pid" || ws_status=$?

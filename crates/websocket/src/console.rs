@@ -38,12 +38,18 @@ impl Console {
     /// Host header: the page's WebSocket goes there.
     pub fn route(&self, path: &str, host: Option<&str>) -> Option<Response<Full<Bytes>>> {
         let (body, content_type) = match path {
-            "/" => (Bytes::from_static(INDEX.as_bytes()), "text/html; charset=utf-8"),
+            "/" => (
+                Bytes::from_static(INDEX.as_bytes()),
+                "text/html; charset=utf-8",
+            ),
             "/console.js" => (
                 Bytes::from_static(SCRIPT.as_bytes()),
                 "text/javascript; charset=utf-8",
             ),
-            "/console.css" => (Bytes::from_static(STYLE.as_bytes()), "text/css; charset=utf-8"),
+            "/console.css" => (
+                Bytes::from_static(STYLE.as_bytes()),
+                "text/css; charset=utf-8",
+            ),
             "/console/config.json" => (self.config.clone(), "application/json"),
             "/favicon.ico" => {
                 // No icon: answered, so browsers do not log a failed load.
