@@ -35,10 +35,7 @@ async fn fixture(tweak: impl FnOnce(&mut websocket::Settings)) -> Fixture {
     let db = fresh_database().await;
     let topic = fresh_topic(2).await;
     let mut settings = websocket_settings(&db.url, &topic);
-    settings.auth.auth_mode = auth::AuthMode::Jwt;
-    settings.auth.jwt_hs256_secret_file = Some(keys.secret_file.clone());
-    settings.auth.jwt_jwks_file = Some(keys.jwks_file.clone());
-    settings.auth.jwt_leeway_secs = 0;
+    keys.require_tokens(&mut settings.auth, true);
     tweak(&mut settings);
     let ws = start_websocket(settings).await;
     let prefix = format!("{}:", unique("auth"));

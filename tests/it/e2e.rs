@@ -252,6 +252,17 @@ async fn binaries_answer_errors_and_resends_per_contract() {
     assert!(system.grpc_kafka.terminate().await.success());
 }
 
+/// Runs a binary with only `env` and expects it to refuse to start; returns what it said.
+fn fails_at_start(name: &'static str, env: &[(&str, &str)]) -> String {
+    let output = std::process::Command::new(binary(name))
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run binary");
+    assert!(!output.status.success(), "{name} started with {env:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// `*_FILE` settings (Docker secrets) are read, never echoed, and exclusive with the plain
 /// variable; authentication is on unless turned off explicitly, and off is warned about.
 #[tokio::test]
@@ -263,15 +274,7 @@ async fn secret_files_and_the_authentication_mode_at_start() {
     let short_key = dir.path().join("short.key");
     std::fs::write(&short_key, "too short\n").expect("write");
     let short_key = short_key.to_str().expect("utf8 path");
-    let run = |name: &'static str, env: &[(&str, &str)]| {
-        let output = std::process::Command::new(binary(name))
-            .env_clear()
-            .envs(env.iter().copied())
-            .output()
-            .expect("run binary");
-        assert!(!output.status.success(), "{name} started with {env:?}");
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
+    let run = fails_at_start;
     let kafka = ("KAFKA_BROKERS", "127.0.0.1:1");
     // The file is read: its (unparsable) URL is refused by name, its password never shown.
     let stderr = run("websocket", &[("DATABASE_URL_FILE", secret), kafka]);
@@ -328,15 +331,7 @@ async fn secret_files_and_the_authentication_mode_at_start() {
 
 #[tokio::test]
 async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
-    let run = |name: &'static str, env: &[(&str, &str)]| {
-        let output = std::process::Command::new(binary(name))
-            .env_clear()
-            .envs(env.iter().copied())
-            .output()
-            .expect("run binary");
-        assert!(!output.status.success(), "{name} started with {env:?}");
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
+    let run = fails_at_start;
     let stderr = run("websocket", &[("KAFKA_BROKERS", "127.0.0.1:1")]);
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
     let stderr = run(

@@ -26,8 +26,7 @@ async fn metrics_count_exactly_what_was_sent_and_lag_returns_to_zero() {
     let db = fresh_database().await;
     let topic = fresh_topic(2).await;
     let mut settings = websocket_settings(&db.url, &topic);
-    settings.auth.auth_mode = auth::AuthMode::Jwt;
-    settings.auth.jwt_hs256_secret_file = Some(keys.secret_file.clone());
+    keys.require_tokens(&mut settings.auth, false);
     settings.ws_rate_limit_per_sec = 1;
     settings.ws_rate_limit_burst = 40;
     let ws = start_websocket(settings).await;

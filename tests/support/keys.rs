@@ -63,6 +63,14 @@ impl Keys {
         }
     }
 
+    /// Turns authentication on in `settings` with the HS256 secret (and the JWKS when `jwks`).
+    pub fn require_tokens(&self, settings: &mut auth::AuthSettings, jwks: bool) {
+        settings.auth_mode = auth::AuthMode::Jwt;
+        settings.jwt_hs256_secret_file = Some(self.secret_file.clone());
+        settings.jwt_jwks_file = jwks.then(|| self.jwks_file.clone());
+        settings.jwt_leeway_secs = 0;
+    }
+
     /// Claims valid for a minute for `sub` with `scopes`, then `overrides` (null removes a claim).
     pub fn claims(sub: &str, scopes: &[&str], overrides: serde_json::Value) -> serde_json::Value {
         let now = auth::now_secs();
