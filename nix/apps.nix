@@ -16,7 +16,7 @@ let
       ${images.grpc_kafka-image} | docker load
     '';
   };
-  secrets = ''SECRETS_DIR="$PWD/.secrets" bash ${../scripts/compose-secrets.sh} >/dev/null'';
+  secrets = ''SECRETS_DIR="$PWD/.secrets" ${pkgs.runtimeShell} ${../scripts/compose-secrets.sh} >/dev/null'';
   up = pkgs.writeShellApplication {
     name = "up";
     runtimeInputs = [
@@ -44,7 +44,7 @@ let
     text = ''
       load-images
       DOCKER_COMPOSE=docker-compose COMPOSE_SECRETS_SCRIPT=${../scripts/compose-secrets.sh} \
-        bash ${../scripts/compose-smoke.sh} "$@"
+        ${pkgs.runtimeShell} ${../scripts/compose-smoke.sh} "$@"
     '';
   };
   app = program: description: {
