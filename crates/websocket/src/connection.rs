@@ -223,12 +223,17 @@ fn handle_text(
         return Box::pin(std::future::ready(wire::forbidden_user(&request.user_id)));
     }
     let purchase_id = request.purchase_id.unwrap_or_else(Uuid::now_v7);
-    let span = tracing::info_span!(
-        "purchase",
-        %purchase_id,
-        user_id = %request.user_id,
-        trace_id = tracing::field::Empty
-    );
+    // Only while spans are exported: a span per frame is not free, and nothing else reads it.
+    let span = if telemetry::trace::exporting() {
+        tracing::info_span!(
+            "purchase",
+            %purchase_id,
+            user_id = %request.user_id,
+            trace_id = tracing::field::Empty
+        )
+    } else {
+        tracing::Span::none()
+    };
     if let Some(parent) = parent {
         telemetry::trace::set_parent(&span, parent);
     }
