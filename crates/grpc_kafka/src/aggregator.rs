@@ -314,7 +314,7 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
         message.headers().and_then(|headers| {
             headers
                 .iter()
-                .find(|header| header.key == "traceparent")
+                .find(|header| header.key == telemetry::trace::TRACEPARENT)
                 .and_then(|header| header.value)
                 .and_then(|value| std::str::from_utf8(value).ok())
                 .map(str::to_owned)

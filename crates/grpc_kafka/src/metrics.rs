@@ -53,9 +53,8 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = telemetry::registry();
-        let this = Self {
-            registry: Registry::default(),
+        let mut this = Self {
+            registry: telemetry::registry(),
             events_applied: Counter::default(),
             duplicates_skipped: Counter::default(),
             redis_apply_duration: telemetry::seconds_histogram(),
@@ -66,7 +65,7 @@ impl Default for Metrics {
             last_applied_age: Gauge::default(),
             last_applied_ms: AtomicI64::new(0),
         };
-        let r = &mut registry;
+        let r = &mut this.registry;
         r.register(
             "grpc_kafka_events_applied",
             "Purchase events counted into the totals.",
@@ -77,15 +76,13 @@ impl Default for Metrics {
             "Events skipped because their purchase id was already counted.",
             this.duplicates_skipped.clone(),
         );
-        telemetry::register_with_unit(
-            r,
+        r.register_with_unit(
             "grpc_kafka_redis_apply_duration",
             "Duration of one batch's apply script in Redis.",
             Unit::Seconds,
             this.redis_apply_duration.clone(),
         );
-        telemetry::register_with_unit(
-            r,
+        r.register_with_unit(
             "grpc_kafka_ack_to_visible",
             "From a purchase's commit (its created_at) to its event being applied in Redis.",
             Unit::Seconds,
@@ -96,8 +93,7 @@ impl Default for Metrics {
             "Per assigned partition: high watermark minus the next offset to apply.",
             this.consumer_lag.clone(),
         );
-        telemetry::register_with_unit(
-            r,
+        r.register_with_unit(
             "grpc_kafka_last_applied_event_age",
             "Now minus the created_at of the last applied event (0 before the first).",
             Unit::Seconds,
@@ -108,14 +104,13 @@ impl Default for Metrics {
             "gRPC requests of the wallet service, by method and status code.",
             this.grpc_requests.clone(),
         );
-        telemetry::register_with_unit(
-            r,
+        r.register_with_unit(
             "grpc_request_duration",
             "Duration of gRPC requests of the wallet service, by method.",
             Unit::Seconds,
             this.grpc_duration.clone(),
         );
-        Self { registry, ..this }
+        this
     }
 }
 

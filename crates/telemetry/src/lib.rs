@@ -47,17 +47,6 @@ pub fn registry() -> Registry {
     registry
 }
 
-/// Registers `metric` as `name` with a unit suffix (`_seconds`, `_bytes`).
-pub fn register_with_unit(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    unit: Unit,
-    metric: impl prometheus_client::registry::Metric,
-) {
-    registry.register_with_unit(name, help, unit, metric);
-}
-
 /// `process_resident_memory_bytes` and `process_open_fds`, read from `/proc/self` at each scrape
 /// (absent where there is no `/proc`).
 #[derive(Debug)]
@@ -121,8 +110,7 @@ mod tests {
         let counter: Counter = Counter::default();
         registry.register("demo_events", "Events.", counter.clone());
         let histogram = seconds_histogram();
-        register_with_unit(
-            &mut registry,
+        registry.register_with_unit(
             "demo_duration",
             "Durations.",
             Unit::Seconds,

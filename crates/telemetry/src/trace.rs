@@ -18,6 +18,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt};
 
+/// The name of the W3C trace context, as an HTTP header and as a Kafka record header.
+pub const TRACEPARENT: &str = "traceparent";
+
 /// Flushes and stops the span exporter when dropped (at the end of `main`).
 #[must_use = "dropping the guard stops trace export"]
 pub struct TracingGuard(Option<SdkTracerProvider>);
@@ -113,12 +116,12 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     }
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&context, &mut carrier);
-    carrier.remove("traceparent")
+    carrier.remove(TRACEPARENT)
 }
 
 /// Makes `span` a child of the context in `traceparent` (ignored when it does not parse).
 pub fn set_parent(span: &tracing::Span, traceparent: &str) {
-    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
     let context = TraceContextPropagator::new().extract(&carrier);
     if context.span().span_context().is_valid() {
         let _ = span.set_parent(context);

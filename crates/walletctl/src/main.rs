@@ -290,7 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let target = cli.target(TOOL_SUBJECT, &[auth::SCOPE_WRITE_ANY])?;
             send_frames(&target, frames).await
         }
-        Command::Bench {
+        &Command::Bench {
             mode,
             connections,
             purchases,
@@ -302,15 +302,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             concurrency,
             grpc_connections,
             pid,
-            json,
+            ref json,
         } => {
-            let (mode, connections, purchases, in_flight, users, rate) =
-                (*mode, *connections, *purchases, *in_flight, *users, *rate);
-            let (visible_samples, concurrency, grpc_connections, pid) =
-                (*visible_samples, *concurrency, *grpc_connections, *pid);
             let target =
                 cli.target(TOOL_SUBJECT, &[auth::SCOPE_WRITE_ANY, auth::SCOPE_READ_ANY])?;
-            let duration = Duration::from_secs((*duration_secs).max(1));
+            let duration = Duration::from_secs(duration_secs.max(1));
             let (figures, ok) = match mode {
                 BenchMode::Closed => {
                     let plan = bench::Plan {

@@ -223,27 +223,29 @@ fn handle_text(
         return Box::pin(std::future::ready(wire::forbidden_user(&request.user_id)));
     }
     let purchase_id = request.purchase_id.unwrap_or_else(Uuid::now_v7);
-    // Only while spans are exported: a span per frame is not free, and nothing else reads it.
-    let span = if telemetry::trace::exporting() {
-        tracing::info_span!(
+    // A span only while spans are exported: one per frame is not free, and nothing else reads
+    // it. Without export an incoming trace context is passed on as it came.
+    let (span, traceparent) = if telemetry::trace::exporting() {
+        let span = tracing::info_span!(
             "purchase",
             %purchase_id,
             user_id = %request.user_id,
             trace_id = tracing::field::Empty
-        )
+        );
+        if let Some(parent) = parent {
+            telemetry::trace::set_parent(&span, parent);
+        }
+        telemetry::trace::record_trace_id(&span);
+        let traceparent = telemetry::trace::traceparent(&span);
+        (span, traceparent)
     } else {
-        tracing::Span::none()
+        (tracing::Span::none(), parent.map(str::to_owned))
     };
-    if let Some(parent) = parent {
-        telemetry::trace::set_parent(&span, parent);
-    }
-    telemetry::trace::record_trace_id(&span);
     let purchase = NewPurchase {
         purchase_id,
         user_id: request.user_id,
         amount: request.amount,
-        // Without export the span has no context: an incoming one is passed on as it came.
-        traceparent: telemetry::trace::traceparent(&span).or_else(|| parent.map(str::to_owned)),
+        traceparent,
     };
     let committer = committer.clone();
     Box::pin(tracing::Instrument::instrument(

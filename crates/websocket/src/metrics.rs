@@ -42,9 +42,8 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = telemetry::registry();
-        let this = Self {
-            registry: Registry::default(),
+        let mut this = Self {
+            registry: telemetry::registry(),
             connections_open: Gauge::default(),
             connections_refused: Family::default(),
             frames: Family::default(),
@@ -56,7 +55,7 @@ impl Default for Metrics {
             events_relayed: Counter::default(),
             produce_errors: Counter::default(),
         };
-        let r = &mut registry;
+        let r = &mut this.registry;
         r.register(
             "websocket_connections_open",
             "WebSocket connections open now.",
@@ -77,8 +76,7 @@ impl Default for Metrics {
             "Purchases per group commit.",
             this.commit_batch_size.clone(),
         );
-        telemetry::register_with_unit(
-            r,
+        r.register_with_unit(
             "websocket_commit_duration",
             "Duration of one group commit (one transaction).",
             Unit::Seconds,
@@ -94,8 +92,7 @@ impl Default for Metrics {
             "Committed purchases not yet confirmed on Kafka (outbox rows).",
             this.outbox_backlog.clone(),
         );
-        telemetry::register_with_unit(
-            r,
+        r.register_with_unit(
             "websocket_outbox_oldest_age",
             "Age of the oldest purchase not yet confirmed on Kafka (0 when none).",
             Unit::Seconds,
@@ -111,7 +108,7 @@ impl Default for Metrics {
             "Events Kafka did not confirm (they stay in the outbox and are sent again).",
             this.produce_errors.clone(),
         );
-        Self { registry, ..this }
+        this
     }
 }
 

@@ -26,8 +26,6 @@ use crate::db::{DbError, Pool, within};
 /// or by a previous run).
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// The Kafka record header carrying the W3C trace context.
-pub const TRACEPARENT: &str = "traceparent";
 
 pub struct Relay {
     pub pool: Pool,
@@ -201,7 +199,7 @@ impl Relay {
             if let Some(traceparent) = &traceparent {
                 // The trace continues in grpc_kafka's apply of this event.
                 record = record.headers(OwnedHeaders::new().insert(Header {
-                    key: TRACEPARENT,
+                    key: telemetry::trace::TRACEPARENT,
                     value: Some(traceparent.as_bytes()),
                 }));
             }

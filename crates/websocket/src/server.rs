@@ -241,7 +241,7 @@ async fn route(
             // An incoming trace context is honoured: the connection's purchases continue it.
             let traceparent = request
                 .headers()
-                .get("traceparent")
+                .get(telemetry::trace::TRACEPARENT)
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_owned);
             let access = match shared.verifier.verify(presented.token.as_deref()) {
@@ -371,14 +371,17 @@ async fn metrics(shared: &Shared) -> HttpResponse {
         .set(i64::try_from(shared.committer.queue_depth()).unwrap_or(i64::MAX));
     let backlog = async {
         let conn = shared.pool.get().await.ok()?;
-        conn.query_one(
+        // query_typed: one round trip, no named statement kept (as the write path does).
+        conn.query_typed(
             "SELECT count(*), \
                     COALESCE(EXTRACT(EPOCH FROM now() - min(p.created_at)), 0)::float8 \
              FROM purchase_outbox o JOIN purchases p USING (purchase_id)",
             &[],
         )
         .await
-        .ok()
+        .ok()?
+        .into_iter()
+        .next()
     };
     let limit = shared
         .statement_timeout
