@@ -20,17 +20,9 @@ SHOT="$STACK/console.png"
 log() { printf '[browser] %s\n' "$*" >&2; }
 die() { printf '[browser] error: %s\n' "$*" >&2; exit 1; }
 
-if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "installing Chromium (Debian package chromium)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >&2 \
-      || { DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
-           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >&2; } \
-      || die "could not install chromium"
-  else
-    die "chromium is missing: install Debian's chromium package and run again"
-  fi
-fi
+# shellcheck source=scripts/prereqs.sh
+. scripts/prereqs.sh
+command -v chromium >/dev/null || prereq_apt chromium
 command -v node >/dev/null && command -v npm >/dev/null || die "node and npm are missing (Debian: nodejs, npm)"
 if [ ! -d tests/browser/node_modules/playwright-core ] \
    || [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then

@@ -7,6 +7,7 @@
 #   . scripts/prereqs.sh; prereqs_build    the build's needs only (scripts/stack.sh)
 #   . scripts/prereqs.sh; prereqs_ci       everything; exports GOTOOLCHAIN when the installed Go
 #                                          is too old for scripts/compose-check but can fetch one
+#   . scripts/prereqs.sh; prereq_apt PKG... the one way the scripts install Debian packages
 #
 # Pinned tool versions used by the scripts (installed by them where missing):
 PREREQ_GO_MIN=1.24                 # scripts/compose-check/go.mod
@@ -20,15 +21,21 @@ _prereq_log() { printf '[prereqs] %s\n' "$*" >&2; }
 _prereq_die() { printf '[prereqs] error: %s\n' "$*" >&2; exit 1; }
 _prereq_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; } # $1 >= $2
 
-_prereq_apt() { # packages...
+# Installs Debian packages as root (the package lists are refreshed when an install fails); stops
+# naming them otherwise. policy-rc.d keeps packages from starting system-wide servers of their own.
+prereq_apt() { # packages...
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     _prereq_die "missing: $*. Install them (Debian: apt-get install $*) and run again."
   fi
   _prereq_log "installing $*"
+  local status=0
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 \
     || { DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
          && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2; } \
-    || _prereq_die "could not install $*"
+    || status=$?
+  rm -f /usr/sbin/policy-rc.d
+  [ "$status" = 0 ] || _prereq_die "could not install $*"
 }
 
 # The Rust toolchain at the workspace's rust-version, and a C compiler (librdkafka, ring).
@@ -40,15 +47,15 @@ prereqs_build() {
   fi
   have="$(rustc --version | awk '{print $2}')"
   _prereq_ge "${have%%-*}" "$need" || _prereq_die "rustc $have is older than the workspace's rust-version $need: update the Rust toolchain"
-  command -v cc >/dev/null || _prereq_apt build-essential
+  command -v cc >/dev/null || prereq_apt build-essential
 }
 
 # Everything .ci/run uses beyond what scripts/stack.sh installs itself.
 prereqs_ci() {
   prereqs_build
-  command -v python3 >/dev/null || _prereq_apt python3
-  command -v git >/dev/null || _prereq_apt git
-  command -v go >/dev/null || _prereq_apt golang-go
+  command -v python3 >/dev/null || prereq_apt python3
+  command -v git >/dev/null || prereq_apt git
+  command -v go >/dev/null || prereq_apt golang-go
   local go_version
   go_version="$(go env GOVERSION 2>/dev/null | sed 's/^go//')"
   if ! _prereq_ge "${go_version:-0}" "$PREREQ_GO_MIN"; then

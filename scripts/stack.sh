@@ -74,20 +74,8 @@ EOF
 }
 
 # ---------------------------------------------------------------- installation
-apt_install() {
-  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    die "missing: $*. Install them (Debian: apt-get install $*) and run again."
-  fi
-  log "installing $*"
-  if [ ! -f "$STACK/.apt-updated" ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    mkdir -p "$STACK" && touch "$STACK/.apt-updated"
-  fi
-  # policy-rc.d keeps the packages from starting their own system-wide servers.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
-  rm -f /usr/sbin/policy-rc.d
-}
+# shellcheck source=scripts/prereqs.sh
+. "$ROOT/scripts/prereqs.sh"
 
 pg_bindir() {
   local dir
@@ -95,9 +83,6 @@ pg_bindir() {
     [ -x "$dir/initdb" ] && { echo "$dir"; return; }
   done
 }
-
-# shellcheck source=scripts/prereqs.sh
-. "$ROOT/scripts/prereqs.sh"
 
 ensure_installed() {
   # First what no script installs (the Rust toolchain) and the C compiler, with a clear message.
@@ -112,7 +97,7 @@ ensure_installed() {
   command -v protoc >/dev/null || missing+=(protobuf-compiler)
   command -v cmake >/dev/null || missing+=(cmake)
   [ -f /usr/include/curl/curl.h ] || ls /usr/include/*/curl/curl.h >/dev/null 2>&1 || missing+=(libcurl4-openssl-dev)
-  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+  if [ ${#missing[@]} -gt 0 ]; then prereq_apt "${missing[@]}"; fi
 }
 
 # ---------------------------------------------------------------- helpers

@@ -17,17 +17,10 @@ TOOLS="${STACK_DIR:-$ROOT/.stack}/tools"
 mkdir -p "$TOOLS/bin"
 log() { printf '[static] %s\n' "$*" >&2; }
 
-if ! command -v nix-instantiate >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "installing nix-bin (for nix-instantiate --parse)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nix-bin >/dev/null \
-      || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nix-bin >/dev/null; }
-  else
-    echo "nix-instantiate is missing: install Debian's nix-bin" >&2; exit 1
-  fi
-fi
 # shellcheck source=scripts/prereqs.sh
 . scripts/prereqs.sh
+# nix-instantiate --parse, from Debian's nix-bin.
+command -v nix-instantiate >/dev/null || prereq_apt nix-bin
 if ! "$TOOLS/bin/deadnix" --version 2>/dev/null | grep -qx "deadnix $PREREQ_DEADNIX_VERSION"; then
   log "installing deadnix $PREREQ_DEADNIX_VERSION with cargo"
   cargo install --quiet --locked --force --version "$PREREQ_DEADNIX_VERSION" --root "$TOOLS" deadnix
