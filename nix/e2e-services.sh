@@ -1,13 +1,23 @@
-# Starts (or stops) PostgreSQL, Redis and a KRaft Kafka broker from nixpkgs on loopback inside the
-# Nix build sandbox, with data under $TMPDIR, for the e2e check. Ports of its own (45xxx), so a
-# builder without a sandbox never collides with scripts/stack.sh (55xxx) or scripts/test.sh.
+# Starts (or stops) PostgreSQL, Redis and a KRaft Kafka broker on loopback for the flake's e2e
+# check, with data under $TMPDIR: inside the Nix build sandbox from nixpkgs, and natively in the
+# test command (scripts/nix-checks.sh e2e, with Debian's PostgreSQL and Redis and Kafka's jars on
+# PATH). Ports of its own (45xxx), so it never collides with scripts/stack.sh (55xxx) or the test
+# stack of scripts/test.sh.
 #
 #   e2e-services.sh start | stop | env
 #
-# PostgreSQL refuses to run as root; when the builder is root (no sandbox), it runs as nobody.
+# The broker's settings are scripts/kafka/kraft-single.properties, the file scripts/stack.sh
+# renders too: its path is KAFKA_PROPERTIES_TEMPLATE (nix/checks.nix passes it), or found beside
+# this script in the repository.
+#
+# PostgreSQL refuses to run as root. When the builder is root (a Nix installation without build
+# users, or the test command run as root), it runs as nobody (65534): the data folder is nobody's,
+# and $TMPDIR, which such a builder gets as a 0700 folder of root's, is made traversable (o+x, no
+# read) so that nobody can reach it.
 set -euo pipefail
 dir="${TMPDIR:-/tmp}/e2e-services"
 PG_PORT=45432 REDIS_PORT=46379 KAFKA_PORT=49092 CONTROLLER_PORT=49093
+template="${KAFKA_PROPERTIES_TEMPLATE:-$(dirname "${BASH_SOURCE[0]}")/../scripts/kafka/kraft-single.properties}"
 as_pg() {
   if [ "$(id -u)" = 0 ]; then
     setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"
@@ -23,29 +33,18 @@ case "$1" in
     ;;
   start)
     mkdir -p "$dir/pg"
-    if [ "$(id -u)" = 0 ]; then chown 65534:65534 "$dir/pg"; chmod 755 "$dir"; fi
+    if [ "$(id -u)" = 0 ]; then
+      chmod o+x "${TMPDIR:-/tmp}"
+      chmod 755 "$dir"
+      chown 65534:65534 "$dir/pg"
+    fi
     as_pg initdb -D "$dir/pg" -U postgres --auth=trust >/dev/null
     as_pg pg_ctl -D "$dir/pg" -l "$dir/pg/server.log" -w start \
       -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$dir/pg -c max_connections=400"
     redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$dir" --appendonly yes \
       --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
-    cat > "$dir/kafka.properties" <<PROPS
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-log.dirs=$dir/kafka
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=false
-PROPS
+    sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" \
+      -e "s|@LOG_DIRS@|$dir/kafka|g" "$template" > "$dir/kafka.properties"
     kafka-storage.sh format -t "$(kafka-storage.sh random-uuid)" -c "$dir/kafka.properties" >/dev/null
     kafka-server-start.sh "$dir/kafka.properties" >"$dir/kafka.log" 2>&1 &
     echo $! >"$dir/kafka.pid"

@@ -5,16 +5,12 @@ let
   craneLib = crane.mkLib pkgs;
   root = ../.;
 
-  # Cargo sources plus what the build reads besides them: the proto files (wallet_proto's build.rs)
-  # and the SQL migrations (embedded into the websocket binary).
-  src = lib.fileset.toSource {
-    inherit root;
-    fileset = lib.fileset.unions [
-      (craneLib.fileset.commonCargoSources root)
-      ../proto
-      ../migrations
-      ../crates/grpc_kafka/src/apply_batch.lua
-    ];
+  # The files crane gets: one definition (nix/source.nix, builtins only), which
+  # scripts/nix-source-check.sh evaluates, copies and builds on machines without nixpkgs.
+  src = lib.cleanSourceWith {
+    src = root;
+    inherit (import ./source.nix { inherit root; }) filter;
+    name = "source";
   };
 
   commonArgs = {

@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --smoke) SMOKE=1 ;;
     --soak) SOAK="${2:?--soak needs seconds}"; shift ;;
-    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
   esac
   shift
 done

@@ -12,12 +12,12 @@
 #   scripts/compose-wiring.sh kraft        # the default profile: Kafka 4, KRaft
 #   scripts/compose-wiring.sh zookeeper    # Kafka 3.9 with ZooKeeper
 #
-# Expects the binaries in target/debug (scripts/test.sh builds them first).
+# Expects the release binaries in target/release (scripts/test.sh builds them first).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODE="${1:?usage: compose-wiring.sh kraft|zookeeper}"
-BIN="${WALLET_BIN_DIR:-$ROOT/target/debug}"
+BIN="${WALLET_BIN_DIR:-$ROOT/target/release}"
 STACK="${STACK_DIR:-$ROOT/.stack}"
 CHECK="$STACK/tools/compose-check"
 RUN="$STACK/compose-wiring-$MODE"

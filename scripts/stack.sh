@@ -15,6 +15,8 @@
 #                                     ports 59291-59293, controllers 59391-59393) for the
 #                                     replicated-topic fault scenario; up also prints its brokers
 #   scripts/stack.sh cluster kill9|start N   one node of that cluster (N = 1, 2 or 3)
+#   scripts/stack.sh pg-bindir | kafka-libs   print PostgreSQL's server binaries folder, or the
+#                             Kafka jars' folder (resolved with Maven first): for scripts/nix-checks.sh
 #   scripts/stack.sh kill9|stop|start postgres|redis|kafka
 #                             one dependency: kill -9 by pid, stop (PostgreSQL: fast shutdown),
 #                             or start again with its data (for the fault-injection tests)
@@ -200,26 +202,8 @@ start_kafka() {
   mkdir -p "$dir"
   if pid_alive "$dir/kafka.pid"; then log "Kafka already running"; return; fi
   libs="$(kafka_jars kafka "$dir/libs")"
-  cat > "$dir/server.properties" <<EOF
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-log.dirs=$dir/data
-num.partitions=4
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=false
-EOF
+  sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+    -e "s|@LOG_DIRS@|$dir/data|g" "$ROOT/scripts/kafka/kraft-single.properties" > "$dir/server.properties"
   local java=(java -Xms256m -Xmx768m -XX:+UseG1GC -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$libs/*")
   if [ ! -f "$dir/data/meta.properties" ]; then
     log "formatting Kafka storage (KRaft)"
@@ -494,8 +478,10 @@ case "${1:-}" in
   services) start_services ;;
   stop-services) stop_pidfile websocket "$STACK/websocket/websocket.pid"; stop_pidfile grpc_kafka "$STACK/grpc_kafka/grpc_kafka.pid" ;;
   demo) demo ;;
+  pg-bindir) ensure_installed; pg_bindir ;;
+  kafka-libs) ensure_installed; mkdir -p "$STACK/kafka"; kafka_jars kafka "$STACK/kafka/libs" ;;
   status) status ;;
   down) down ;;
   env) print_env ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
 esac

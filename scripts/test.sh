@@ -13,12 +13,16 @@
 #
 #   1. installs what is missing and starts the test stack (scripts/stack.sh deps with STACK_DIR);
 #   2. formatting and lints (cargo fmt --check, cargo clippy -D warnings);
-#   3. builds the binaries;
-#   4. the Nix and compose static checks (scripts/static-checks.sh);
+#   3. the flake's source, exactly the files crane gets, compiled in a folder of its own as the
+#      Nix checks do (scripts/nix-checks.sh source: release, all targets; its binaries are the
+#      ones every later step runs);
+#   4. the Nix and compose static checks (scripts/static-checks.sh) and the flake's dependency
+#      audit against its pinned advisory-db (scripts/nix-checks.sh audit);
 #   5. the docker-compose wiring run natively, in KRaft and in ZooKeeper mode (scripts/compose-wiring.sh);
-#   6. every unit, integration and end-to-end test (cargo test), a smoke run of the benchmarks
-#      (scripts/bench.sh --smoke), the console page in a real browser (scripts/browser-test.sh),
-#      then the fault-injection suite, which prints one line of figures
+#   6. the flake's e2e check natively (scripts/nix-checks.sh e2e: every unit, integration and
+#      end-to-end test, in the copied source, against nix/e2e-services.sh), a smoke run of the
+#      benchmarks (scripts/bench.sh --smoke), the console page in a real browser
+#      (scripts/browser-test.sh), then the fault-injection suite, which prints one line of figures
 #      per scenario; closing with one summary line.
 #
 # Tests need the real services: if they cannot be reached, the tests fail, they never skip.
@@ -48,7 +52,7 @@ case "${1:-}" in
   env) test_env; exit 0 ;;
   down) scripts/stack.sh down; exit 0 ;;
   "") ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
 esac
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -64,11 +68,14 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "build the binaries the end-to-end tests run"
-cargo build --workspace --bins --locked
+step "the flake's source: copied as crane gets it and compiled there (release, all targets)"
+scripts/nix-checks.sh source
 
 step "Nix and compose static checks"
 scripts/static-checks.sh
+
+step "the flake's audit: cargo-audit against the advisory-db revision flake.lock pins"
+scripts/nix-checks.sh audit
 
 step "compose wiring, natively: KRaft (default profile)"
 scripts/compose-wiring.sh kraft
@@ -76,12 +83,11 @@ scripts/compose-wiring.sh kraft
 step "compose wiring, natively: ZooKeeper profile (Kafka 3.9)"
 scripts/compose-wiring.sh zookeeper
 
-step "cargo test (unit, integration, end-to-end)"
+step "the flake's e2e check, natively: unit, integration and end-to-end tests (cargo test --release)"
 log="$STACK_DIR/cargo-test.log"
 : > "$log"
 status=0
-cargo test --workspace --locked --no-fail-fast --exclude tests 2>&1 | tee -a "$log" || status=1
-cargo test --locked --no-fail-fast -p tests --test it 2>&1 | tee -a "$log" || status=1
+scripts/nix-checks.sh e2e 2>&1 | tee -a "$log" || status=1
 
 step "benchmark smoke: scripts/bench.sh --smoke (every step, tiny; figures printed, never asserted)"
 scripts/bench.sh --smoke || status=1
@@ -92,7 +98,7 @@ scripts/browser-test.sh || status=1
 scripts/stack.sh stop-services
 
 step "fault-injection suite (takes the test stack's PostgreSQL, Redis and Kafka down one at a time)"
-cargo test --locked --no-fail-fast -p tests --test faults -- --nocapture --test-threads=1 2>&1 \
+cargo test --release --locked --no-fail-fast -p tests --test faults -- --nocapture --test-threads=1 2>&1 \
   | grep -v '^\[stack\]' | tee -a "$log" || status=1
 
 # One closing line over every test binary (cargo prints one per binary, the last often empty).

@@ -50,5 +50,5 @@ case "${1:-}" in
       || die "reconcile summary changed: $(tail -n1 "$STATE/reconcile.after")"
     log "the user's system is untouched: same processes, same purchases ($(cat "$STATE/ledger")), $(tail -n1 "$STATE/reconcile.after")"
     ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
 esac

@@ -1,0 +1,20 @@
+# The build phase of the flake's e2e check: the services of nix/e2e-services.sh (E2E_SERVICES),
+# then the workspace's binaries, its unit tests and the integration and end-to-end suite (tests/it)
+# against them, in the profile of the dependency build (crane's cargoWithProfile and
+# CARGO_PROFILE, release by default), and the services stopped whatever the outcome (no trap:
+# stdenv owns the EXIT trap).
+#
+# Sourced, not run: nix/checks.nix sources it in crane's build phase, where cargoWithProfile is
+# crane's; scripts/nix-checks.sh e2e sources it natively in a copy of the flake's source, with
+# the same function. The fault-injection suite (tests/faults) drives the native stack through
+# scripts/stack.sh and runs in scripts/test.sh instead.
+bash "$E2E_SERVICES" start
+eval "$(bash "$E2E_SERVICES" env)"
+e2e_status=0
+{
+  cargoWithProfile build --locked --workspace --bins &&
+    cargoWithProfile test --locked --workspace --no-fail-fast --exclude tests &&
+    cargoWithProfile test --locked --no-fail-fast -p tests --test it
+} || e2e_status=$?
+bash "$E2E_SERVICES" stop
+[ "$e2e_status" = 0 ]
