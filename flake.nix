@@ -18,6 +18,9 @@
       ...
     }:
     let
+      # Linux only: the images are Linux images, and the e2e check runs PostgreSQL, Redis and Kafka
+      # in the Linux build sandbox. On other systems the flake has no outputs at all (nix build
+      # says the attribute is missing; nix flake check checks nothing), as README says.
       systems = [
         "x86_64-linux"
         "aarch64-linux"

@@ -16,10 +16,13 @@ let
       ${images.grpc_kafka-image} | docker load
     '';
   };
-  secrets = ''SECRETS_DIR="$PWD/.secrets" ${pkgs.runtimeShell} ${../scripts/compose-secrets.sh} >/dev/null'';
+  secrets = ''SECRETS_DIR="$PWD/.secrets" bash ${../scripts/compose-secrets.sh} >/dev/null'';
   up = pkgs.writeShellApplication {
     name = "up";
+    # bash and coreutils of their own: the scripts run by name (bash, head, base64, tr, date)
+    # must not depend on what the caller's PATH has.
     runtimeInputs = [
+      pkgs.bash
       pkgs.coreutils
       pkgs.docker-client
       pkgs.docker-compose
@@ -35,6 +38,7 @@ let
   smoke = pkgs.writeShellApplication {
     name = "smoke";
     runtimeInputs = [
+      pkgs.bash
       pkgs.coreutils
       pkgs.docker-client
       pkgs.docker-compose
@@ -44,7 +48,7 @@ let
     text = ''
       load-images
       DOCKER_COMPOSE=docker-compose COMPOSE_SECRETS_SCRIPT=${../scripts/compose-secrets.sh} \
-        ${pkgs.runtimeShell} ${../scripts/compose-smoke.sh} "$@"
+        bash ${../scripts/compose-smoke.sh} "$@"
     '';
   };
   app = program: description: {

@@ -37,5 +37,7 @@ in
 {
   inherit packages apps checks;
   devShells.default = import ./shell.nix { inherit pkgs build checks; };
-  formatter = pkgs.nixfmt;
+  # treefmt with nixfmt: a bare `nix fmt` formats every .nix file of the repository (nixfmt alone
+  # would wait for a file name, or read standard input).
+  formatter = pkgs.nixfmt-tree;
 }

@@ -2,7 +2,9 @@
 # the non-root user, nothing else (no shell: health checks use the binaries' `healthcheck`).
 { pkgs, build }:
 let
-  tag = "0.1.0";
+  # The workspace's version (Cargo.toml, [workspace.package]); docker-compose.yml names the same
+  # tag, checked by scripts/static-checks.sh.
+  tag = build.commonArgs.version;
   image =
     {
       name,

@@ -35,13 +35,16 @@ let
   cargoArtifacts = craneLib.buildDepsOnly commonArgs;
 
   binary =
-    name:
+    {
+      name,
+      package ? name,
+    }:
     craneLib.buildPackage (
       commonArgs
       // {
         inherit cargoArtifacts;
         pname = name;
-        cargoExtraArgs = "--locked -p ${name} --bin ${name}";
+        cargoExtraArgs = "--locked -p ${package} --bin ${name}";
         # The tests need PostgreSQL, Kafka and Redis: they run in checks.e2e instead.
         doCheck = false;
         meta.mainProgram = name;
@@ -55,7 +58,11 @@ in
     commonArgs
     cargoArtifacts
     ;
-  websocket = binary "websocket";
-  grpc_kafka = binary "grpc_kafka";
-  walletctl = binary "walletctl";
+  # The websocket binary's package is wallet_websocket (crates/websocket/Cargo.toml says why).
+  websocket = binary {
+    name = "websocket";
+    package = "wallet_websocket";
+  };
+  grpc_kafka = binary { name = "grpc_kafka"; };
+  walletctl = binary { name = "walletctl"; };
 }

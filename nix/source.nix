@@ -23,27 +23,26 @@ let
       builtins.stringLength full - builtins.stringLength prefix
     ) full;
   topLevel = path: builtins.head (builtins.match "([^/]*).*" (relative path));
-  # crane's commonCargoSources (Cargo.toml and Cargo.lock, *.rs, *.toml anywhere), plus the proto
-  # and migrations folders and the Lua script.
-  base = path: builtins.baseNameOf (toString path);
-  hasSuffix =
-    suffix: s:
-    let
-      n = builtins.stringLength s;
-      m = builtins.stringLength suffix;
-    in
-    n >= m && builtins.substring (n - m) m s == suffix;
+  # Top-level files and folders handed over whole.
+  files = [
+    "Cargo.toml"
+    "Cargo.lock"
+  ];
+  folders = [
+    "crates"
+    "tests"
+    "proto"
+    "migrations"
+  ];
+  # Inside those folders, what no crate reads: the browser test (Node, run by scripts/test.sh).
+  excluded = [ "tests/browser" ];
   filter =
-    path: type:
-    type == "directory"
-    || hasSuffix ".rs" (base path)
-    || hasSuffix ".toml" (base path)
-    || base path == "Cargo.lock"
-    || builtins.elem (topLevel path) [
-      "proto"
-      "migrations"
-    ]
-    || relative path == "crates/grpc_kafka/src/apply_batch.lua";
+    path: _type:
+    let
+      rel = relative path;
+    in
+    !(builtins.elem rel excluded)
+    && (builtins.elem rel files || builtins.elem (topLevel path) folders);
 in
 {
   inherit filter;

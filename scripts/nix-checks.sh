@@ -18,8 +18,7 @@
 #                                  crane's cargoWithProfile (CARGO_PROFILE=release), against
 #                                  nix/e2e-services.sh run natively (Debian's PostgreSQL and Redis,
 #                                  Kafka's jars), as root when run as root (PostgreSQL then runs as
-#                                  nobody, as in a Nix build without build users). Runs `source`
-#                                  first when its copy is missing.
+#                                  nobody, as in a Nix build without build users).
 #
 # Everything is under $STACK_DIR/nix (default .stack/nix; git-ignored): the local store, the copy
 # and the tools. The copy builds into the repository's target/ (CARGO_TARGET_DIR), so the
@@ -40,21 +39,23 @@ die() { printf '[nix-checks] error: %s\n' "$*" >&2; exit 1; }
 # shellcheck source=scripts/prereqs.sh
 . scripts/prereqs.sh
 
-# nix/source.nix's outPath, evaluated over a copy of the tracked files, copied into $COPY.
+# nix/source.nix's outPath, evaluated over a copy of the tracked files, brought into $COPY. Only
+# files whose content changed are rewritten (rsync --checksum; the store's files all carry the
+# same old mtime), so cargo sees exactly what changed since the last run and rebuilds no more.
 make_copy() {
   command -v nix-instantiate >/dev/null || prereq_apt nix-bin
+  command -v rsync >/dev/null || prereq_apt rsync
   local tracked="$WORK/tracked" store_path
-  rm -rf "$tracked" "$COPY"
-  mkdir -p "$tracked" "$WORK/store"
+  rm -rf "$tracked"
+  mkdir -p "$tracked" "$WORK/store" "$COPY"
   # What a flake sees: the files git tracks, with their contents in the work tree.
   git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$tracked"
   store_path="$(nix-instantiate --store "local?root=$WORK/store" --option build-users-group '' \
     --read-write-mode --eval --json \
     -E "toString (import $tracked/nix/source.nix { root = $tracked; })" | tr -d '"')"
   [ -d "$WORK/store$store_path" ] || die "nix-instantiate printed $store_path, which is not in $WORK/store"
-  cp -R "$WORK/store$store_path" "$COPY"
-  chmod -R u+w "$COPY"
-  log "the flake's source: $(find "$COPY" -type f | wc -l) files ($store_path), copied to $COPY"
+  rsync -r --checksum --delete --chmod=u+w "$WORK/store$store_path/" "$COPY/"
+  log "the flake's source: $(find "$COPY" -type f | wc -l) files ($store_path), in $COPY"
 }
 
 source_check() {
@@ -76,12 +77,12 @@ audit_check() {
     tar -xzf "$tarball" -C "$db" --strip-components=1
     echo "$rev" > "$db/.revision"
   fi
-  if ! "$TOOLS/bin/cargo-audit" --version 2>/dev/null | grep -qx "cargo-audit-audit $CARGO_AUDIT_VERSION\|cargo-audit $CARGO_AUDIT_VERSION"; then
+  if ! "$TOOLS/bin/cargo-audit" --version 2>/dev/null | grep -qx "cargo-audit $CARGO_AUDIT_VERSION"; then
     log "installing cargo-audit $CARGO_AUDIT_VERSION with cargo"
     cargo install --quiet --locked --force --version "$CARGO_AUDIT_VERSION" --root "$TOOLS" cargo-audit
   fi
   # crane's cargoAudit keeps the Cargo.lock and audit.toml files of the source and nothing else.
-  [ -d "$COPY" ] || make_copy
+  make_copy
   local audit_src="$WORK/audit-source"
   rm -rf "$audit_src" && mkdir -p "$audit_src"
   (cd "$COPY" && find . -type f \( -name Cargo.lock -o -name audit.toml \) -print0 | tar --null -T - -cf -) | tar -xf - -C "$audit_src"
@@ -102,7 +103,7 @@ cargoWithProfile() {
 }
 
 e2e_check() {
-  [ -d "$COPY" ] || make_copy
+  make_copy
   # The tools nixpkgs puts on the check's PATH, from this machine: PostgreSQL's server binaries,
   # redis-server, and kafka-storage.sh / kafka-server-start.sh over Kafka's jars.
   local pgbin libs shims="$WORK/bin" tmp

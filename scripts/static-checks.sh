@@ -5,7 +5,9 @@
 #   - flake.lock is valid JSON, version 7, and pins exactly the revisions and narHashes of
 #     ../shared/nix-pins.json (when that file is beside the repository);
 #   - docker-compose.yml validates against the Compose Specification (compose-go, the loader of
-#     Docker Compose) in both profiles, kraft and zookeeper, plus the project's own rules;
+#     Docker Compose) in both profiles, kraft and zookeeper, and with the monitoring profile, plus
+#     the project's own rules (every long-running service has a health check; the services'
+#     images carry the workspace's version, the tag Nix gives them);
 #   - the GitHub Actions workflows pass actionlint;
 #   - the monitoring profile's Prometheus configuration passes `promtool check config`, and the
 #     Grafana dashboard is JSON whose every query names only metrics the services export.
@@ -42,7 +44,7 @@ fi
 nix_files=(flake.nix nix/*.nix)
 log "nix-instantiate --parse ${nix_files[*]}"
 for file in "${nix_files[@]}"; do
-  nix-instantiate --parse "$file" >/dev/null
+  nix-instantiate --option build-users-group "" --parse "$file" >/dev/null
 done
 log "deadnix"
 "$TOOLS/bin/deadnix" --fail "${nix_files[@]}"
@@ -70,8 +72,10 @@ else:
     print(f"[static] {pins_path} not found: checked the lock's structure only", file=sys.stderr)
 PY
 
-for profile in kraft zookeeper; do
-  "$TOOLS/compose-check" -profile "$profile" docker-compose.yml
+# The workspace's version is the Nix-built images' tag (nix/images.nix): compose must name it.
+version="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)"
+for profile in kraft zookeeper kraft,monitoring; do
+  "$TOOLS/compose-check" -profile "$profile" -version "$version" docker-compose.yml
 done
 log "promtool check config scripts/monitoring/prometheus.yml"
 "$TOOLS/bin/promtool" check config scripts/monitoring/prometheus.yml >&2

@@ -2,8 +2,12 @@
 // (the loader Docker Compose itself uses) for one profile, checks the project's own rules, and can
 // print the environment a service gets, for the native compose-wiring run.
 //
-//	compose-check -profile kraft docker-compose.yml
+//	compose-check -profile kraft -version 0.1.0 docker-compose.yml
+//	compose-check -profile kraft,monitoring docker-compose.yml
 //	compose-check -profile zookeeper -env websocket docker-compose.yml
+//
+// -profile takes a comma-separated list; -version is the workspace's version, the tag the
+// Nix-built images carry (nix/images.nix), which the two services' images must name.
 package main
 
 import (
@@ -13,13 +17,15 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
 )
 
 func main() {
-	profile := flag.String("profile", "kraft", "compose profile to activate")
+	profile := flag.String("profile", "kraft", "compose profiles to activate, comma-separated")
+	version := flag.String("version", "", "the workspace's version: the tag of the Nix-built images")
 	envOf := flag.String("env", "", "print KEY=VALUE lines of this service's environment and exit")
 	flag.Parse()
 	if flag.NArg() != 1 {
@@ -49,7 +55,7 @@ func main() {
 		}
 		return
 	}
-	problems := rules(project)
+	problems := rules(project, *version)
 	for _, problem := range problems {
 		fmt.Fprintf(os.Stderr, "compose-check: profile %s: %s\n", *profile, problem)
 	}
@@ -73,7 +79,7 @@ func load(path, profile string) (*types.Project, error) {
 		[]string{abs},
 		cli.WithWorkingDirectory(filepath.Dir(abs)),
 		cli.WithName("purchase-pipeline"),
-		cli.WithProfiles([]string{profile}),
+		cli.WithProfiles(strings.Split(profile, ",")),
 		cli.WithResolvedPaths(true),
 	)
 	if err != nil {
@@ -83,7 +89,7 @@ func load(path, profile string) (*types.Project, error) {
 }
 
 // rules are the project's own expectations beyond the specification.
-func rules(project *types.Project) []string {
+func rules(project *types.Project, version string) []string {
 	var problems []string
 	oneShot := map[string]bool{"kafka-init": true, "migrate": true}
 	required := []string{"websocket", "grpc_kafka", "postgres", "redis", "kafka-init", "migrate"}
@@ -113,6 +119,9 @@ func rules(project *types.Project) []string {
 		service, ok := project.Services[name]
 		if !ok {
 			continue
+		}
+		if want := "purchase-pipeline/" + name + ":" + version; version != "" && service.Image != want {
+			problems = append(problems, fmt.Sprintf("%s names image %s, want %s (Cargo.toml's version, the Nix-built tag)", name, service.Image, want))
 		}
 		if service.PullPolicy != types.PullPolicyNever {
 			problems = append(problems, fmt.Sprintf("%s must use the Nix-built image (pull_policy: never)", name))

@@ -5,11 +5,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::signature::KeyPair as _;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 
 pub const ISSUER: &str = "purchase-totals";
 pub const AUDIENCE: &str = "purchase-totals";
@@ -33,13 +34,13 @@ impl Keys {
         let secret_file = dir.path().join("jwt-hs256.key");
         std::fs::write(&secret_file, &secret).expect("write secret");
 
-        let private = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("rsa key");
-        let rsa_pem = private.to_pkcs8_pem(LineEnding::LF).expect("rsa pem");
-        let rsa = EncodingKey::from_rsa_pem(rsa_pem.as_bytes()).expect("rsa encoding key");
-        let rsa_public_pem = private
-            .to_public_key()
-            .to_public_key_pem(LineEnding::LF)
-            .expect("rsa public pem");
+        let private =
+            aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa key");
+        let pkcs8 = private.as_der().expect("rsa pkcs8");
+        let rsa = EncodingKey::from_rsa_pem(pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes())
+            .expect("rsa encoding key");
+        let public = private.public_key().as_der().expect("rsa public key");
+        let rsa_public_pem = pem("PUBLIC KEY", public.as_ref());
         let ec_pair = rcgen::KeyPair::generate().expect("ec key");
         let ec = EncodingKey::from_ec_pem(ec_pair.serialize_pem().as_bytes()).expect("ec key");
 
@@ -138,6 +139,14 @@ impl Keys {
             &Self::claims(sub, &[], serde_json::json!({ "exp": exp })),
         )
     }
+}
+
+/// `der` as PEM text with the `label`.
+fn pem(label: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(label, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// A self-signed certificate for localhost and 127.0.0.1: (cert file, key file, cert PEM).
