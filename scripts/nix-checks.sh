@@ -20,8 +20,9 @@
 #                                  Kafka's jars), as root when run as root (PostgreSQL then runs as
 #                                  nobody, as in a Nix build without build users).
 #
-# Everything is under $STACK_DIR/nix (default .stack/nix; git-ignored): the local store, the copy
-# and the tools. The copy builds into the repository's target/ (CARGO_TARGET_DIR), so the
+# The local store and the tools are under $STACK_DIR/nix and $STACK_DIR/tools (default .stack/;
+# git-ignored); the copy is outside the repository, in $TMPDIR (NIX_SOURCE_COPY), kept between
+# runs. It builds into the repository's target/ (CARGO_TARGET_DIR), so the
 # dependencies compiled for scripts/stack.sh are reused, and its release binaries are the ones
 # the copy built from the same files.
 set -euo pipefail
@@ -29,7 +30,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 WORK="${STACK_DIR:-$ROOT/.stack}/nix"
 TOOLS="${STACK_DIR:-$ROOT/.stack}/tools"
-COPY="$WORK/source"
+# The copy lives outside the repository, so that a path climbing out of the source (an
+# include_str! of "../../../README.md") finds nothing, as in the Nix sandbox, instead of the
+# repository's own file.
+COPY="${NIX_SOURCE_COPY:-${TMPDIR:-/tmp}/purchase-pipeline-nix-source-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)/source}"
 ADVISORY_DB_DIR="${ADVISORY_DB_DIR:-$ROOT/../shared/advisory-db}"
 CARGO_AUDIT_VERSION=0.22.1 # cargo install --locked --version
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
