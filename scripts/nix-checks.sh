@@ -20,8 +20,8 @@
 #                                  Kafka's jars), as root when run as root (PostgreSQL then runs as
 #                                  nobody, as in a Nix build without build users).
 #
-# The local store and the tools are under $STACK_DIR/nix and $STACK_DIR/tools (default .stack/;
-# git-ignored); the copy is outside the repository, in $TMPDIR (NIX_SOURCE_COPY), kept between
+# The local store is under $STACK_DIR/nix (default .stack/nix; git-ignored), cargo-audit in the
+# user's cache (~/.cache/purchase-pipeline), built once per machine; the copy is outside the repository, in $TMPDIR (NIX_SOURCE_COPY), kept between
 # runs. It builds into the repository's target/ (CARGO_TARGET_DIR), so the
 # dependencies compiled for scripts/stack.sh are reused, and its release binaries are the ones
 # the copy built from the same files.
@@ -29,13 +29,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 WORK="${STACK_DIR:-$ROOT/.stack}/nix"
-TOOLS="${STACK_DIR:-$ROOT/.stack}/tools"
 # The copy lives outside the repository, so that a path climbing out of the source (an
 # include_str! of "../../../README.md") finds nothing, as in the Nix sandbox, instead of the
 # repository's own file.
 COPY="${NIX_SOURCE_COPY:-${TMPDIR:-/tmp}/purchase-pipeline-nix-source-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)/source}"
 ADVISORY_DB_DIR="${ADVISORY_DB_DIR:-$ROOT/../shared/advisory-db}"
 CARGO_AUDIT_VERSION=0.22.1 # cargo install --locked --version
+# Built once per machine, not per checkout: a folder of the user's cache, one per version.
+CARGO_AUDIT_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/purchase-pipeline/cargo-audit-$CARGO_AUDIT_VERSION"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 log() { printf '[nix-checks] %s\n' "$*" >&2; }
 die() { printf '[nix-checks] error: %s\n' "$*" >&2; exit 1; }
@@ -81,9 +82,9 @@ audit_check() {
     tar -xzf "$tarball" -C "$db" --strip-components=1
     echo "$rev" > "$db/.revision"
   fi
-  if ! "$TOOLS/bin/cargo-audit" --version 2>/dev/null | grep -qx "cargo-audit $CARGO_AUDIT_VERSION"; then
-    log "installing cargo-audit $CARGO_AUDIT_VERSION with cargo"
-    cargo install --quiet --locked --force --version "$CARGO_AUDIT_VERSION" --root "$TOOLS" cargo-audit
+  if ! "$CARGO_AUDIT_ROOT/bin/cargo-audit" --version 2>/dev/null | grep -qx "cargo-audit $CARGO_AUDIT_VERSION"; then
+    log "installing cargo-audit $CARGO_AUDIT_VERSION with cargo into $CARGO_AUDIT_ROOT (once per machine)"
+    cargo install --quiet --locked --force --version "$CARGO_AUDIT_VERSION" --root "$CARGO_AUDIT_ROOT" cargo-audit
   fi
   # crane's cargoAudit keeps the Cargo.lock and audit.toml files of the source and nothing else.
   make_copy
@@ -91,7 +92,7 @@ audit_check() {
   rm -rf "$audit_src" && mkdir -p "$audit_src"
   (cd "$COPY" && find . -type f \( -name Cargo.lock -o -name audit.toml \) -print0 | tar --null -T - -cf -) | tar -xf - -C "$audit_src"
   log "cargo audit -n -d <advisory-db $rev> --ignore yanked"
-  (cd "$audit_src" && PATH="$TOOLS/bin:$PATH" cargo audit -n -d "$db" --ignore yanked)
+  (cd "$audit_src" && PATH="$CARGO_AUDIT_ROOT/bin:$PATH" cargo audit -n -d "$db" --ignore yanked)
 }
 
 # crane's cargoWithProfile (lib/setupHooks/cargoHelperFunctionsHook.sh): --release for the
