@@ -20,15 +20,27 @@
 #      audit against its pinned advisory-db (scripts/nix-checks.sh audit);
 #   5. the docker-compose wiring run natively, in KRaft and in ZooKeeper mode (scripts/compose-wiring.sh);
 #   6. the flake's e2e check natively (scripts/nix-checks.sh e2e: every unit, integration and
-#      end-to-end test, in the copied source, against nix/e2e-services.sh), a smoke run of the
+#      end-to-end test, in the copied source, against nix/e2e-services.sh), the tidy checks of
+#      the hand-kept documents against the code (tests/tidy), a smoke run of the
 #      benchmarks (scripts/bench.sh --smoke), the console page in a real browser
 #      (scripts/browser-test.sh), then the fault-injection suite, which prints one line of figures
 #      per scenario; closing with one summary line.
 #
 # Tests need the real services: if they cannot be reached, the tests fail, they never skip.
+#
+# Nothing the user exported for a deployment of their own changes what this command does: every
+# variable a binary reads (each `env = "..."` of their settings, with its *_FILE form: DATABASE_URL,
+# KAFKA_BROKERS, REDIS_URL, JWT_*, the *_ADDR, walletctl's WALLET_TOKEN and URLs, all that
+# `scripts/stack.sh env` prints), STACK_*, TEST_DATABASE_URL, WALLET_BIN_DIR, OTEL_* and RUST_LOG
+# are unset first. .ci/run proves it: it runs this command with the user system's environment and
+# a valid token for it exported.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+for name in $(grep -rhoE 'env = "[A-Z][A-Z0-9_]*"' crates/*/src | sed 's/.*"\(.*\)"/\1/' | sort -u) \
+  $(compgen -e | grep -E '^(STACK_|OTEL_)|^(TEST_DATABASE_URL|WALLET_BIN_DIR|RUST_LOG)$' || true); do
+  unset "$name" "${name}_FILE"
+done
 
 # The test stack: its own folder and ports (scripts/stack.sh and the scripts it runs read these).
 export STACK_DIR="$ROOT/.stack-test"
@@ -88,6 +100,9 @@ log="$STACK_DIR/cargo-test.log"
 : > "$log"
 status=0
 scripts/nix-checks.sh e2e 2>&1 | tee -a "$log" || status=1
+
+step "tidy: README's configuration table, the tests ARCHITECTURE.md names and module docs against the code"
+cargo test --release --locked -p tests --test tidy 2>&1 | tee -a "$log" || status=1
 
 step "benchmark smoke: scripts/bench.sh --smoke (every step, tiny; figures printed, never asserted)"
 scripts/bench.sh --smoke || status=1

@@ -5,6 +5,9 @@
 #   scripts/user-stack-check.sh before   scripts/stack.sh up (the README's first command), then
 #                                        500,000 purchases through it (walletctl bench), then
 #                                        records its processes, its purchases and its totals
+#   scripts/user-stack-check.sh client-env   prints that system's environment (scripts/stack.sh env)
+#                                        and a WALLET_TOKEN for it: .ci/run runs the test command
+#                                        with them exported
 #   scripts/user-stack-check.sh after    the same processes still run, PostgreSQL holds the very
 #                                        same purchases, and every gRPC total still equals
 #                                        PostgreSQL's (walletctl reconcile)
@@ -38,6 +41,13 @@ case "${1:-}" in
     "${ctl[@]}" reconcile --wait-secs 120 > "$STATE/reconcile" || die "totals differ before the tests: $(tail -n1 "$STATE/reconcile")"
     log "recorded: $(cat "$STATE/status" | tr '\n' ' ')"
     log "recorded: purchases, sum, digest = $(cat "$STATE/ledger"); $(tail -n1 "$STATE/reconcile")"
+    ;;
+  client-env)
+    # What a user of that system has exported: its environment and a token for it with both :any
+    # scopes (valid for two hours), as README's command-line section suggests.
+    scripts/stack.sh env
+    printf 'export WALLET_TOKEN=%s\n' "$("${ctl[@]}" token --user-id user-stack-check \
+      --scope purchases:write:any --scope totals:read:any --ttl-secs 7200)"
     ;;
   after)
     [ -f "$STATE/ledger" ] || die "run '$0 before' first"

@@ -89,8 +89,15 @@ async fn exact_amounts_and_canonical_acks() {
     app.stop().await;
 }
 
+/// The five codes a frame earns by its own content (malformed_json, invalid_user_id,
+/// invalid_amount, invalid_purchase_id, unsupported_frame). The other four need a cause outside
+/// the frame and are proven where it is made: purchase_id_conflict in
+/// `resend_with_same_purchase_id_is_idempotent_and_conflicts_are_refused`, unavailable in
+/// `overload_is_unavailable_and_saves_nothing`, forbidden_user and rate_limited in `auth.rs`
+/// (`a_token_submits_only_for_its_subject_unless_it_has_the_write_any_scope`,
+/// `frames_over_the_rate_limit_are_answered_rate_limited_and_the_connection_stays_open`).
 #[tokio::test]
-async fn every_error_code_changes_nothing_and_keeps_the_connection() {
+async fn every_content_error_code_changes_nothing_and_keeps_the_connection() {
     let db = fresh_database().await;
     let topic = fresh_topic(1).await;
     let app = start_websocket(websocket_settings(&db.url, &topic)).await;

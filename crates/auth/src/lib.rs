@@ -156,18 +156,21 @@ impl Access {
         self.allows(user_id, SCOPE_READ_ANY)
     }
 
-    /// How long the access lasts from now (None: for ever). Zero once expired.
+    /// How long the access lasts from now (None: for ever). Zero once expired; `Duration::MAX`
+    /// for an `exp` beyond what the clock can represent (a validly signed token may carry any
+    /// u64: it must not panic the connection that holds it).
     pub fn remaining(&self) -> Option<Duration> {
         match self {
             Self::Open => None,
-            Self::Token(principal) => {
-                let expiry = UNIX_EPOCH + Duration::from_secs(principal.expires_at);
-                Some(
-                    expiry
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO),
-                )
-            }
+            Self::Token(principal) => Some(
+                UNIX_EPOCH
+                    .checked_add(Duration::from_secs(principal.expires_at))
+                    .map_or(Duration::MAX, |expiry| {
+                        expiry
+                            .duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO)
+                    }),
+            ),
         }
     }
 }

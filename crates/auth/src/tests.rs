@@ -1,3 +1,4 @@
+//! Unit tests of token verification: algorithms, claims, scopes and key files.
 use std::io::Write;
 
 use base64::Engine;
@@ -167,4 +168,19 @@ fn bearer_header_values() {
     assert_eq!(bearer("bearer  abc "), Some("abc"));
     assert_eq!(bearer("Basic abc"), None);
     assert_eq!(bearer("Bearer "), None);
+}
+
+#[test]
+fn a_validly_signed_token_expiring_beyond_the_clock_lasts_for_ever_without_panicking() {
+    let secret = secret_file(SECRET);
+    let verifier = Verifier::from_settings(&settings(&secret)).expect("verifier");
+    for exp in [u64::MAX, i64::MAX as u64 + 1, i64::MAX as u64] {
+        let token = sign(&claims(serde_json::json!({ "exp": exp })));
+        let access = verifier.verify(Some(&token)).expect("a valid token");
+        let remaining = access.remaining().expect("a token's access ends");
+        assert!(
+            remaining > Duration::from_secs(100 * 365 * 24 * 3600),
+            "exp {exp}: {remaining:?}"
+        );
+    }
 }

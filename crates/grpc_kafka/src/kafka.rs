@@ -85,7 +85,9 @@ impl Source {
         })
     }
 
-    /// The next record; `recv` itself never blocks a worker.
+    /// The next record. Waiting for one never blocks a worker, but a rebalance is handled
+    /// inside this call: the rebalance callback (assignment, the stored offsets read from
+    /// Redis and the seeks) runs synchronously within `recv` on the calling task.
     pub async fn recv(&self) -> Result<BorrowedMessage<'_>, KafkaError> {
         self.consumer.recv().await
     }

@@ -10,8 +10,9 @@
 //! - [`grpc`]: `WalletService` and the one mapping from errors to gRPC statuses;
 //! - [`metrics`]: what `GET /metrics` on `METRICS_ADDR` shows.
 //!
-//! This file is wiring: it starts the aggregator, the gRPC server and the metrics endpoint and
-//! supervises them. Health is readiness: SERVING while Redis answers and the aggregator runs,
+//! This file is wiring: it starts the aggregator, the gRPC server and the metrics endpoint. Only
+//! the aggregator is supervised (the server and the metrics endpoint are not yet: an end of
+//! either is not noticed). Health is readiness: SERVING while Redis answers and the aggregator runs,
 //! NOT_SERVING while Redis does not (back to SERVING by itself when it does). A dead or stalled
 //! aggregator turns health NOT_SERVING for good and ends `run_until_stopped` with an error, so the
 //! process exits non-zero and the orchestrator restarts it.

@@ -105,7 +105,6 @@ impl Totals {
         format!("{}offsets:{log}", self.prefix)
     }
 
-    /// The total of one user; zeros for a user never seen.
     /// Whether Redis answers a PING (readiness).
     pub async fn ping(&self) -> Result<(), TotalsError> {
         let mut conn = self.pool.get().await?;
@@ -113,6 +112,7 @@ impl Totals {
         Ok(())
     }
 
+    /// The total of one user; zeros for a user never seen.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
         let key = format!("{}total:{user}", self.prefix);
         let mut conn = self.pool.get().await?;

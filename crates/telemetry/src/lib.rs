@@ -6,8 +6,10 @@
 //! format ([`render`], served at `GET /metrics` with [`CONTENT_TYPE`]), and registers a
 //! [`ProcessCollector`] for `process_resident_memory_bytes` and `process_open_fds`.
 //!
-//! Names follow Prometheus conventions: the service as prefix, base units (seconds, bytes) in the
-//! name, `_total` on counters (added by the encoder).
+//! Names follow Prometheus conventions: the service as prefix (`websocket_`, `grpc_kafka_`), except
+//! the gRPC server's `grpc_requests_total` and `grpc_request_duration_seconds`, named by the
+//! protocol as other gRPC servers' are; base units (seconds, bytes) in the name, `_total` on
+//! counters (added by the encoder).
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
