@@ -28,6 +28,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=scripts/prereqs.sh
+. scripts/prereqs.sh
 WORK="${STACK_DIR:-$ROOT/.stack}/nix"
 # The copy lives outside the repository, so that a path climbing out of the source (an
 # include_str! of "../../../README.md") finds nothing, as in the Nix sandbox, instead of the
@@ -36,13 +38,10 @@ COPY="${NIX_SOURCE_COPY:-${TMPDIR:-/tmp}/purchase-pipeline-nix-source-$(printf '
 ADVISORY_DB_DIR="${ADVISORY_DB_DIR:-$ROOT/../shared/advisory-db}"
 CARGO_AUDIT_VERSION=0.22.1 # cargo install --locked --version
 # Built once per machine, not per checkout: a folder of the user's cache, one per version.
-CARGO_AUDIT_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/purchase-pipeline/cargo-audit-$CARGO_AUDIT_VERSION"
+CARGO_AUDIT_ROOT="$PREREQ_TOOL_CACHE/cargo-audit-$CARGO_AUDIT_VERSION"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 log() { printf '[nix-checks] %s\n' "$*" >&2; }
 die() { printf '[nix-checks] error: %s\n' "$*" >&2; exit 1; }
-
-# shellcheck source=scripts/prereqs.sh
-. scripts/prereqs.sh
 
 # nix/source.nix's outPath, evaluated over a copy of the tracked files, brought into $COPY. Only
 # files whose content changed are rewritten (rsync --checksum; the store's files all carry the

@@ -15,6 +15,8 @@ PREREQ_GOTOOLCHAIN=go1.27.3        # fetched by the go command itself when the i
 PREREQ_DEADNIX_VERSION=1.3.1       # cargo install --locked --version
 PREREQ_ACTIONLINT_VERSION=v1.7.12  # go install github.com/rhysd/actionlint/cmd/actionlint@...
 PREREQ_PROMTOOL_VERSION=v0.316.0   # go install github.com/prometheus/prometheus/cmd/promtool@...
+# Where pinned tools are built, once per machine (a folder per tool and version).
+PREREQ_TOOL_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/purchase-pipeline"
 
 _prereq_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _prereq_log() { printf '[prereqs] %s\n' "$*" >&2; }

@@ -11,30 +11,34 @@
 #   - the GitHub Actions workflows pass actionlint;
 #   - the monitoring profile's Prometheus configuration passes `promtool check config`, and the
 #     Grafana dashboard is JSON whose every query names only metrics the services export.
-# Tools are installed where missing into $STACK_DIR/tools (default .stack/tools; git-ignored).
+# The pinned tools (deadnix, promtool, actionlint) are built where missing once per machine, into
+# a folder per version under $PREREQ_TOOL_CACHE (~/.cache/purchase-pipeline); compose-check,
+# built from this repository, into $STACK_DIR/tools (default .stack/tools; git-ignored).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 TOOLS="${STACK_DIR:-$ROOT/.stack}/tools"
-mkdir -p "$TOOLS/bin"
+mkdir -p "$TOOLS"
 log() { printf '[static] %s\n' "$*" >&2; }
 
 # shellcheck source=scripts/prereqs.sh
 . scripts/prereqs.sh
+DEADNIX="$PREREQ_TOOL_CACHE/deadnix-$PREREQ_DEADNIX_VERSION"
+PROMTOOL="$PREREQ_TOOL_CACHE/promtool-$PREREQ_PROMTOOL_VERSION"
+ACTIONLINT="$PREREQ_TOOL_CACHE/actionlint-$PREREQ_ACTIONLINT_VERSION"
 # nix-instantiate --parse, from Debian's nix-bin.
 command -v nix-instantiate >/dev/null || prereq_apt nix-bin
-if ! "$TOOLS/bin/deadnix" --version 2>/dev/null | grep -qx "deadnix $PREREQ_DEADNIX_VERSION"; then
-  log "installing deadnix $PREREQ_DEADNIX_VERSION with cargo"
-  cargo install --quiet --locked --force --version "$PREREQ_DEADNIX_VERSION" --root "$TOOLS" deadnix
+if ! "$DEADNIX/bin/deadnix" --version 2>/dev/null | grep -qx "deadnix $PREREQ_DEADNIX_VERSION"; then
+  log "installing deadnix $PREREQ_DEADNIX_VERSION with cargo into $DEADNIX (once per machine)"
+  cargo install --quiet --locked --force --version "$PREREQ_DEADNIX_VERSION" --root "$DEADNIX" deadnix
 fi
-if [ ! -x "$TOOLS/bin/promtool" ] || [ "$(cat "$TOOLS/promtool.version" 2>/dev/null)" != "$PREREQ_PROMTOOL_VERSION" ]; then
-  log "building promtool $PREREQ_PROMTOOL_VERSION (Go module proxy)"
-  GOBIN="$TOOLS/bin" go install "github.com/prometheus/prometheus/cmd/promtool@$PREREQ_PROMTOOL_VERSION"
-  echo "$PREREQ_PROMTOOL_VERSION" > "$TOOLS/promtool.version"
+if [ ! -x "$PROMTOOL/bin/promtool" ]; then
+  log "building promtool $PREREQ_PROMTOOL_VERSION (Go module proxy) into $PROMTOOL (once per machine)"
+  GOBIN="$PROMTOOL/bin" go install "github.com/prometheus/prometheus/cmd/promtool@$PREREQ_PROMTOOL_VERSION"
 fi
-if ! "$TOOLS/bin/actionlint" -version 2>/dev/null | head -n1 | grep -qx "${PREREQ_ACTIONLINT_VERSION#v}"; then
-  log "building actionlint $PREREQ_ACTIONLINT_VERSION (Go module proxy)"
-  GOBIN="$TOOLS/bin" go install "github.com/rhysd/actionlint/cmd/actionlint@$PREREQ_ACTIONLINT_VERSION"
+if ! "$ACTIONLINT/bin/actionlint" -version 2>/dev/null | head -n1 | grep -qx "${PREREQ_ACTIONLINT_VERSION#v}"; then
+  log "building actionlint $PREREQ_ACTIONLINT_VERSION (Go module proxy) into $ACTIONLINT (once per machine)"
+  GOBIN="$ACTIONLINT/bin" go install "github.com/rhysd/actionlint/cmd/actionlint@$PREREQ_ACTIONLINT_VERSION"
 fi
 if [ ! -x "$TOOLS/compose-check" ] || [ -n "$(find scripts/compose-check -newer "$TOOLS/compose-check" -type f)" ]; then
   log "building compose-check (compose-go)"
@@ -47,7 +51,7 @@ for file in "${nix_files[@]}"; do
   nix-instantiate --option build-users-group "" --parse "$file" >/dev/null
 done
 log "deadnix"
-"$TOOLS/bin/deadnix" --fail "${nix_files[@]}"
+"$DEADNIX/bin/deadnix" --fail "${nix_files[@]}"
 
 log "flake.lock"
 python3 - "$ROOT/../shared/nix-pins.json" <<'PY'
@@ -78,7 +82,7 @@ for profile in kraft zookeeper kraft,monitoring; do
   "$TOOLS/compose-check" -profile "$profile" -version "$version" docker-compose.yml
 done
 log "promtool check config scripts/monitoring/prometheus.yml"
-"$TOOLS/bin/promtool" check config scripts/monitoring/prometheus.yml >&2
+"$PROMTOOL/bin/promtool" check config scripts/monitoring/prometheus.yml >&2
 log "Grafana dashboard"
 python3 - scripts/monitoring/grafana/dashboards/*.json <<'PY'
 import json, re, sys
@@ -108,5 +112,5 @@ for path in sys.argv[1:]:
 print(f"[static] {len(sys.argv) - 1} dashboard(s) parse and query exported metrics", file=sys.stderr)
 PY
 log "actionlint .github/workflows/*.yml"
-"$TOOLS/bin/actionlint" .github/workflows/*.yml
+"$ACTIONLINT/bin/actionlint" .github/workflows/*.yml
 echo "static checks passed"

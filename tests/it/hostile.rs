@@ -523,3 +523,33 @@ async fn a_client_that_never_reads_is_closed_after_the_reply_deadline() {
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 1);
     ws.stop().await;
 }
+
+/// A request whose header section is larger than HTTP_MAX_HEADER_BYTES (a 64 KiB header here; a
+/// validly signed 200 KB token alike) is answered 431 and closed, and nothing is stored; a
+/// well-behaved client is served after.
+#[tokio::test]
+async fn a_64_kib_header_is_answered_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = fixture(100).await;
+    let mut stream = tokio::net::TcpStream::connect(fixture.ws.addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         X-Padding: {}\r\n\r\n",
+        "x".repeat(64 * 1024)
+    );
+    // The server may answer and close before it has read all of it: a failed write is fine.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
+    let status = String::from_utf8_lossy(&response);
+    assert!(
+        status.starts_with("HTTP/1.1 431"),
+        "answer to a 64 KiB header: {:?}",
+        status.lines().next()
+    );
+    served_normally(&fixture).await;
+    fixture.assert_nothing_written(1).await;
+}

@@ -669,3 +669,57 @@ async fn a_database_that_stops_answering_gives_unavailable_within_the_statement_
     assert_eq!(db.totals().await["u1"], (300, 2));
     app.stop().await;
 }
+
+/// A handshake's `traceparent` is stored with every purchase of the connection (outbox row, Kafka
+/// header, kept for ever): only a W3C-valid one, in its canonical 55 characters; anything else,
+/// however long, is ignored. Kafka is unreachable here, so the outbox rows stay to be read.
+#[tokio::test]
+async fn only_a_valid_traceparent_is_stored_and_an_oversized_one_is_ignored() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.kafka.brokers = "127.0.0.1:9".to_owned();
+    settings.kafka_message_timeout_ms = 2000;
+    settings.shutdown_timeout_secs = 3;
+    let app = start_websocket(settings).await;
+    let valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let cases = [
+        (valid.to_owned(), Some(valid)),
+        (format!("{valid}-{}", "x".repeat(4000)), None),
+        ("x".repeat(4000), None),
+        (
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01".to_owned(),
+            None,
+        ),
+    ];
+    for (header, stored) in cases {
+        let mut handshake = format!("ws://{}/ws", app.addr)
+            .into_client_request()
+            .expect("request");
+        handshake
+            .headers_mut()
+            .insert("traceparent", header.parse().expect("header value"));
+        let (mut socket, _) = tokio_tungstenite::connect_async(handshake)
+            .await
+            .expect("handshake");
+        let purchase_id = Uuid::now_v7();
+        let reply = request(
+            &mut socket,
+            &format!(r#"{{"user_id":"t","amount":"1.00","purchase_id":"{purchase_id}"}}"#),
+        )
+        .await;
+        assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+        let client = connect_pg(&db.url).await.expect("connect");
+        let row = client
+            .query_one(
+                "SELECT traceparent FROM purchase_outbox WHERE purchase_id = $1",
+                &[&purchase_id],
+            )
+            .await
+            .expect("the purchase's outbox row");
+        let got: Option<String> = row.get(0);
+        assert_eq!(got.as_deref(), stored, "header of {} bytes", header.len());
+    }
+    app.stop().await;
+}

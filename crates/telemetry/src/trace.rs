@@ -119,6 +119,25 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     carrier.remove(TRACEPARENT)
 }
 
+/// An incoming `traceparent` in its canonical W3C form (`00-` trace id `-` parent id `-` flags:
+/// 55 characters), or None when it does not parse as a valid one (wrong shape, all-zero ids,
+/// version `ff`). What a client sends is stored with its purchases and sent with their Kafka
+/// records, so only this bounded form is kept; anything else is ignored.
+pub fn canonical_traceparent(value: &str) -> Option<String> {
+    // A valid header of a later version may carry more fields, but never this many bytes.
+    if value.len() > 512 {
+        return None;
+    }
+    let carrier = HashMap::from([(TRACEPARENT.to_owned(), value.to_owned())]);
+    let context = TraceContextPropagator::new().extract(&carrier);
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut canonical = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut canonical);
+    canonical.remove(TRACEPARENT)
+}
+
 /// Makes `span` a child of the context in `traceparent` (ignored when it does not parse).
 pub fn set_parent(span: &tracing::Span, traceparent: &str) {
     let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
@@ -134,5 +153,30 @@ pub fn record_trace_id(span: &tracing::Span) {
     let span_context = context.span().span_context().clone();
     if span_context.is_valid() {
         span.record("trace_id", tracing::field::display(span_context.trace_id()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_traceparent;
+
+    const VALID: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn only_a_valid_traceparent_is_kept_in_its_canonical_form() {
+        assert_eq!(canonical_traceparent(VALID).as_deref(), Some(VALID));
+        let oversized = format!("{VALID}-{}", "x".repeat(10_000));
+        for bad in [
+            "",
+            "garbage",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            &oversized,
+        ] {
+            assert_eq!(canonical_traceparent(bad), None, "{bad:.80}");
+        }
     }
 }

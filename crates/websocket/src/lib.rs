@@ -153,6 +153,7 @@ impl Application {
                 settings.http_max_pending_connections as usize,
             )),
             header_read_timeout: settings.header_read_timeout(),
+            max_header_bytes: settings.http_max_header_bytes as usize,
             shutdown: shutdown.clone(),
             websockets: TaskTracker::new(),
             verifier: self.verifier,

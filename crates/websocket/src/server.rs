@@ -50,6 +50,8 @@ pub struct Shared {
     pub pending_slots: Arc<Semaphore>,
     /// How long a client may take to send a whole request header.
     pub header_read_timeout: std::time::Duration,
+    /// HTTP_MAX_HEADER_BYTES: hyper's read buffer, so a larger header section is answered 431.
+    pub max_header_bytes: usize,
     pub shutdown: CancellationToken,
     /// Tracks WebSocket tasks, which outlive their HTTP connection after the upgrade.
     pub websockets: TaskTracker,
@@ -190,6 +192,7 @@ async fn serve_http<I>(
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.header_read_timeout)
+        .max_buf_size(shared.max_header_bytes)
         .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(connection);
@@ -238,12 +241,13 @@ async fn route(
                 return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"));
             }
             let presented = presented_token(&request);
-            // An incoming trace context is honoured: the connection's purchases continue it.
+            // An incoming trace context is honoured: the connection's purchases continue it. Only
+            // a valid one, in its canonical 55 characters: it is stored with every purchase.
             let traceparent = request
                 .headers()
                 .get(telemetry::trace::TRACEPARENT)
                 .and_then(|value| value.to_str().ok())
-                .map(str::to_owned);
+                .and_then(telemetry::trace::canonical_traceparent);
             let access = match shared.verifier.verify(presented.token.as_deref()) {
                 Ok(access) => access,
                 Err(error) => {

@@ -112,6 +112,11 @@ pub struct Settings {
     #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub http_header_read_timeout_ms: u64,
 
+    /// Most bytes of one HTTP request's header section (request line and every header, the
+    /// token and a traceparent included); a larger one is answered 431 and closed. 8192 at least.
+    #[arg(long, env = "HTTP_MAX_HEADER_BYTES", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub http_max_header_bytes: u32,
+
     /// Most accepted TCP connections not (yet) upgraded to a WebSocket (a request being read, a
     /// health check, a half-sent header); more are closed at once. Upgraded connections count
     /// against WS_MAX_CONNECTIONS instead, so every accepted connection is bounded.
