@@ -36,7 +36,7 @@ if [ ! -x "$PROMTOOL/bin/promtool" ]; then
   log "building promtool $PREREQ_PROMTOOL_VERSION (Go module proxy) into $PROMTOOL (once per machine)"
   GOBIN="$PROMTOOL/bin" go install "github.com/prometheus/prometheus/cmd/promtool@$PREREQ_PROMTOOL_VERSION"
 fi
-if ! "$ACTIONLINT/bin/actionlint" -version 2>/dev/null | head -n1 | grep -qx "${PREREQ_ACTIONLINT_VERSION#v}"; then
+if ! "$ACTIONLINT/bin/actionlint" -version 2>/dev/null | head -n1 | grep -qxE "v?${PREREQ_ACTIONLINT_VERSION#v}"; then
   log "building actionlint $PREREQ_ACTIONLINT_VERSION (Go module proxy) into $ACTIONLINT (once per machine)"
   GOBIN="$ACTIONLINT/bin" go install "github.com/rhysd/actionlint/cmd/actionlint@$PREREQ_ACTIONLINT_VERSION"
 fi
