@@ -44,12 +44,16 @@ done
 
 # The test stack: its own folder and ports (scripts/stack.sh and the scripts it runs read these).
 export STACK_DIR="$ROOT/.stack-test"
-export STACK_PG_PORT=55532 STACK_REDIS_PORT=56479
-export STACK_KAFKA_PORT=59592 STACK_KAFKA_CONTROLLER_PORT=59593
-export STACK_ZK_PORT=52281 STACK_ZK_KAFKA_PORT=59692
-export STACK_CLUSTER_PORT=59790 STACK_CLUSTER_CONTROLLER_PORT=59890
-export STACK_WS_PORT=18180 STACK_GRPC_PORT=60151 STACK_METRICS_PORT=19464
-export STACK_WIRING_WS_PORT=18181 STACK_WIRING_GRPC_PORT=60152 STACK_WIRING_METRICS_PORT=19465
+# Every port below 32768, outside Linux's ephemeral range (32768-60999): the fault suite kills and
+# restarts these servers, and while one is down a client reconnecting to its port may be given
+# that very port as its own source port (a TCP self-connect), which then holds it: the restart
+# failed with "Address already in use" (Kafka cluster node 2, once in CI).
+export STACK_PG_PORT=25532 STACK_REDIS_PORT=26479
+export STACK_KAFKA_PORT=29592 STACK_KAFKA_CONTROLLER_PORT=29593
+export STACK_ZK_PORT=22281 STACK_ZK_KAFKA_PORT=29692
+export STACK_CLUSTER_PORT=29790 STACK_CLUSTER_CONTROLLER_PORT=29890
+export STACK_WS_PORT=18180 STACK_GRPC_PORT=20151 STACK_METRICS_PORT=19464
+export STACK_WIRING_WS_PORT=18181 STACK_WIRING_GRPC_PORT=20152 STACK_WIRING_METRICS_PORT=19465
 
 test_env() {
   scripts/stack.sh env | grep -v -e WEBSOCKET_ADDR -e GRPC_ADDR -e METRICS_ADDR -e CONSOLE_TOTALS_URL -e GRPC_WEB_ALLOWED_ORIGINS

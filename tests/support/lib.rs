@@ -52,10 +52,10 @@ impl Env {
         Self {
             admin_database_url: var(
                 "TEST_DATABASE_URL",
-                "postgres://postgres@127.0.0.1:55532/postgres",
+                "postgres://postgres@127.0.0.1:25532/postgres",
             ),
-            kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:59592"),
-            redis_url: var("REDIS_URL", "redis://127.0.0.1:56479/"),
+            kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:29592"),
+            redis_url: var("REDIS_URL", "redis://127.0.0.1:26479/"),
         }
     }
 }
