@@ -169,7 +169,7 @@ start_redis() {
   if pid_alive "$STACK/redis/redis.pid"; then log "Redis already running"; return; fi
   log "starting Redis on 127.0.0.1:$REDIS_PORT (AOF, fsync every second)"
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$STACK/redis" \
-    --appendonly yes --appendfsync everysec --save '' \
+    --appendonly yes --appendfsync everysec --save '' --maxmemory-policy noeviction \
     --daemonize yes --pidfile "$STACK/redis/redis.pid" --logfile "$STACK/redis/redis.log"
   wait_port Redis "$REDIS_PORT" 30
 }

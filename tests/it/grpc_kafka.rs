@@ -659,3 +659,83 @@ async fn grpc_limits_reflection_off_request_size_and_timeout() {
     proxy.restore();
     app.stop().await;
 }
+
+/// A Redis that may evict keys would silently drop totals or offsets: the service refuses it at
+/// start, with an error naming the policy and the fix, before consuming anything.
+#[tokio::test]
+async fn an_evicting_redis_is_refused_at_start_naming_the_policy() {
+    let redis = TestRedis::start(&["--maxmemory-policy", "allkeys-lru"]).await;
+    let mut fixture = Fixture::new().await;
+    fixture.purchase("evicting", 100).await;
+    let mut settings = fixture.settings();
+    settings.redis_url = redis.url.clone();
+    let app = grpc_kafka::Application::build(settings)
+        .await
+        .expect("builds: redis is only asked once running");
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.run_until_stopped(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the run must end by itself");
+    let error = outcome
+        .expect_err("an evicting redis is refused")
+        .to_string();
+    assert!(
+        error.contains("maxmemory-policy is allkeys-lru") && error.contains("noeviction"),
+        "{error}"
+    );
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}total:*", fixture.prefix))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(keys.is_empty(), "nothing counted: {keys:?}");
+}
+
+/// Redis answering but refusing writes (a read-only replica after a failover, out of memory) turns
+/// health NOT_SERVING, counts nothing meanwhile, and once Redis takes writes again health is
+/// SERVING and what arrived meanwhile is counted, without a restart.
+#[tokio::test]
+async fn redis_refusing_writes_turns_health_not_serving_until_it_takes_them_again() {
+    let redis = TestRedis::start(&[]).await;
+    let mut fixture = Fixture::new().await;
+    let mut settings = fixture.settings();
+    settings.redis_url = redis.url.clone();
+    fixture.purchase("ro", 100).await;
+    let app = start_grpc_kafka(settings).await;
+    fixture.await_totals(&app).await;
+    grpc_kafka::healthcheck(app.addr).await.expect("SERVING");
+
+    let nowhere = free_port().to_string();
+    for (refuse, allow) in [
+        (
+            vec!["REPLICAOF", "127.0.0.1", nowhere.as_str()],
+            vec!["REPLICAOF", "NO", "ONE"],
+        ),
+        (
+            vec!["CONFIG", "SET", "maxmemory", "1"],
+            vec!["CONFIG", "SET", "maxmemory", "0"],
+        ),
+    ] {
+        redis.command(&refuse).await;
+        let cause = eventually(
+            Duration::from_secs(15),
+            &format!("NOT_SERVING after {refuse:?}"),
+            || async { grpc_kafka::healthcheck(app.addr).await.err() },
+        )
+        .await;
+        assert!(cause.contains("NotServing"), "{cause}");
+        fixture.purchase("ro", 7).await;
+        redis.command(&allow).await;
+        eventually(
+            Duration::from_secs(15),
+            &format!("SERVING after {allow:?}"),
+            || async { grpc_kafka::healthcheck(app.addr).await.ok() },
+        )
+        .await;
+        fixture.await_totals(&app).await;
+    }
+    app.stop().await;
+}

@@ -530,6 +530,76 @@ pub async fn redis_keys(
         .expect("KEYS")
 }
 
+/// A Redis server of one test's own (Debian's `redis-server`, on loopback, no persistence), for
+/// faults that are server-wide (eviction policy, read-only, out of memory) and so must not touch
+/// the shared test Redis. Killed when dropped.
+pub struct TestRedis {
+    pub url: String,
+    process: std::process::Child,
+}
+
+impl TestRedis {
+    /// Starts `redis-server` with `args` added to its command line, and waits until it answers.
+    pub async fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let process = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(std::env::temp_dir())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file("redis"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server (Debian's redis-server): {e}"));
+        let this = Self {
+            url: format!("redis://127.0.0.1:{port}/"),
+            process,
+        };
+        eventually(
+            Duration::from_secs(20),
+            "the test's redis-server to answer",
+            || async {
+                let client = redis::Client::open(this.url.as_str()).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            },
+        )
+        .await;
+        this
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the test's redis-server")
+    }
+
+    /// Runs one command on this server, e.g. `["CONFIG", "SET", "maxmemory", "1"]`.
+    pub async fn command(&self, args: &[&str]) {
+        let mut conn = self.connection().await;
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        let _: redis::Value = command
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"));
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
 // ------------------------------------------------------------------------------------ faults
 
 /// A TCP proxy on loopback in front of a real server, to cut, stall and restore the path to it:

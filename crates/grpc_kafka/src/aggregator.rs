@@ -47,6 +47,8 @@ pub enum AggregatorError {
     Consumer(#[source] KafkaError),
     #[error("redis holds data this service cannot read: {0}")]
     Store(#[source] TotalsError),
+    #[error("redis cannot hold the totals: {0}")]
+    UnfitRedis(#[source] TotalsError),
 }
 
 /// Liveness of the loop: the time of its last beat, read by the supervisor in `lib.rs`.
@@ -138,6 +140,14 @@ impl Retry {
                 Err(error @ TotalsError::Corrupt { .. }) => {
                     return Err(Halt::Fatal(AggregatorError::Store(error)));
                 }
+                Err(error @ TotalsError::Evicting { .. }) => {
+                    return Err(Halt::Fatal(AggregatorError::UnfitRedis(error)));
+                }
+                Err(error) if error.refuses_writes() => {
+                    // Health is NOT_SERVING meanwhile (the readiness probe writes too).
+                    tracing::error!(%error, "redis refuses writes; cannot {what}; retrying");
+                    self.wait(stop).await?;
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot {what}; retrying");
                     self.wait(stop).await?;
@@ -184,6 +194,17 @@ pub async fn run(
                 });
             }
         }
+    }
+    // Never count into a Redis that may evict: refused before anything is consumed.
+    let refused = retry
+        .redis("read redis's maxmemory-policy", &stop, || {
+            totals.refuse_eviction()
+        })
+        .await;
+    match refused {
+        Ok(()) => {}
+        Err(Halt::Stopping) => return Ok(()),
+        Err(Halt::Fatal(error)) => return Err(error),
     }
     let source = Source::create(&spec.brokers, &settings.kafka_group_id, &spec.topic)
         .map_err(AggregatorError::Consumer)?;

@@ -27,7 +27,10 @@ const GET_TOTAL_SPENT: &str = "GetTotalSpent";
 
 fn status(error: &TotalsError) -> Status {
     match error {
-        TotalsError::Unavailable(_) | TotalsError::Redis(_) => {
+        TotalsError::Unavailable(_)
+        | TotalsError::Redis(_)
+        | TotalsError::Info { .. }
+        | TotalsError::Evicting { .. } => {
             Status::unavailable("the totals store is unavailable; retry later")
         }
         TotalsError::Corrupt { .. } => Status::internal("a stored total is invalid"),

@@ -12,8 +12,8 @@
 //!
 //! This file is wiring: it starts the aggregator, the gRPC server and the metrics endpoint. Only
 //! the aggregator is supervised (the server and the metrics endpoint are not yet: an end of
-//! either is not noticed). Health is readiness: SERVING while Redis answers and the aggregator runs,
-//! NOT_SERVING while Redis does not (back to SERVING by itself when it does). A dead or stalled
+//! either is not noticed). Health is readiness: SERVING while Redis answers, takes writes and does not
+//! evict, and the aggregator runs; NOT_SERVING while Redis does not (back to SERVING by itself). A dead or stalled
 //! aggregator turns health NOT_SERVING for good and ends `run_until_stopped` with an error, so the
 //! process exits non-zero and the orchestrator restarts it.
 //!
@@ -290,8 +290,9 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 /// How often readiness asks Redis, and how long it waits for the answer.
 const READINESS_PERIOD: Duration = Duration::from_secs(1);
 
-/// Health follows Redis: NOT_SERVING while it does not answer a PING within the period, SERVING
-/// again once it does. Runs until `stop`.
+/// Health follows Redis: NOT_SERVING while it does not answer within the period, refuses writes
+/// (read-only replica, out of memory, MISCONF) or has an evicting `maxmemory-policy`; SERVING
+/// again once all is well. Each change is logged with its cause. Runs until `stop`.
 async fn follow_redis(
     totals: totals::Totals,
     reporter: tonic_health::server::HealthReporter,
@@ -299,21 +300,25 @@ async fn follow_redis(
 ) {
     let mut serving = true;
     loop {
-        let answered = matches!(
-            tokio::time::timeout(READINESS_PERIOD, totals.ping()).await,
-            Ok(Ok(()))
-        );
-        if answered != serving {
-            serving = answered;
+        let problem = match tokio::time::timeout(READINESS_PERIOD, totals.ready()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some(format!("no answer within {READINESS_PERIOD:?}")),
+        };
+        if problem.is_none() != serving {
+            serving = problem.is_none();
             if stop.is_cancelled() {
                 return;
             }
-            if serving {
-                tracing::info!("redis answers again: SERVING");
-                set_health(&reporter, ServingStatus::Serving).await;
-            } else {
-                tracing::warn!("redis does not answer: NOT_SERVING");
-                set_health(&reporter, ServingStatus::NotServing).await;
+            match problem {
+                None => {
+                    tracing::info!("redis is usable again: SERVING");
+                    set_health(&reporter, ServingStatus::Serving).await;
+                }
+                Some(problem) => {
+                    tracing::error!(%problem, "redis is not usable: NOT_SERVING");
+                    set_health(&reporter, ServingStatus::NotServing).await;
+                }
             }
         }
         tokio::select! {

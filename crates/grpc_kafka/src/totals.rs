@@ -4,7 +4,8 @@
 //! Keys: `{prefix}total:{user_id}` (hash: `cents`, `count`), `{prefix}seen:{user_id}:{hour}`
 //! (set of the purchase ids created in that hour, expiring `DEDUPE_HORIZON_SECS` after its last
 //! write), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply). Every
-//! write goes through one Lua script per batch, so totals and offsets never disagree. Money is only
+//! write of those goes through one Lua script per batch, so totals and offsets never disagree.
+//! Readiness also writes `{prefix}probe` (expires after 10 s) to learn that Redis takes writes. Money is only
 //! ever changed with HINCRBY on integer cents.
 
 use std::collections::BTreeMap;
@@ -27,6 +28,28 @@ pub enum TotalsError {
     Redis(#[from] redis::RedisError),
     #[error("redis holds an invalid value at {key}")]
     Corrupt { key: String },
+    #[error("redis answered INFO without {field}")]
+    Info { field: &'static str },
+    /// Redis may evict keys under memory pressure: it would silently drop totals, dedupe sets or
+    /// the offsets hash, so the service refuses it.
+    #[error(
+        "redis maxmemory-policy is {policy}: an evicting policy may drop totals or offsets; set it to noeviction"
+    )]
+    Evicting { policy: String },
+}
+
+impl TotalsError {
+    /// Redis answers but refuses writes, and will until an operator acts: out of memory (`OOM`),
+    /// a replica after a failover (`READONLY`), failed snapshots (`MISCONF`), too few replicas.
+    pub fn refuses_writes(&self) -> bool {
+        match self {
+            Self::Redis(error) => matches!(
+                error.code(),
+                Some("OOM" | "READONLY" | "MISCONF" | "NOREPLICAS" | "NOTREADY")
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// One event to count.
@@ -105,11 +128,43 @@ impl Totals {
         format!("{}offsets:{log}", self.prefix)
     }
 
-    /// Whether Redis answers a PING (readiness).
-    pub async fn ping(&self) -> Result<(), TotalsError> {
+    /// Readiness: Redis answers, accepts a write (a short-lived `{prefix}probe` key, so a
+    /// read-only replica, an out-of-memory or a MISCONF Redis is not ready), and does not evict.
+    pub async fn ready(&self) -> Result<(), TotalsError> {
         let mut conn = self.pool.get().await?;
-        let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
-        Ok(())
+        let () = redis::cmd("SET")
+            .arg(format!("{}probe", self.prefix))
+            .arg(1)
+            .arg("PX")
+            .arg(10_000)
+            .query_async(&mut *conn)
+            .await?;
+        drop(conn);
+        self.refuse_eviction().await
+    }
+
+    /// Fails unless Redis's `maxmemory-policy` is `noeviction`, read from `INFO memory` (which
+    /// answers where `CONFIG` is disabled).
+    pub async fn refuse_eviction(&self) -> Result<(), TotalsError> {
+        let mut conn = self.pool.get().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut *conn)
+            .await?;
+        let policy = info
+            .lines()
+            .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+            .map(str::trim)
+            .ok_or(TotalsError::Info {
+                field: "maxmemory_policy",
+            })?;
+        if policy == "noeviction" {
+            Ok(())
+        } else {
+            Err(TotalsError::Evicting {
+                policy: policy.to_owned(),
+            })
+        }
     }
 
     /// The total of one user; zeros for a user never seen.
