@@ -24,14 +24,16 @@ fn event(user: &str, cents: i64) -> PurchaseEvent {
     )
 }
 
-async fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
-    producer
+/// Publishes one record; returns the partition it went to.
+async fn publish(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) -> i32 {
+    let delivery = producer
         .send(
             FutureRecord::to(topic).key(key).payload(payload),
             Duration::from_secs(10),
         )
         .await
         .expect("publish");
+    delivery.partition
 }
 
 /// A topic, consumer group and key prefix of the test's own, with a producer and the totals the
@@ -72,15 +74,20 @@ impl Fixture {
         let event = event(user, cents);
         self.publish_raw(user, &event.encode().expect("encode"))
             .await;
-        let entry = self.expected.entry(user.to_owned()).or_default();
-        entry.0 += cents;
-        entry.1 += 1;
+        self.expect(user, cents);
         event
     }
 
-    /// Publishes any bytes without counting them.
-    async fn publish_raw(&self, key: &str, payload: &[u8]) {
-        publish(&self.producer, &self.topic, key, payload).await;
+    /// Publishes any bytes without counting them; returns the partition they went to.
+    async fn publish_raw(&self, key: &str, payload: &[u8]) -> i32 {
+        publish(&self.producer, &self.topic, key, payload).await
+    }
+
+    /// Adds a purchase to the totals expected.
+    fn expect(&mut self, user: &str, cents: i64) {
+        let entry = self.expected.entry(user.to_owned()).or_default();
+        entry.0 += cents;
+        entry.1 += 1;
     }
 
     async fn await_totals(&self, app: &Running) {
@@ -101,9 +108,6 @@ async fn counts_each_purchase_once_even_when_published_twice() {
                 .await;
         }
     }
-    // A record that is not a purchase event is skipped, not counted and not blocking.
-    fixture.publish_raw("user0", b"{not an event").await;
-    fixture.purchase("user0", 5).await;
 
     let app = start_grpc_kafka(fixture.settings()).await;
     fixture.await_totals(&app).await;
@@ -737,5 +741,93 @@ async fn redis_refusing_writes_turns_health_not_serving_until_it_takes_them_agai
         .await;
         fixture.await_totals(&app).await;
     }
+    app.stop().await;
+}
+
+/// A record that is not a valid purchase event (a deploy with version skew, a foreign producer) is
+/// never skipped silently: its partition stalls at it, with an error log and the metric
+/// `grpc_kafka_partition_stalled_at_offset`; what came before it counts, what comes after does
+/// not, other partitions go on. Moving the stored offset past it (the README's operator step)
+/// resumes the partition without a restart.
+#[tokio::test]
+async fn an_undecodable_record_stalls_its_partition_until_the_stored_offset_moves_past_it() {
+    let mut fixture = Fixture::new().await;
+    fixture.purchase("stalled", 100).await;
+    let stalled = fixture.publish_raw("stalled", b"{not an event").await;
+    // After the bad record: counted at once on the other partitions, only after the operator's
+    // step on the stalled one.
+    let mut held_back = Vec::new();
+    for i in 0..14 {
+        let (user, cents) = match i {
+            0 => ("stalled".to_owned(), 7),
+            i => (format!("user{i}"), 7 + i),
+        };
+        let partition = fixture
+            .publish_raw(&user, &event(&user, cents).encode().expect("encode"))
+            .await;
+        if partition == stalled {
+            held_back.push((user, cents));
+        } else {
+            fixture.expect(&user, cents);
+        }
+    }
+    let app = start_grpc_kafka(fixture.settings()).await;
+    let (partition, offset) = eventually(
+        Duration::from_secs(60),
+        "a stalled partition in the metrics",
+        || async {
+            let scrape = scrape(app.metrics).await;
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == "grpc_kafka_partition_stalled_at_offset")
+                .map(|s| {
+                    let partition: String = s.labels.get("partition").expect("label").to_owned();
+                    (partition, sample(&scrape, &s.metric, &[]) as i64)
+                })
+        },
+    )
+    .await;
+    assert_eq!(partition, stalled.to_string());
+    assert_eq!(offset, 1, "stalled at the record after the first purchase");
+    // Everything else counts; the purchase after the bad record does not.
+    fixture.await_totals(&app).await;
+    assert_eq!(
+        sample(
+            &scrape(app.metrics).await,
+            "grpc_kafka_undecodable_records_total",
+            &[]
+        ),
+        1.0
+    );
+
+    // The operator's step: move the stored offset past the record.
+    let mut conn = redis_connection().await;
+    let keys = redis_keys(&mut conn, &format!("{}offsets:*", fixture.prefix)).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let () = redis::cmd("HSET")
+        .arg(&keys[0])
+        .arg(&partition)
+        .arg(offset + 1)
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    for (user, cents) in held_back {
+        fixture.expect(&user, cents);
+    }
+    fixture.await_totals(&app).await;
+    eventually(
+        Duration::from_secs(10),
+        "the stall metric to go",
+        || async {
+            let scrape = scrape(app.metrics).await;
+            (!scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "grpc_kafka_partition_stalled_at_offset"))
+            .then_some(())
+        },
+    )
+    .await;
     app.stop().await;
 }

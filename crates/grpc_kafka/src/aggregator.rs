@@ -160,8 +160,8 @@ impl Retry {
 /// A fetched record reduced to what the aggregator needs, so the consumer's buffer is released.
 struct Record {
     fetched: Fetched,
-    /// `None` for a record that is not a valid purchase event: its offset moves, nothing counts.
-    event: Option<Counted>,
+    /// Why a record is not a valid purchase event: its partition stalls there, nothing counts.
+    event: Result<Counted, purchase::EventError>,
     /// The record's `traceparent` header, kept only while spans are exported.
     traceparent: Option<String>,
 }
@@ -323,13 +323,7 @@ impl Aggregator {
 fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
     *received += 1;
     let (partition, offset) = (message.partition(), message.offset());
-    let event = match PurchaseEvent::decode(message.payload().unwrap_or_default()) {
-        Ok(event) => Some(Counted::from(event)),
-        Err(error) => {
-            tracing::error!(partition, offset, %error, "skipping invalid event");
-            None
-        }
-    };
+    let event = PurchaseEvent::decode(message.payload().unwrap_or_default()).map(Counted::from);
     let traceparent = if telemetry::trace::exporting() {
         use rdkafka::message::{Headers, Message as _};
         message.headers().and_then(|headers| {
@@ -370,9 +364,13 @@ impl Aggregator {
             let partition = fetched.partition;
             let mut marks = None;
             loop {
-                match self.positions.offer(fetched, marks) {
+                let admission = match &record.event {
+                    Ok(_) => self.positions.offer(fetched, marks),
+                    Err(_) => self.positions.offer_undecodable(fetched, marks),
+                };
+                match admission {
                     Admission::Admit => {
-                        if let (Some(event), Some(parent)) = (&record.event, &record.traceparent) {
+                        if let (Ok(event), Some(parent)) = (&record.event, &record.traceparent) {
                             let span = tracing::info_span!(
                                 "purchase.apply",
                                 purchase_id = %event.purchase_id,
@@ -384,10 +382,34 @@ impl Aggregator {
                             telemetry::trace::record_trace_id(&span);
                             spans.push(span);
                         }
-                        events.extend(record.event);
+                        events.extend(record.event.ok());
                         break;
                     }
                     Admission::Drop => break,
+                    Admission::Stall => {
+                        let error = record.event.as_ref().err().map(ToString::to_string);
+                        tracing::error!(
+                            partition,
+                            offset = fetched.offset,
+                            error = error.unwrap_or_default(),
+                            "not a valid purchase event: the partition is stalled here, nothing \
+                             after it counts until a version that reads it runs or an operator \
+                             moves the stored offset past it (README: stalled partition)"
+                        );
+                        self.metrics.undecodable_records.inc();
+                        break;
+                    }
+                    Admission::Behind { expected } => {
+                        tracing::warn!(
+                            partition,
+                            offset = fetched.offset,
+                            expected,
+                            "kafka reset the fetch position below the expected offset (partition \
+                             truncated?); seeking back to it"
+                        );
+                        self.metrics.fetch_resets.inc();
+                        break;
+                    }
                     Admission::NeedStored => {
                         let stored = self.stored_offset(partition, stop).await?;
                         if stored != fetched.offset {
@@ -514,16 +536,35 @@ impl Aggregator {
             if !partitions.contains(&gone) {
                 let label = crate::metrics::Partition { partition: gone };
                 self.metrics.consumer_lag.remove(&label);
+                self.metrics.stalled_at.remove(&label);
                 self.lag_reported.remove(&gone);
             }
         }
         for partition in partitions {
             let stored = self.stored_offset(partition, stop).await?;
+            let label = crate::metrics::Partition { partition };
             if let Ok(marks) = self.source.watermarks(partition).await {
-                let label = crate::metrics::Partition { partition };
                 let lag = (marks.high - stored).max(0);
                 self.metrics.consumer_lag.get_or_create(&label).set(lag);
                 self.lag_reported.insert(partition);
+                if marks.high < stored {
+                    tracing::error!(
+                        partition,
+                        stored,
+                        high = marks.high,
+                        "the partition ends before the stored offset: kafka lost records this \
+                         service counted; reading it again"
+                    );
+                    self.positions.truncated(partition, marks.high);
+                }
+            }
+            match self.positions.stalled_at(partition) {
+                Some(at) => {
+                    self.metrics.stalled_at.get_or_create(&label).set(at);
+                }
+                None => {
+                    self.metrics.stalled_at.remove(&label);
+                }
             }
             if let Some(position) = self.positions.position(partition)
                 && position != stored

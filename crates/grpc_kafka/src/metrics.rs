@@ -44,6 +44,10 @@ pub struct Metrics {
     pub redis_apply_duration: Histogram,
     pub ack_to_visible: Histogram,
     pub consumer_lag: Family<Partition, Gauge>,
+    /// Per stalled partition: the offset of the record that is not a valid purchase event.
+    pub stalled_at: Family<Partition, Gauge>,
+    pub undecodable_records: Counter,
+    pub fetch_resets: Counter,
     pub grpc_requests: Family<Call, Counter>,
     pub grpc_duration: HistogramFamily<Method>,
     last_applied_age: Gauge<f64, AtomicU64>,
@@ -60,6 +64,9 @@ impl Default for Metrics {
             redis_apply_duration: telemetry::seconds_histogram(),
             ack_to_visible: telemetry::seconds_histogram(),
             consumer_lag: Family::default(),
+            stalled_at: Family::default(),
+            undecodable_records: Counter::default(),
+            fetch_resets: Counter::default(),
             grpc_requests: Family::default(),
             grpc_duration: Family::new_with_constructor(telemetry::seconds_histogram),
             last_applied_age: Gauge::default(),
@@ -92,6 +99,21 @@ impl Default for Metrics {
             "grpc_kafka_consumer_lag_records",
             "Per assigned partition: high watermark minus the next offset to apply.",
             this.consumer_lag.clone(),
+        );
+        r.register(
+            "grpc_kafka_partition_stalled_at_offset",
+            "Per stalled partition: the offset of the record that is not a valid purchase event.",
+            this.stalled_at.clone(),
+        );
+        r.register(
+            "grpc_kafka_undecodable_records",
+            "Records met where a partition applies next that are not valid purchase events.",
+            this.undecodable_records.clone(),
+        );
+        r.register(
+            "grpc_kafka_fetch_resets",
+            "Records delivered below the expected offset (Kafka reset the fetch position).",
+            this.fetch_resets.clone(),
         );
         r.register_with_unit(
             "grpc_kafka_last_applied_event_age",

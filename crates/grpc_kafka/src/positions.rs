@@ -16,7 +16,14 @@
 //! - a gap (a record past the expected offset) never moves an offset silently: the partition is
 //!   sought back, and only the partition's watermarks can prove that records are gone (below the
 //!   log start) or that the stored offset is past the end; both then rewrite the stored offset
-//!   with a compare-and-set, and the first case is logged as an error by the loop.
+//!   with a compare-and-set, and the first case is logged as an error by the loop;
+//! - a record below the expected offset while applying means Kafka reset the fetch position (the
+//!   partition was truncated: a lost tail, an unclean leader election): it is reported and the
+//!   partition is sought back to the expected offset, never silently dropped from there on; a
+//!   high watermark below the stored offset does the same at the periodic check;
+//! - a record that is not a valid purchase event stalls its partition at its offset: nothing
+//!   after it counts until the stored offset moves past it (an operator's decision) or a
+//!   version of the service that reads it starts. Never a silent skip.
 //!
 //! This module must never perform I/O, sleep, or read the clock.
 
@@ -56,6 +63,12 @@ pub enum Admission {
     /// [`Positions::rewritten`]. `lost` is how many records vanished from Kafka uncounted
     /// (deleted below the log start); zero when the stored offset was past the partition's end.
     Rewrite { from: i64, to: i64, lost: i64 },
+    /// The record is where the partition applies next but is not a valid purchase event: the
+    /// partition is stalled at this offset (nothing after it counts) until its stored offset moves.
+    Stall,
+    /// The record lies below the offset the partition expects while applying: Kafka reset the
+    /// fetch position. Not counted; the partition is sought back to `expected`.
+    Behind { expected: i64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +83,8 @@ enum State {
     Rewriting,
     /// Admitting from `next` on: every record before it was applied or is in the pending batch.
     Applying { next: i64 },
+    /// The record at `at` is not a valid event: nothing is admitted until the stored offset moves.
+    Stalled { at: i64 },
 }
 
 /// Positions of every assigned partition, and the batch being built.
@@ -95,25 +110,38 @@ impl Positions {
 
     /// Decides about one record. `marks` is given only after [`Admission::NeedWatermarks`].
     pub fn offer(&mut self, record: Fetched, marks: Option<Watermarks>) -> Admission {
+        self.decide(record, marks, true)
+    }
+
+    /// Decides about a record that is not a valid purchase event: like [`Self::offer`], but where
+    /// that would admit it, the partition stalls ([`Admission::Stall`]).
+    pub fn offer_undecodable(&mut self, record: Fetched, marks: Option<Watermarks>) -> Admission {
+        self.decide(record, marks, false)
+    }
+
+    fn decide(&mut self, record: Fetched, marks: Option<Watermarks>, valid: bool) -> Admission {
         let Some(state) = self.states.get(&record.partition).copied() else {
             return Admission::Drop;
         };
         let (admission, next_state) = match state {
             State::Unknown => (Admission::NeedStored, state),
-            State::SeekDue { .. } | State::Rewriting => (Admission::Drop, state),
+            State::SeekDue { .. } | State::Rewriting | State::Stalled { .. } => {
+                (Admission::Drop, state)
+            }
             State::Sought { after, .. } if record.seq <= after => (Admission::Drop, state),
             State::Sought { target, .. } if record.offset == target => {
-                self.admit(record.partition, target);
-                (Admission::Admit, State::Applying { next: target + 1 })
+                self.admit_or_stall(record.partition, target, valid)
             }
             State::Sought { target, .. } => match marks {
                 None => (Admission::NeedWatermarks, state),
                 Some(marks) => Self::misplaced(record.offset, target, marks),
             },
-            State::Applying { next } if record.offset < next => (Admission::Drop, state),
+            State::Applying { next } if record.offset < next => (
+                Admission::Behind { expected: next },
+                State::SeekDue { target: next },
+            ),
             State::Applying { next } if record.offset == next => {
-                self.admit(record.partition, next);
-                (Admission::Admit, State::Applying { next: next + 1 })
+                self.admit_or_stall(record.partition, next, valid)
             }
             // A gap: read again from `next`; only watermarks may prove the records gone.
             State::Applying { next } => (Admission::Drop, State::SeekDue { target: next }),
@@ -146,6 +174,15 @@ impl Positions {
         } else {
             // The seek did not take effect as asked: seek again.
             (Admission::Drop, State::SeekDue { target })
+        }
+    }
+
+    fn admit_or_stall(&mut self, partition: i32, offset: i64, valid: bool) -> (Admission, State) {
+        if valid {
+            self.admit(partition, offset);
+            (Admission::Admit, State::Applying { next: offset + 1 })
+        } else {
+            (Admission::Stall, State::Stalled { at: offset })
         }
     }
 
@@ -248,11 +285,35 @@ impl Positions {
         }
     }
 
+    /// The periodic check found the partition's high watermark below where it stands: records it
+    /// counted are gone from Kafka (a lost tail). Seek to the position again; the first record after
+    /// that seek decides with the watermarks (past the end: the partition is read from its start).
+    pub fn truncated(&mut self, partition: i32, high: i64) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        match self.states.get(&partition).copied() {
+            Some(State::Applying { next }) if high < next => {
+                self.states
+                    .insert(partition, State::SeekDue { target: next });
+            }
+            _ => {}
+        }
+    }
+
+    /// The offset of the undecodable record a partition is stalled at, if it is.
+    pub fn stalled_at(&self, partition: i32) -> Option<i64> {
+        match self.states.get(&partition)? {
+            State::Stalled { at } => Some(*at),
+            _ => None,
+        }
+    }
+
     /// Where a partition stands: the offset it applies or seeks next (none while its stored
     /// offset is unknown or being rewritten).
     pub fn position(&self, partition: i32) -> Option<i64> {
         match self.states.get(&partition)? {
-            State::Applying { next } => Some(*next),
+            State::Applying { next } | State::Stalled { at: next } => Some(*next),
             State::SeekDue { target } | State::Sought { target, .. } => Some(*target),
             State::Unknown | State::Rewriting => None,
         }
