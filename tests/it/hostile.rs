@@ -565,3 +565,171 @@ async fn a_64_kib_header_is_answered_431() {
     .await;
     fixture.assert_nothing_written(1).await;
 }
+
+// ------------------------------------------------------------------------------------ gRPC port
+
+/// A grpc_kafka of the test's own, with its settings adjusted by `adjust`.
+async fn grpc_with(adjust: impl FnOnce(&mut grpc_kafka::Settings)) -> Running {
+    let mut settings = grpc_kafka_settings(
+        &fresh_topic(1).await,
+        &format!("{}:", unique("hostile")),
+        &unique("group"),
+    );
+    adjust(&mut settings);
+    start_grpc_kafka(settings).await
+}
+
+/// A gRPC call from `from` (a loopback address) answers: the port serves well-behaved clients.
+async fn grpc_served_from(from: [u8; 4], addr: std::net::SocketAddr) -> bool {
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .local_address(Some(from.into()))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut client = wallet_proto::wallet_service_client::WalletServiceClient::new(channel);
+    client
+        .get_total_spent(wallet_proto::GetTotalSpentRequest {
+            user_id: "good".to_owned(),
+        })
+        .await
+        .is_ok()
+}
+
+/// Whether every stream is closed by the server before `deadline` (one deadline for all, so a
+/// failure ends at once instead of waiting once per stream).
+async fn all_closed_by(
+    streams: &mut [tokio::net::TcpStream],
+    deadline: tokio::time::Instant,
+) -> usize {
+    let mut closed = 0;
+    for stream in streams {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if closed_by_server(stream, left.max(Duration::from_millis(1))).await {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Issue 20: of connections that never finish a request on the gRPC port, none was closed. Now
+/// 2,000 idle HTTP/2 connections (preface sent, then silence) and 2,000 half-sent gRPC-Web
+/// (HTTP/1.1) headers are all closed after `GRPC_IDLE_TIMEOUT_MS`, and a good client is served
+/// while they are open and after.
+#[tokio::test]
+async fn idle_http2_and_half_grpc_web_connections_are_closed_and_a_good_client_is_served() {
+    let grpc = grpc_with(|s| {
+        s.grpc_idle_timeout_ms = 1_000;
+        s.grpc_keepalive_interval_ms = 300;
+        s.grpc_max_connections = 5_000;
+    })
+    .await;
+    let mut streams = Vec::with_capacity(4_000);
+    for i in 0..4_000 {
+        let mut stream = tokio::net::TcpStream::connect(grpc.addr)
+            .await
+            .expect("connect");
+        let opening: &[u8] = if i % 2 == 0 {
+            // The HTTP/2 connection preface and an empty SETTINGS frame, then nothing.
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        } else {
+            b"POST /wallet.v1.WalletService/GetTotalSpent HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/grpc-web+proto\r\n"
+        };
+        stream.write_all(opening).await.expect("send the opening");
+        streams.push(stream);
+    }
+    assert!(
+        grpc_served_from([127, 0, 0, 1], grpc.addr).await,
+        "a good client is served while 4,000 connections idle"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let closed = all_closed_by(&mut streams, deadline).await;
+    println!("\nidle gRPC connections closed by the server: {closed} of 4000");
+    assert_eq!(closed, 4_000, "every idle connection is closed");
+    assert!(grpc_served_from([127, 0, 0, 1], grpc.addr).await);
+    let open = sample(&scrape(grpc.metrics).await, "grpc_connections_open", &[]);
+    assert!(open <= 1.0, "connections open after: {open}");
+    grpc.stop().await;
+}
+
+/// Issue 20: the gRPC port had no connection cap. Over `GRPC_MAX_CONNECTIONS` a connection is
+/// closed at once; over `GRPC_MAX_CONNECTIONS_PER_IP` too, while another address is served; once
+/// connections go, their places are free again.
+#[tokio::test]
+async fn grpc_connections_over_the_caps_are_closed_at_once() {
+    let grpc = grpc_with(|s| {
+        s.grpc_max_connections = 6;
+        s.grpc_max_connections_per_ip = 4;
+        s.grpc_idle_timeout_ms = 600_000;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            tokio::net::TcpStream::connect(grpc.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut extra = tokio::net::TcpStream::connect(grpc.addr)
+        .await
+        .expect("connect");
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(10)).await,
+        "a fifth connection from 127.0.0.1 is closed at once"
+    );
+    assert!(
+        grpc_served_from([127, 0, 0, 2], grpc.addr).await,
+        "another address is served"
+    );
+    // 127.0.0.2's channel closes after its call; then two from 127.0.0.3 take the total to 6.
+    let open = |n: f64| {
+        let metrics = grpc.metrics;
+        move || async move {
+            (sample(&scrape(metrics).await, "grpc_connections_open", &[]) == n).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(10), "4 connections open", open(4.0)).await;
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(([127, 0, 0, 3], 0).into())
+            .expect("bind 127.0.0.3");
+        held.push(socket.connect(grpc.addr).await.expect("connect"));
+    }
+    eventually(Duration::from_secs(10), "6 connections open", open(6.0)).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(([127, 0, 0, 4], 0).into())
+        .expect("bind 127.0.0.4");
+    let mut over_total = socket.connect(grpc.addr).await.expect("connect");
+    assert!(
+        closed_by_server(&mut over_total, Duration::from_secs(10)).await,
+        "a seventh connection is closed at once"
+    );
+    let scrape = scrape(grpc.metrics).await;
+    assert!(
+        sample(
+            &scrape,
+            "grpc_connections_refused_total",
+            &[("reason", "per_ip_cap")]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &scrape,
+            "grpc_connections_refused_total",
+            &[("reason", "connection_cap")]
+        ) >= 1.0
+    );
+    drop(held);
+    eventually(Duration::from_secs(10), "a place for 127.0.0.1", || async {
+        grpc_served_from([127, 0, 0, 1], grpc.addr)
+            .await
+            .then_some(())
+    })
+    .await;
+    grpc.stop().await;
+}

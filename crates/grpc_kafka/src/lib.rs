@@ -8,6 +8,7 @@
 //! - [`kafka`]: the rdkafka adapter (consumer, rebalances, seeks, watermarks);
 //! - [`aggregator`]: the loop that joins them and applies each batch exactly once;
 //! - [`grpc`]: `WalletService` and the one mapping from errors to gRPC statuses;
+//! - [`listener`]: the gRPC port's accepting side, every connection bounded (caps, idle timeout);
 //! - [`metrics`]: what `GET /metrics` on `METRICS_ADDR` shows.
 //!
 //! This file is wiring: it starts the aggregator, the gRPC server and the metrics endpoint. Only
@@ -22,6 +23,7 @@
 pub mod aggregator;
 pub mod grpc;
 pub mod kafka;
+pub mod listener;
 pub mod metrics;
 pub mod positions;
 pub mod settings;
@@ -30,9 +32,7 @@ pub mod totals;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use wallet_proto::wallet_service_server::WalletServiceServer;
@@ -81,13 +81,18 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         settings.kafka.validate().map_err(StartError::Settings)?;
+        settings.validate().map_err(StartError::Settings)?;
         let verifier = auth::Verifier::from_settings(&settings.auth)?;
         let server = match settings.tls.read().map_err(StartError::Tls)? {
             None => tonic::transport::Server::builder(),
             Some(pem) => {
                 let identity = tonic::transport::Identity::from_pem(pem.cert, pem.key);
                 tonic::transport::Server::builder()
-                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .tls_config(
+                        tonic::transport::ServerTlsConfig::new()
+                            .identity(identity)
+                            .timeout(settings.grpc_idle_timeout()),
+                    )
                     .map_err(|e| StartError::Tls(e.to_string()))?
             }
         };
@@ -177,6 +182,12 @@ impl Application {
 
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "grpc_kafka service listening");
         let server_shutdown = CancellationToken::new();
+        let limits = listener::Limits {
+            max_connections: settings.grpc_max_connections as usize,
+            per_ip: (settings.grpc_max_connections_per_ip > 0)
+                .then(|| service_kit::per_ip::PerIp::new(settings.grpc_max_connections_per_ip)),
+            idle_timeout: settings.grpc_idle_timeout(),
+        };
         let wallet = tonic::service::interceptor::InterceptedService::new(
             WalletServiceServer::new(grpc::Wallet {
                 totals: self.totals.clone(),
@@ -191,6 +202,8 @@ impl Application {
             .timeout(std::time::Duration::from_millis(
                 settings.grpc_request_timeout_ms,
             ))
+            .http2_keepalive_interval(Some(settings.grpc_keepalive_interval()))
+            .http2_keepalive_timeout(Some(settings.grpc_keepalive_interval()))
             // gRPC-Web for browser pages (HTTP/1.1), CORS limited to the configured origins.
             .accept_http1(true)
             .layer(cors(&settings.grpc_web_allowed_origins))
@@ -200,7 +213,7 @@ impl Application {
             .add_optional_service(settings.grpc_reflection.then_some(reflection_v1alpha))
             .add_service(wallet)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.listener).map(no_delay),
+                listener::incoming(self.listener, limits, metrics.clone()),
                 server_shutdown.clone().cancelled_owned(),
             );
         let server_task = tokio::spawn(server);
@@ -268,16 +281,6 @@ fn cors(origins: &[hyper::header::HeaderValue]) -> tower_http::cors::CorsLayer {
             header("grpc-status-details-bin"),
         ])
         .max_age(Duration::from_secs(600))
-}
-
-/// Accepted sockets send each response at once: with Nagle's algorithm on, a small response
-/// waited for the client's delayed ACK (about 40 ms per call).
-fn no_delay(accepted: std::io::Result<TcpStream>) -> std::io::Result<TcpStream> {
-    let stream = accepted?;
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "cannot set TCP_NODELAY");
-    }
-    Ok(stream)
 }
 
 /// Both the overall service ("") and the wallet service: a probe of either sees it.

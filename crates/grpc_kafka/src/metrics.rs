@@ -31,6 +31,11 @@ pub struct Call {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Method {
     pub method: &'static str,
 }
@@ -49,6 +54,8 @@ pub struct Metrics {
     pub undecodable_records: Counter,
     pub fetch_resets: Counter,
     pub grpc_requests: Family<Call, Counter>,
+    pub connections_open: Gauge,
+    pub connections_refused: Family<Reason, Counter>,
     pub grpc_duration: HistogramFamily<Method>,
     last_applied_age: Gauge<f64, AtomicU64>,
     /// `created_at` of the last applied event, in milliseconds since the epoch (0: none yet).
@@ -68,6 +75,8 @@ impl Default for Metrics {
             undecodable_records: Counter::default(),
             fetch_resets: Counter::default(),
             grpc_requests: Family::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Family::default(),
             grpc_duration: Family::new_with_constructor(telemetry::seconds_histogram),
             last_applied_age: Gauge::default(),
             last_applied_ms: AtomicI64::new(0),
@@ -126,6 +135,16 @@ impl Default for Metrics {
             "gRPC requests of the wallet service, by method and status code.",
             this.grpc_requests.clone(),
         );
+        r.register(
+            "grpc_connections_open",
+            "Connections open on the gRPC port.",
+            this.connections_open.clone(),
+        );
+        r.register(
+            "grpc_connections_refused",
+            "Connections to the gRPC port closed at once, by reason: connection_cap, per_ip_cap.",
+            this.connections_refused.clone(),
+        );
         r.register_with_unit(
             "grpc_request_duration",
             "Duration of gRPC requests of the wallet service, by method.",
@@ -137,6 +156,12 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
     /// One applied batch: `events` offered, `counted` of them new.
     pub fn applied(
         &self,

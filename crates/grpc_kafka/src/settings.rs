@@ -100,6 +100,27 @@ pub struct Settings {
     #[arg(long, env = "GRPC_REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub grpc_request_timeout_ms: u64,
 
+    /// Most connections open on the gRPC port; more are closed at once.
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub grpc_max_connections: u32,
+
+    /// Most connections open on the gRPC port from one IP address; more are closed at once.
+    /// 0: no cap per address.
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub grpc_max_connections_per_ip: u32,
+
+    /// A gRPC connection from which nothing was read for this long is closed: silent sockets,
+    /// half-sent headers, unfinished TLS handshakes, idle connections. Also the TLS handshake's
+    /// limit. Must exceed GRPC_KEEPALIVE_INTERVAL_MS, so live HTTP/2 clients (which answer
+    /// keep-alive PINGs) are never idle.
+    #[arg(long, env = "GRPC_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub grpc_idle_timeout_ms: u64,
+
+    /// How often the server PINGs an HTTP/2 client from which nothing was read; a PING not
+    /// answered within the same time closes the connection.
+    #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
+    pub grpc_keepalive_interval_ms: u64,
+
     /// Origins (e.g. http://127.0.0.1:8080, the websocket service's console page) whose browser
     /// pages may call the API over gRPC-Web, comma-separated. gRPC-Web itself is always served
     /// (same method, validation and authentication); without an origin listed here, browsers of
@@ -135,6 +156,26 @@ impl Settings {
 
     pub fn aggregator_stall(&self) -> Duration {
         Duration::from_secs(self.aggregator_stall_secs)
+    }
+
+    pub fn grpc_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.grpc_idle_timeout_ms)
+    }
+
+    pub fn grpc_keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.grpc_keepalive_interval_ms)
+    }
+
+    /// Settings that are each valid but not together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.grpc_keepalive_interval_ms >= self.grpc_idle_timeout_ms {
+            return Err(format!(
+                "GRPC_KEEPALIVE_INTERVAL_MS ({}) must be below GRPC_IDLE_TIMEOUT_MS ({}): live \
+                 clients would be closed as idle",
+                self.grpc_keepalive_interval_ms, self.grpc_idle_timeout_ms
+            ));
+        }
+        Ok(())
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -1,6 +1,8 @@
 //! Process plumbing shared by both services: the log format setting, shutdown signals, TLS files
-//! and `*_FILE` secrets. The subscriber itself (logs and trace export) is `telemetry::trace`.
+//! and `*_FILE` secrets, the per-address connection cap ([`per_ip`]). The subscriber itself (logs and trace export) is `telemetry::trace`.
 //! This crate never decides what is logged or how a service shuts down.
+
+pub mod per_ip;
 
 use tokio_util::sync::CancellationToken;
 

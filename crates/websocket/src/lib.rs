@@ -159,7 +159,7 @@ impl Application {
             verifier: self.verifier,
             tls: self.tls,
             per_ip: (settings.http_max_connections_per_ip > 0)
-                .then(|| server::PerIp::new(settings.http_max_connections_per_ip)),
+                .then(|| service_kit::per_ip::PerIp::new(settings.http_max_connections_per_ip)),
             metrics,
             statement_timeout: settings.statement_timeout(),
             console: console::Console::new(settings.console_totals_url.as_deref()),

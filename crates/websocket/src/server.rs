@@ -16,10 +16,10 @@
 //! selects) or the `access_token` query parameter. A missing or invalid token is answered 401.
 //! Tokens and query strings are never logged.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use service_kit::per_ip::{IpSlot, PerIp};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -70,59 +70,6 @@ pub struct Shared {
 /// `bearer.<token>`, so that the selected protocol is never the token itself).
 pub const SUBPROTOCOL: &str = "purchases.v1";
 const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
-
-/// Open connections per peer address, capped.
-pub struct PerIp {
-    limit: u32,
-    open: Mutex<HashMap<IpAddr, u32>>,
-}
-
-/// One connection's place in its address's count; released on drop.
-pub struct IpSlot {
-    per_ip: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl PerIp {
-    pub fn new(limit: u32) -> Arc<Self> {
-        Arc::new(Self {
-            limit,
-            open: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = open.entry(ip).or_insert(0);
-        if *count >= self.limit {
-            return None;
-        }
-        *count += 1;
-        Some(IpSlot {
-            per_ip: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut open = self
-            .per_ip
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
-}
 
 /// Accepts connections until `shutdown` is cancelled; HTTP connections are tracked on `http`.
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskTracker) {
