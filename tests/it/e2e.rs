@@ -348,6 +348,19 @@ async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
         ],
     );
     assert!(stderr.contains("KAFKA_TOPIC_PARTITIONS"), "{stderr}");
+    // Each valid, not together: a keep-alive interval past the idle timeout.
+    let stderr = run(
+        "grpc_kafka",
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1/"),
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("GRPC_KEEPALIVE_INTERVAL_MS", "40000"),
+        ],
+    );
+    assert!(
+        stderr.contains("GRPC_KEEPALIVE_INTERVAL_MS") && stderr.contains("GRPC_IDLE_TIMEOUT_MS"),
+        "{stderr}"
+    );
     let stderr = run(
         "websocket",
         &[
