@@ -263,6 +263,77 @@ fn fails_at_start(name: &'static str, env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Issue 20: duration settings had no upper bound, and values that overflow `Instant` arithmetic
+/// panicked later (the aggregator on every restart, with `CONSUMER_LINGER_MS`). Each is refused at
+/// start now, naming the variable, also when its dependencies are reachable.
+#[tokio::test]
+async fn every_duration_setting_out_of_range_is_refused_at_start_naming_it() {
+    let env = Env::get();
+    let topic = fresh_topic(1).await;
+    let db = fresh_database().await;
+    let huge = u64::MAX.to_string();
+    let cases: [(&'static str, &[&str]); 2] = [
+        (
+            "grpc_kafka",
+            &[
+                "REDIS_TIMEOUT_MS",
+                "CONSUMER_LINGER_MS",
+                "DEDUPE_HORIZON_SECS",
+                "AGGREGATOR_STALL_SECS",
+                "GRPC_REQUEST_TIMEOUT_MS",
+                "GRPC_IDLE_TIMEOUT_MS",
+                "GRPC_KEEPALIVE_INTERVAL_MS",
+                "SHUTDOWN_TIMEOUT_SECS",
+                "JWT_LEEWAY_SECS",
+            ],
+        ),
+        (
+            "websocket",
+            &[
+                "KAFKA_MESSAGE_TIMEOUT_MS",
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                "DATABASE_WAIT_SECS",
+                "DATABASE_TIMEOUT_MS",
+                "WS_IDLE_TIMEOUT_SECS",
+                "WS_REPLY_DEADLINE_MS",
+                "HTTP_HEADER_READ_TIMEOUT_MS",
+                "SHUTDOWN_TIMEOUT_SECS",
+                "JWT_LEEWAY_SECS",
+            ],
+        ),
+    ];
+    for (binary_name, names) in cases {
+        for name in names {
+            let mut command = tokio::process::Command::new(binary(binary_name));
+            command
+                .env_clear()
+                .env("AUTH_MODE", "none")
+                .env("KAFKA_BROKERS", &env.kafka_brokers)
+                .env("KAFKA_TOPIC", &topic)
+                .env("REDIS_URL", &env.redis_url)
+                .env("DATABASE_URL", &db.url)
+                .env("GRPC_ADDR", "127.0.0.1:0")
+                .env("METRICS_ADDR", "127.0.0.1:0")
+                .env("WEBSOCKET_ADDR", "127.0.0.1:0")
+                .env(name, &huge)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true);
+            let child = command.spawn().expect("spawn");
+            let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+                .await
+                .unwrap_or_else(|_| panic!("{binary_name} ran with {name}={huge}"))
+                .expect("wait");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{binary_name} {name}: {stderr}");
+            assert!(
+                stderr.contains(name) && !stderr.contains("panicked"),
+                "{binary_name} {name}: {stderr}"
+            );
+        }
+    }
+}
+
 /// `*_FILE` settings (Docker secrets) are read, never echoed, and exclusive with the plain
 /// variable; authentication is on unless turned off explicitly, and off is warned about.
 #[tokio::test]

@@ -65,7 +65,7 @@ pub struct AuthSettings {
     pub jwt_audience: String,
 
     /// Clock skew allowed when checking `exp` and `nbf`, in seconds.
-    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 30)]
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub jwt_leeway_secs: u64,
 }
 

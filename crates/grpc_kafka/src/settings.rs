@@ -67,7 +67,7 @@ pub struct Settings {
     pub redis_pool_size: u32,
 
     /// How long a call waits for a Redis connection before it fails.
-    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub redis_timeout_ms: u64,
 
     /// Most events applied to Redis in one script call.
@@ -75,17 +75,17 @@ pub struct Settings {
     pub consumer_batch_max: u32,
 
     /// How long a batch waits for more events after its first one.
-    #[arg(long, env = "CONSUMER_LINGER_MS", default_value_t = 5)]
+    #[arg(long, env = "CONSUMER_LINGER_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub consumer_linger_ms: u64,
 
     /// How long a purchase id stays in its dedupe set after the set's last write: a copy of an
     /// event applied within this time of the original is caught (ARCHITECTURE.md, "Dedupe").
-    #[arg(long, env = "DEDUPE_HORIZON_SECS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "DEDUPE_HORIZON_SECS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub dedupe_horizon_secs: u64,
 
     /// The aggregator counts as stalled (health NOT_SERVING, process exits non-zero) when its loop
     /// has not turned for this long: a call into Redis or Kafka that hangs.
-    #[arg(long, env = "AGGREGATOR_STALL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "AGGREGATOR_STALL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub aggregator_stall_secs: u64,
 
     /// Largest gRPC request accepted, in bytes; a larger one is refused (OUT_OF_RANGE).
@@ -97,7 +97,7 @@ pub struct Settings {
     pub grpc_concurrency_per_connection: u32,
 
     /// Longest a gRPC call may take; past it the call ends with CANCELLED.
-    #[arg(long, env = "GRPC_REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "GRPC_REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub grpc_request_timeout_ms: u64,
 
     /// Most connections open on the gRPC port; more are closed at once.
@@ -133,7 +133,7 @@ pub struct Settings {
     pub grpc_reflection: bool,
 
     /// On SIGTERM, how long to wait for the current batch and in-flight calls.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub shutdown_timeout_secs: u64,
 
     /// Log output: text or json.

@@ -52,7 +52,7 @@ pub struct Settings {
     pub websocket_addr: SocketAddr,
 
     /// How long the producer retries one event before the outbox relay tries it again.
-    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=2_147_483_647))]
     pub kafka_message_timeout_ms: u64,
 
     /// PostgreSQL connections in the pool.
@@ -61,16 +61,16 @@ pub struct Settings {
 
     /// How long one commit (or one statement of the outbox relay) may take; a database that
     /// stops answering is then answered `unavailable` (with the purchase id) instead of never.
-    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub database_statement_timeout_ms: u64,
 
     /// At start (and in `websocket migrate`), how long to keep trying to reach PostgreSQL before
     /// giving up: a database still initialising is waited for.
-    #[arg(long, env = "DATABASE_WAIT_SECS", default_value_t = 60)]
+    #[arg(long, env = "DATABASE_WAIT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub database_wait_secs: u64,
 
     /// How long a request waits for a PostgreSQL connection before it is answered `unavailable`.
-    #[arg(long, env = "DATABASE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "DATABASE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub database_timeout_ms: u64,
 
     /// Most purchases committed together in one transaction (group commit).
@@ -100,16 +100,16 @@ pub struct Settings {
     pub ws_max_in_flight: u32,
 
     /// A connection that sends nothing for this long is closed.
-    #[arg(long, env = "WS_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "WS_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub ws_idle_timeout_secs: u64,
 
     /// How long one reply may wait for the client to read it; a client that does not read in
     /// time is closed (1008) and its slot freed.
-    #[arg(long, env = "WS_REPLY_DEADLINE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "WS_REPLY_DEADLINE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub ws_reply_deadline_ms: u64,
 
     /// A client that has not sent a whole HTTP request header within this time is disconnected.
-    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub http_header_read_timeout_ms: u64,
 
     /// Most bytes of one HTTP request's header section (request line and every header, the
@@ -142,7 +142,7 @@ pub struct Settings {
     pub ws_max_connections: u32,
 
     /// On SIGTERM, how long to wait for in-flight work and the outbox to drain.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub shutdown_timeout_secs: u64,
 
     /// Where the console page (`GET /`) reads totals: grpc_kafka's address for gRPC-Web, e.g.
