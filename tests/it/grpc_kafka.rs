@@ -532,7 +532,14 @@ async fn dedupe_memory_is_bounded_by_the_horizon() {
         let events: Vec<Counted> = (start..(start + BATCH).min(purchases)).map(event).collect();
         let (from, to) = ((n * BATCH) as i64, (n * BATCH + events.len()) as i64);
         let moves = OffsetMoves::from([(0, (from, to))]);
-        let applied = totals.apply(log, &moves, &events).await.expect("apply");
+        let last = std::collections::BTreeMap::from([(
+            0,
+            events.last().expect("event").purchase_id.as_u128(),
+        )]);
+        let applied = totals
+            .apply(log, &moves, &last, &events)
+            .await
+            .expect("apply");
         assert_eq!(applied, Applied::Counted(events.len() as u64));
     }
     let elapsed = started.elapsed();
@@ -542,7 +549,7 @@ async fn dedupe_memory_is_bounded_by_the_horizon() {
     let moves = OffsetMoves::from([(0, (end, end + 1))]);
     assert_eq!(
         totals
-            .apply(log, &moves, &[copy])
+            .apply(log, &moves, &std::collections::BTreeMap::new(), &[copy])
             .await
             .expect("apply copy"),
         Applied::Counted(0)
@@ -812,6 +819,12 @@ async fn an_undecodable_record_stalls_its_partition_until_the_stored_offset_move
         .query_async(&mut conn)
         .await
         .expect("HSET");
+    let _: i64 = redis::cmd("HDEL")
+        .arg(&keys[0])
+        .arg(format!("{partition}:last"))
+        .query_async(&mut conn)
+        .await
+        .expect("HDEL");
     for (user, cents) in held_back {
         fixture.expect(&user, cents);
     }

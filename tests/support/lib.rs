@@ -187,26 +187,6 @@ pub fn topic_records(topic: &str) -> Vec<(String, PurchaseEvent)> {
     topic_records_on(&Env::get().kafka_brokers, topic)
 }
 
-/// How many records a topic holds (high watermarks summed over its partitions, from offset 0).
-pub fn topic_size_on(brokers: &str, topic: &str) -> i64 {
-    let consumer: BaseConsumer = kafka_common::client_config(brokers)
-        .create()
-        .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .expect("watermarks")
-                .1
-        })
-        .sum()
-}
-
 /// [`topic_records`] of a topic on other brokers (a cluster of the test's own).
 pub fn topic_records_on(brokers: &str, topic: &str) -> Vec<(String, PurchaseEvent)> {
     let consumer: BaseConsumer = kafka_common::client_config(brokers)

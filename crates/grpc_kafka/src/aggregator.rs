@@ -232,6 +232,7 @@ pub async fn run(
         heartbeat,
         metrics,
         lag_reported: std::collections::BTreeSet::new(),
+        kafka_error: false,
     };
     aggregator.consume(stop).await
 }
@@ -251,6 +252,8 @@ struct Aggregator {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Partitions whose lag is in the metrics (removed when no longer assigned).
     lag_reported: std::collections::BTreeSet<i32>,
+    /// Kafka reported an error since the last turn: verify every partition again.
+    kafka_error: bool,
 }
 
 impl Aggregator {
@@ -265,6 +268,13 @@ impl Aggregator {
                 let records = self.next_batch(&stop).await?;
                 if let Some(assigned) = self.source.take_rebalance() {
                     self.positions.rebalanced(&assigned);
+                    self.kafka_error = false;
+                } else if std::mem::take(&mut self.kafka_error) {
+                    tracing::info!(
+                        "kafka reported an error: checking every partition against its stored \
+                         fingerprint before counting more"
+                    );
+                    self.positions.reverify();
                 }
                 let (events, spans) = self.admit(records, &stop).await?;
                 self.apply(&events, &stop).await?;
@@ -300,6 +310,7 @@ impl Aggregator {
             Ok(Ok(message)) => records.push(reduce(&mut self.received, &message)),
             Ok(Err(error)) => {
                 tracing::warn!(%error, "kafka consume error");
+                self.kafka_error = true;
                 return Ok(records);
             }
             Err(_idle) => return Ok(records),
@@ -310,6 +321,7 @@ impl Aggregator {
                 Ok(Ok(message)) => records.push(reduce(&mut self.received, &message)),
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "kafka consume error");
+                    self.kafka_error = true;
                     break;
                 }
                 Err(_linger_over) => break,
@@ -342,6 +354,7 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
             seq: *received,
             partition,
             offset,
+            id: event.as_ref().map_or(0, |e| e.purchase_id.as_u128()),
         },
         event,
         traceparent,
@@ -411,7 +424,11 @@ impl Aggregator {
                         break;
                     }
                     Admission::NeedStored => {
-                        let stored = self.stored_offset(partition, stop).await?;
+                        let (totals, log) = (&self.totals, &self.log);
+                        let (stored, last) = self
+                            .retry
+                            .redis("read stored offset", stop, || totals.stored(log, partition))
+                            .await?;
                         if stored != fetched.offset {
                             tracing::info!(
                                 partition,
@@ -420,7 +437,7 @@ impl Aggregator {
                                 "seeking to the stored offset"
                             );
                         }
-                        self.positions.stored(fetched, stored);
+                        self.positions.stored(fetched, stored, last);
                     }
                     Admission::NeedWatermarks => match self.source.watermarks(partition).await {
                         Ok(found) => marks = Some(found),
@@ -450,11 +467,13 @@ impl Aggregator {
         stop: &CancellationToken,
     ) -> Step<()> {
         let moves = OffsetMoves::from([(partition, (from, to))]);
+        // No fingerprint: the record before `to` was not applied by this move.
+        let none = std::collections::BTreeMap::new();
         let (totals, log) = (&self.totals, &self.log);
         let applied = self
             .retry
             .redis("rewrite stored offset", stop, || {
-                totals.apply(log, &moves, &[])
+                totals.apply(log, &moves, &none, &[])
             })
             .await?;
         let done = matches!(applied, Applied::Counted(_));
@@ -491,11 +510,14 @@ impl Aggregator {
         if moves.is_empty() {
             return Ok(());
         }
+        let last = self.positions.batch_last().clone();
         let (totals, log) = (&self.totals, &self.log);
         let started = Instant::now();
         let applied = self
             .retry
-            .redis("apply batch", stop, || totals.apply(log, &moves, events))
+            .redis("apply batch", stop, || {
+                totals.apply(log, &moves, &last, events)
+            })
             .await;
         match applied {
             Ok(Applied::Counted(counted)) => {

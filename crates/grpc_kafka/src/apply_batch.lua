@@ -1,8 +1,13 @@
 -- Applies one batch of purchase events and advances the partition offsets, atomically.
 --
 -- ARGV[1] key prefix, ARGV[2] offsets hash key, ARGV[3] dedupe horizon in seconds,
--- ARGV[4] number of partitions P, then P triples (partition, expected stored next offset,
--- new next offset), then quadruples (purchase_id, user_id, bucket, amount_cents), one per event.
+-- ARGV[4] number of partitions P, then P quadruples (partition, expected stored next offset,
+-- new next offset, fingerprint of the partition's last record or '' for none), then quadruples
+-- (purchase_id, user_id, bucket, amount_cents), one per event.
+--
+-- The offsets hash holds, per partition, `{partition}` = the next offset to apply and
+-- `{partition}:last` = the fingerprint (purchase id, hex) of the record just before it, so the
+-- consumer can tell a log rewritten under the stored offset from the one it counted.
 --
 -- Offsets are compare-and-set: if any stored offset differs from what the consumer expects
 -- (another consumer moved on, or Redis lost or rolled back data), nothing is written and the
@@ -24,7 +29,7 @@ for _ = 1, partitions do
   if stored ~= ARGV[i + 1] then
     refused = true
   end
-  i = i + 3
+  i = i + 4
 end
 if refused then
   local reply = {-1}
@@ -32,14 +37,19 @@ if refused then
   for _ = 1, partitions do
     reply[#reply + 1] = tonumber(ARGV[i])
     reply[#reply + 1] = tonumber(redis.call('HGET', offsets_key, ARGV[i]) or '0')
-    i = i + 3
+    i = i + 4
   end
   return reply
 end
 i = first
 for _ = 1, partitions do
   redis.call('HSET', offsets_key, ARGV[i], ARGV[i + 2])
-  i = i + 3
+  if ARGV[i + 3] == '' then
+    redis.call('HDEL', offsets_key, ARGV[i] .. ':last')
+  else
+    redis.call('HSET', offsets_key, ARGV[i] .. ':last', ARGV[i + 3])
+  end
+  i = i + 4
 end
 local applied = 0
 local touched = {}

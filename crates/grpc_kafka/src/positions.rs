@@ -39,6 +39,10 @@ pub struct Fetched {
     pub seq: u64,
     pub partition: i32,
     pub offset: i64,
+    /// The record's content fingerprint: its purchase id (0 when it has none). Redis keeps the
+    /// fingerprint of each partition's last applied record, so a log rewritten under the stored
+    /// offset (a lost tail refilled at reused offsets) is told apart from the one counted.
+    pub id: u128,
 }
 
 /// A partition's low watermark (first available offset) and high watermark (next offset written).
@@ -75,10 +79,16 @@ pub enum Admission {
 enum State {
     /// Assigned, stored offset not read since the last (re)assignment.
     Unknown,
-    /// Must be sought to `target`; not done yet (never tried, or the seek failed).
-    SeekDue { target: i64 },
+    /// Must be sought to `target`; not done yet (never tried, or the seek failed). With `verify`,
+    /// `target` is the stored offset minus one, and the record there must carry that fingerprint
+    /// (the last one applied) before anything after it is admitted.
+    SeekDue { target: i64, verify: Option<u128> },
     /// Sought to `target` when `after` records had been fetched; older records are stale.
-    Sought { target: i64, after: u64 },
+    Sought {
+        target: i64,
+        after: u64,
+        verify: Option<u128>,
+    },
     /// A stored-offset rewrite is being performed; every record waits for it.
     Rewriting,
     /// Admitting from `next` on: every record before it was applied or is in the pending batch.
@@ -93,6 +103,8 @@ pub struct Positions {
     states: BTreeMap<i32, State>,
     /// The batch admitted since the last apply: where each partition's offset moves.
     pending: OffsetMoves,
+    /// The fingerprint of each pending partition's last admitted record.
+    pending_last: BTreeMap<i32, u128>,
 }
 
 impl Positions {
@@ -102,6 +114,21 @@ impl Positions {
         debug_assert!(self.pending.is_empty(), "rebalance with a pending batch");
         self.states = assigned.iter().map(|p| (*p, State::Unknown)).collect();
         self.pending.clear();
+        self.pending_last.clear();
+    }
+
+    /// Kafka reported an error (a broker lost, restarted, or restored from a copy): every
+    /// assigned partition reads its stored offset again and checks the record before it against
+    /// the stored fingerprint, as after an assignment, before anything more is admitted.
+    pub fn reverify(&mut self) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        for state in self.states.values_mut() {
+            if !matches!(state, State::Rewriting) {
+                *state = State::Unknown;
+            }
+        }
     }
 
     pub fn assigned(&self) -> impl Iterator<Item = i32> + '_ {
@@ -129,57 +156,110 @@ impl Positions {
                 (Admission::Drop, state)
             }
             State::Sought { after, .. } if record.seq <= after => (Admission::Drop, state),
-            State::Sought { target, .. } if record.offset == target => {
-                self.admit_or_stall(record.partition, target, valid)
+            State::Sought {
+                target,
+                verify: Some(last),
+                ..
+            } if record.offset == target => {
+                if record.id == last {
+                    // The log still holds what was counted: apply from the stored offset on.
+                    (Admission::Drop, State::Applying { next: target + 1 })
+                } else {
+                    match marks {
+                        None => (Admission::NeedWatermarks, state),
+                        // Rewritten under the stored offset (a lost tail refilled): read the whole
+                        // partition again; ids counted already are skipped.
+                        Some(marks) => (
+                            Admission::Rewrite {
+                                from: target + 1,
+                                to: marks.low,
+                                lost: 0,
+                            },
+                            State::Rewriting,
+                        ),
+                    }
+                }
             }
-            State::Sought { target, .. } => match marks {
+            State::Sought {
+                target,
+                verify: None,
+                ..
+            } if record.offset == target => self.admit_or_stall(record, target, valid),
+            State::Sought { target, verify, .. } => match marks {
                 None => (Admission::NeedWatermarks, state),
-                Some(marks) => Self::misplaced(record.offset, target, marks),
+                Some(marks) => Self::misplaced(record.offset, target, verify, marks),
             },
             State::Applying { next } if record.offset < next => (
                 Admission::Behind { expected: next },
-                State::SeekDue { target: next },
+                State::SeekDue {
+                    target: next,
+                    verify: None,
+                },
             ),
             State::Applying { next } if record.offset == next => {
-                self.admit_or_stall(record.partition, next, valid)
+                self.admit_or_stall(record, next, valid)
             }
             // A gap: read again from `next`; only watermarks may prove the records gone.
-            State::Applying { next } => (Admission::Drop, State::SeekDue { target: next }),
+            State::Applying { next } => (
+                Admission::Drop,
+                State::SeekDue {
+                    target: next,
+                    verify: None,
+                },
+            ),
         };
         self.states.insert(record.partition, next_state);
         admission
     }
 
-    /// The first record after a seek is not at the target: decide with the watermarks.
-    fn misplaced(offset: i64, target: i64, marks: Watermarks) -> (Admission, State) {
+    /// The first record after a seek is not at the target: decide with the watermarks. With
+    /// `verify`, the target is the record before the stored offset.
+    fn misplaced(
+        offset: i64,
+        target: i64,
+        verify: Option<u128>,
+        marks: Watermarks,
+    ) -> (Admission, State) {
+        let stored = if verify.is_some() { target + 1 } else { target };
         if offset > target && marks.low > target {
-            // Records [target, low) were deleted before they were counted (retention, or a
+            if marks.low <= stored {
+                // Only the record to verify is gone (retention): nothing to compare, nothing lost.
+                return (
+                    Admission::Drop,
+                    State::SeekDue {
+                        target: stored,
+                        verify: None,
+                    },
+                );
+            }
+            // Records [stored, low) were deleted before they were counted (retention, or a
             // rebuild on a topic that lost its head). Nothing can count them now: move on, loudly.
             let rewrite = Admission::Rewrite {
-                from: target,
+                from: stored,
                 to: marks.low,
-                lost: marks.low - target,
+                lost: marks.low - stored,
             };
             (rewrite, State::Rewriting)
-        } else if offset < target && marks.high < target {
+        } else if offset < target && marks.high < stored {
             // The stored offset is past the end: not this topic's offset (recreated, or the
             // cluster lost data). Read the whole partition again from its start; ids counted
             // already are skipped by the dedupe sets.
             let rewrite = Admission::Rewrite {
-                from: target,
+                from: stored,
                 to: marks.low,
                 lost: 0,
             };
             (rewrite, State::Rewriting)
         } else {
             // The seek did not take effect as asked: seek again.
-            (Admission::Drop, State::SeekDue { target })
+            (Admission::Drop, State::SeekDue { target, verify })
         }
     }
 
-    fn admit_or_stall(&mut self, partition: i32, offset: i64, valid: bool) -> (Admission, State) {
+    fn admit_or_stall(&mut self, record: Fetched, offset: i64, valid: bool) -> (Admission, State) {
         if valid {
-            self.admit(partition, offset);
+            self.admit(record.partition, offset);
+            self.pending_last.insert(record.partition, record.id);
             (Admission::Admit, State::Applying { next: offset + 1 })
         } else {
             (Admission::Stall, State::Stalled { at: offset })
@@ -194,23 +274,45 @@ impl Positions {
     }
 
     /// Reports the stored offset of a partition in `Unknown`, read for `record` (which is then
-    /// offered again). A record exactly at the stored offset starts applying without a seek.
-    pub fn stored(&mut self, record: Fetched, stored: i64) {
+    /// offered again), with the fingerprint of the last record applied before it when Redis has
+    /// one. Then the record before the stored offset is read first and must carry it: a log
+    /// rewritten under the stored offset is read again from its start instead of being skipped.
+    /// Without a fingerprint, a record exactly at the stored offset starts applying at once.
+    pub fn stored(&mut self, record: Fetched, stored: i64, last: Option<u128>) {
         if self.states.get(&record.partition) != Some(&State::Unknown) {
             return;
         }
-        let state = if record.offset == stored {
-            State::Applying { next: stored }
-        } else {
-            State::SeekDue { target: stored }
+        let state = match last {
+            Some(last) if stored > 0 => {
+                let target = stored - 1;
+                if record.offset == target {
+                    // Already there: decide on this very record when it is offered again.
+                    State::Sought {
+                        target,
+                        after: record.seq.saturating_sub(1),
+                        verify: Some(last),
+                    }
+                } else {
+                    State::SeekDue {
+                        target,
+                        verify: Some(last),
+                    }
+                }
+            }
+            _ if record.offset == stored => State::Applying { next: stored },
+            _ => State::SeekDue {
+                target: stored,
+                verify: None,
+            },
         };
         self.states.insert(record.partition, state);
     }
 
     /// The watermarks could not be fetched: seek again and decide on a later record.
     pub fn watermarks_unknown(&mut self, partition: i32) {
-        if let Some(State::Sought { target, .. }) = self.states.get(&partition).copied() {
-            self.states.insert(partition, State::SeekDue { target });
+        if let Some(State::Sought { target, verify, .. }) = self.states.get(&partition).copied() {
+            self.states
+                .insert(partition, State::SeekDue { target, verify });
         }
     }
 
@@ -221,7 +323,10 @@ impl Positions {
             return;
         }
         let state = match to {
-            Some(target) => State::SeekDue { target },
+            Some(target) => State::SeekDue {
+                target,
+                verify: None,
+            },
             None => State::Unknown,
         };
         self.states.insert(partition, state);
@@ -232,7 +337,7 @@ impl Positions {
         self.states
             .iter()
             .filter_map(|(partition, state)| match state {
-                State::SeekDue { target } => Some((*partition, *target)),
+                State::SeekDue { target, .. } => Some((*partition, *target)),
                 _ => None,
             })
             .collect()
@@ -240,9 +345,21 @@ impl Positions {
 
     /// A seek to `target` completed once `after` records had been fetched.
     pub fn sought(&mut self, partition: i32, target: i64, after: u64) {
-        if self.states.get(&partition) == Some(&State::SeekDue { target }) {
-            self.states
-                .insert(partition, State::Sought { target, after });
+        match self.states.get(&partition).copied() {
+            Some(State::SeekDue {
+                target: due,
+                verify,
+            }) if due == target => {
+                self.states.insert(
+                    partition,
+                    State::Sought {
+                        target,
+                        after,
+                        verify,
+                    },
+                );
+            }
+            _ => {}
         }
     }
 
@@ -251,9 +368,15 @@ impl Positions {
         &self.pending
     }
 
+    /// The fingerprint of each batch partition's last record, stored with its offset.
+    pub fn batch_last(&self) -> &BTreeMap<i32, u128> {
+        &self.pending_last
+    }
+
     /// Redis applied the batch: its offsets are stored.
     pub fn applied(&mut self) {
         self.pending.clear();
+        self.pending_last.clear();
     }
 
     /// Redis refused the batch (nothing was written); `stored` holds the stored offsets of the
@@ -261,10 +384,17 @@ impl Positions {
     /// consumer already fetched past the refused records of all of them, not only of the partition
     /// whose offset differed.
     pub fn refused(&mut self, stored: &BTreeMap<i32, i64>) {
+        self.pending_last.clear();
         for partition in std::mem::take(&mut self.pending).into_keys() {
             if self.states.contains_key(&partition) {
                 let target = stored.get(&partition).copied().unwrap_or(0);
-                self.states.insert(partition, State::SeekDue { target });
+                self.states.insert(
+                    partition,
+                    State::SeekDue {
+                        target,
+                        verify: None,
+                    },
+                );
             }
         }
     }
@@ -280,8 +410,13 @@ impl Positions {
             .position(partition)
             .is_some_and(|position| position != stored)
         {
-            self.states
-                .insert(partition, State::SeekDue { target: stored });
+            self.states.insert(
+                partition,
+                State::SeekDue {
+                    target: stored,
+                    verify: None,
+                },
+            );
         }
     }
 
@@ -294,8 +429,13 @@ impl Positions {
         }
         match self.states.get(&partition).copied() {
             Some(State::Applying { next }) if high < next => {
-                self.states
-                    .insert(partition, State::SeekDue { target: next });
+                self.states.insert(
+                    partition,
+                    State::SeekDue {
+                        target: next,
+                        verify: None,
+                    },
+                );
             }
             _ => {}
         }
@@ -314,7 +454,13 @@ impl Positions {
     pub fn position(&self, partition: i32) -> Option<i64> {
         match self.states.get(&partition)? {
             State::Applying { next } | State::Stalled { at: next } => Some(*next),
-            State::SeekDue { target } | State::Sought { target, .. } => Some(*target),
+            State::SeekDue { target, verify } | State::Sought { target, verify, .. } => {
+                Some(if verify.is_some() {
+                    target + 1
+                } else {
+                    *target
+                })
+            }
             State::Unknown | State::Rewriting => None,
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! Keys: `{prefix}total:{user_id}` (hash: `cents`, `count`), `{prefix}seen:{user_id}:{hour}`
 //! (set of the purchase ids created in that hour, expiring `DEDUPE_HORIZON_SECS` after its last
-//! write), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply). Every
+//! write), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply, and
+//! `{partition}:last` -> the purchase id, hex, of the record before it). Every
 //! write of those goes through one Lua script per batch, so totals and offsets never disagree.
 //! Readiness also writes `{prefix}probe` (expires after 10 s) to learn that Redis takes writes. Money is only
 //! ever changed with HINCRBY on integer cents.
@@ -186,20 +187,40 @@ impl Totals {
 
     /// The next offset to apply for a partition (0 when none is stored).
     pub async fn next_offset(&self, log: &str, partition: i32) -> Result<i64, TotalsError> {
+        Ok(self.stored(log, partition).await?.0)
+    }
+
+    /// The next offset to apply for a partition (0 when none is stored) and the fingerprint of the
+    /// record before it (the last one applied), when known.
+    pub async fn stored(
+        &self,
+        log: &str,
+        partition: i32,
+    ) -> Result<(i64, Option<u128>), TotalsError> {
+        let key = self.offsets_key(log);
         let mut conn = self.pool.get().await?;
-        let stored: Option<i64> = redis::cmd("HGET")
-            .arg(self.offsets_key(log))
+        let (next, last): (Option<i64>, Option<String>) = redis::cmd("HMGET")
+            .arg(&key)
             .arg(partition)
+            .arg(format!("{partition}:last"))
             .query_async(&mut *conn)
             .await?;
-        Ok(stored.unwrap_or(0))
+        let last = match last {
+            None => None,
+            Some(hex) => {
+                Some(u128::from_str_radix(&hex, 16).map_err(|_| TotalsError::Corrupt { key })?)
+            }
+        };
+        Ok((next.unwrap_or(0), last))
     }
 
     /// Applies a batch atomically: all offsets move and all new events count, or nothing changes.
+    /// `last` holds the fingerprint of each partition's last record (none for a rewrite).
     pub async fn apply(
         &self,
         log: &str,
         moves: &OffsetMoves,
+        last: &BTreeMap<i32, u128>,
         events: &[Counted],
     ) -> Result<Applied, TotalsError> {
         let mut invocation = self.script.prepare_invoke();
@@ -209,7 +230,14 @@ impl Totals {
             .arg(self.dedupe_horizon.as_secs().max(1))
             .arg(moves.len());
         for (partition, (expected, next)) in moves {
-            invocation.arg(partition).arg(expected).arg(next);
+            let fingerprint = last
+                .get(partition)
+                .map_or_else(String::new, |id| format!("{id:032x}"));
+            invocation
+                .arg(partition)
+                .arg(expected)
+                .arg(next)
+                .arg(fingerprint);
         }
         for event in events {
             invocation

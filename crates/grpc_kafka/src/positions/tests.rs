@@ -16,6 +16,8 @@ type Id = u64;
 #[derive(Debug, Clone, Default)]
 struct Redis {
     offsets: BTreeMap<i32, i64>,
+    /// The fingerprint of the record before each stored offset (the script's `{p}:last`).
+    last: BTreeMap<i32, u128>,
     seen: HashSet<Id>,
     counted: HashMap<Id, u32>,
 }
@@ -27,7 +29,12 @@ impl Redis {
 
     /// The Lua script: all offsets compare-and-set, or nothing written and every stored offset of
     /// the batch's partitions returned.
-    fn apply(&mut self, moves: &OffsetMoves, ids: &[Id]) -> Result<(), BTreeMap<i32, i64>> {
+    fn apply(
+        &mut self,
+        moves: &OffsetMoves,
+        last: &BTreeMap<i32, u128>,
+        ids: &[Id],
+    ) -> Result<(), BTreeMap<i32, i64>> {
         if moves
             .iter()
             .any(|(p, (expected, _))| self.stored(*p) != *expected)
@@ -36,6 +43,10 @@ impl Redis {
         }
         for (partition, (_, next)) in moves {
             self.offsets.insert(*partition, *next);
+            match last.get(partition) {
+                Some(id) => self.last.insert(*partition, *id),
+                None => self.last.remove(partition),
+            };
         }
         for id in ids {
             if self.seen.insert(*id) {
@@ -119,6 +130,7 @@ impl Kafka {
                     seq: self.seq,
                     partition,
                     offset,
+                    id: u128::from(id),
                 },
                 id,
             ));
@@ -228,14 +240,15 @@ impl Sim {
                     Admission::Stall => unreachable!("the model has only valid records"),
                     Admission::NeedStored => {
                         let stored = self.redis.stored(record.partition);
-                        self.positions.stored(record, stored);
+                        let last = self.redis.last.get(&record.partition).copied();
+                        self.positions.stored(record, stored, last);
                     }
                     Admission::NeedWatermarks => {
                         marks = Some(self.kafka.marks(record.partition));
                     }
                     Admission::Rewrite { from, to, lost } => {
                         let moves = OffsetMoves::from([(record.partition, (from, to))]);
-                        let done = self.redis.apply(&moves, &[]).is_ok();
+                        let done = self.redis.apply(&moves, &BTreeMap::new(), &[]).is_ok();
                         self.lost += if done { lost } else { 0 };
                         self.positions
                             .rewritten(record.partition, done.then_some(to));
@@ -246,7 +259,8 @@ impl Sim {
         }
         let moves = self.positions.batch().clone();
         if !moves.is_empty() {
-            match self.redis.apply(&moves, &ids) {
+            let last = self.positions.batch_last().clone();
+            match self.redis.apply(&moves, &last, &ids) {
                 Ok(()) => self.positions.applied(),
                 Err(stored) => self.positions.refused(&stored),
             }
@@ -316,6 +330,7 @@ fn at(seq: u64, offset: i64) -> Fetched {
         seq,
         partition: 0,
         offset,
+        id: 0,
     }
 }
 
@@ -375,7 +390,7 @@ fn a_stored_offset_past_the_end_rewinds_to_the_partition_start() {
     positions.rebalanced(&BTreeSet::from([0]));
     let first = at(1, 3);
     assert_eq!(positions.offer(first, None), Admission::NeedStored);
-    positions.stored(first, 500);
+    positions.stored(first, 500, None);
     assert_eq!(positions.offer(first, None), Admission::Drop);
     assert_eq!(positions.due_seeks(), vec![(0, 500)]);
     positions.sought(0, 500, 1);
@@ -400,7 +415,7 @@ fn a_stored_offset_past_the_end_rewinds_to_the_partition_start() {
 fn a_failed_rewrite_reads_the_stored_offset_again() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    positions.stored(at(1, 0), 9);
+    positions.stored(at(1, 0), 9, None);
     positions.sought(0, 9, 1);
     let later = at(2, 0);
     let marks = Watermarks { low: 0, high: 4 };
@@ -416,7 +431,7 @@ fn a_failed_rewrite_reads_the_stored_offset_again() {
 fn records_fetched_before_a_seek_are_stale() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    positions.stored(at(1, 0), 5);
+    positions.stored(at(1, 0), 5, None);
     positions.sought(0, 5, 3);
     // Fetched before the seek completed, even at the target offset: dropped.
     assert_eq!(positions.offer(at(3, 5), None), Admission::Drop);
@@ -428,7 +443,7 @@ fn records_fetched_before_a_seek_are_stale() {
 fn a_gap_while_applying_seeks_back_instead_of_skipping() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    positions.stored(at(1, 0), 0);
+    positions.stored(at(1, 0), 0, None);
     assert_eq!(positions.offer(at(1, 0), None), Admission::Admit);
     assert_eq!(positions.offer(at(2, 7), None), Admission::Drop);
     assert_eq!(positions.due_seeks(), vec![(0, 1)]);
@@ -444,6 +459,7 @@ fn partitions_not_assigned_are_dropped() {
         seq: 1,
         partition: 0,
         offset: 0,
+        id: 0,
     };
     assert_eq!(positions.offer(record, None), Admission::Drop);
 }
@@ -475,6 +491,8 @@ enum Op {
         assigned: Vec<bool>,
     },
     Crash,
+    /// Kafka reported an error: every partition is verified again against its fingerprint.
+    KafkaError,
     FailSeeks {
         n: u32,
     },
@@ -494,6 +512,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::RestoreSnapshot),
         1 => proptest::collection::vec(any::<bool>(), PARTITIONS).prop_map(|assigned| Op::Rebalance { assigned }),
         1 => Just(Op::Crash),
+        1 => Just(Op::KafkaError),
         1 => (1..4u32).prop_map(|n| Op::FailSeeks { n }),
     ]
 }
@@ -522,6 +541,7 @@ proptest! {
                     sim.rebalance(set);
                 }
                 Op::Crash => sim.crash(),
+                Op::KafkaError => sim.positions.reverify(),
                 Op::FailSeeks { n } => sim.kafka.failing_seeks = n,
             }
         }
@@ -559,7 +579,7 @@ fn a_truncated_partition_refilled_at_reused_offsets_counts_the_new_records() {
 fn a_record_below_the_expected_offset_while_applying_is_reported_and_sought_back() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    positions.stored(at(1, 5), 5);
+    positions.stored(at(1, 5), 5, None);
     assert_eq!(positions.offer(at(1, 5), None), Admission::Admit);
     assert_eq!(
         positions.offer(at(2, 0), None),
@@ -573,7 +593,7 @@ fn a_record_below_the_expected_offset_while_applying_is_reported_and_sought_back
 fn a_high_watermark_below_the_position_seeks_it_again() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    positions.stored(at(1, 5), 5);
+    positions.stored(at(1, 5), 5, None);
     assert_eq!(positions.offer(at(1, 5), None), Admission::Admit);
     positions.applied();
     positions.truncated(0, 6);
@@ -592,7 +612,7 @@ fn a_high_watermark_below_the_position_seeks_it_again() {
 fn an_undecodable_record_stalls_its_partition_until_the_stored_offset_moves() {
     let mut positions = Positions::default();
     positions.rebalanced(&BTreeSet::from([0]));
-    positions.stored(at(1, 0), 0);
+    positions.stored(at(1, 0), 0, None);
     assert_eq!(positions.offer(at(1, 0), None), Admission::Admit);
     assert_eq!(
         positions.offer_undecodable(at(2, 1), None),
@@ -607,4 +627,57 @@ fn an_undecodable_record_stalls_its_partition_until_the_stored_offset_moves() {
     positions.check(0, 2);
     assert_eq!(positions.due_seeks(), vec![(0, 2)]);
     assert_eq!(positions.stalled_at(0), None);
+}
+
+/// Issue 19, item 1 and 2: the broker loses a partition's tail after it was counted, and the
+/// partition is refilled past the stored offset before the consumer looks again (here: after a
+/// restart). Offsets and watermarks alone then look right, and the new records at the reused
+/// offsets below the stored offset were never counted. Redis now keeps the fingerprint of the
+/// last applied record: the record before the stored offset differs, so the partition is read
+/// again from its start (ids counted already are skipped).
+#[test]
+fn a_partition_rewritten_under_the_stored_offset_is_read_again_from_its_start() {
+    let mut sim = Sim::new(1);
+    sim.produce(0, 20);
+    sim.drain_and_assert();
+    sim.truncate(0, 10);
+    sim.produce(0, 15);
+    sim.crash();
+    sim.drain_and_assert();
+}
+
+#[test]
+fn the_record_before_the_stored_offset_is_verified_on_assignment() {
+    let mut positions = Positions::default();
+    positions.rebalanced(&BTreeSet::from([0]));
+    let first = at(1, 0);
+    assert_eq!(positions.offer(first, None), Admission::NeedStored);
+    positions.stored(first, 8, Some(77));
+    assert_eq!(positions.offer(first, None), Admission::Drop);
+    assert_eq!(positions.due_seeks(), vec![(0, 7)]);
+    assert_eq!(positions.position(0), Some(8));
+    positions.sought(0, 7, 1);
+    // The same record as counted: applying resumes at the stored offset.
+    let same = Fetched { id: 77, ..at(2, 7) };
+    assert_eq!(positions.offer(same, None), Admission::Drop);
+    assert_eq!(
+        positions.offer(Fetched { id: 78, ..at(3, 8) }, None),
+        Admission::Admit
+    );
+
+    // Another record there: the log was rewritten; read it again from its start.
+    let mut positions = Positions::default();
+    positions.rebalanced(&BTreeSet::from([0]));
+    positions.stored(at(1, 7), 8, Some(77));
+    let other = Fetched { id: 5, ..at(1, 7) };
+    assert_eq!(positions.offer(other, None), Admission::NeedWatermarks);
+    let marks = Watermarks { low: 0, high: 30 };
+    assert_eq!(
+        positions.offer(other, Some(marks)),
+        Admission::Rewrite {
+            from: 8,
+            to: 0,
+            lost: 0
+        }
+    );
 }
