@@ -81,7 +81,7 @@ redis_port="${REDIS_URL##*:}"; redis_port="${redis_port%%/*}"
 sha=$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat crates/grpc_kafka/src/apply_batch.lua)")
 calls=$(pick 1000000 20000)
 redis_rate=$(redis-benchmark -p "$redis_port" --dbnum 15 -n "$calls" -c 50 -P 16 -r 100000000 -q \
-  EVALSHA "$sha" 0 bench: bench:offsets 3600 0 id__rand_int__ user__rand_int__ 1 100 2>/dev/null \
+  EVALSHA "$sha" 0 bench: bench:offsets bench:fingerprints 3600 0 id__rand_int__ user__rand_int__ 1 100 2>/dev/null \
   | tr '\r' '\n' | awk '/requests per second/ {for (i = 1; i <= NF; i++) if ($(i+1) == "requests") print $i}' | tail -n1)
 [ -n "$redis_rate" ] || die "redis-benchmark gave no figure"
 redis-cli -p "$redis_port" -n 15 FLUSHDB ASYNC >/dev/null

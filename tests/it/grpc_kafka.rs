@@ -819,9 +819,10 @@ async fn an_undecodable_record_stalls_its_partition_until_the_stored_offset_move
         .query_async(&mut conn)
         .await
         .expect("HSET");
+    let fingerprints = keys[0].replacen(":offsets:", ":fingerprints:", 1);
     let _: i64 = redis::cmd("HDEL")
-        .arg(&keys[0])
-        .arg(format!("{partition}:last"))
+        .arg(&fingerprints)
+        .arg(&partition)
         .query_async(&mut conn)
         .await
         .expect("HDEL");

@@ -1,13 +1,13 @@
 -- Applies one batch of purchase events and advances the partition offsets, atomically.
 --
--- ARGV[1] key prefix, ARGV[2] offsets hash key, ARGV[3] dedupe horizon in seconds,
--- ARGV[4] number of partitions P, then P quadruples (partition, expected stored next offset,
--- new next offset, fingerprint of the partition's last record or '' for none), then quadruples
--- (purchase_id, user_id, bucket, amount_cents), one per event.
+-- ARGV[1] key prefix, ARGV[2] offsets hash key, ARGV[3] fingerprints hash key, ARGV[4] dedupe
+-- horizon in seconds, ARGV[5] number of partitions P, then P quadruples (partition, expected
+-- stored next offset, new next offset, fingerprint of the partition's last record or '' for
+-- none), then quadruples (purchase_id, user_id, bucket, amount_cents), one per event.
 --
--- The offsets hash holds, per partition, `{partition}` = the next offset to apply and
--- `{partition}:last` = the fingerprint (purchase id, hex) of the record just before it, so the
--- consumer can tell a log rewritten under the stored offset from the one it counted.
+-- The offsets hash maps each partition to the next offset to apply; the fingerprints hash maps it
+-- to the purchase id (hex) of the record just before that offset, so the consumer can tell a log
+-- rewritten under the stored offset from the one it counted.
 --
 -- Offsets are compare-and-set: if any stored offset differs from what the consumer expects
 -- (another consumer moved on, or Redis lost or rolled back data), nothing is written and the
@@ -19,9 +19,10 @@
 -- after its last write, which bounds memory; ARCHITECTURE.md states the guarantee.
 local prefix = ARGV[1]
 local offsets_key = ARGV[2]
-local horizon = tonumber(ARGV[3])
-local partitions = tonumber(ARGV[4])
-local first = 5
+local fingerprints_key = ARGV[3]
+local horizon = tonumber(ARGV[4])
+local partitions = tonumber(ARGV[5])
+local first = 6
 local i = first
 local refused = false
 for _ = 1, partitions do
@@ -45,9 +46,9 @@ i = first
 for _ = 1, partitions do
   redis.call('HSET', offsets_key, ARGV[i], ARGV[i + 2])
   if ARGV[i + 3] == '' then
-    redis.call('HDEL', offsets_key, ARGV[i] .. ':last')
+    redis.call('HDEL', fingerprints_key, ARGV[i])
   else
-    redis.call('HSET', offsets_key, ARGV[i] .. ':last', ARGV[i + 3])
+    redis.call('HSET', fingerprints_key, ARGV[i], ARGV[i + 3])
   end
   i = i + 4
 end

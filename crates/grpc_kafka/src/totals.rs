@@ -3,8 +3,9 @@
 //!
 //! Keys: `{prefix}total:{user_id}` (hash: `cents`, `count`), `{prefix}seen:{user_id}:{hour}`
 //! (set of the purchase ids created in that hour, expiring `DEDUPE_HORIZON_SECS` after its last
-//! write), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply, and
-//! `{partition}:last` -> the purchase id, hex, of the record before it). Every
+//! write), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply),
+//! `{prefix}fingerprints:{cluster_id}:{topic}` (hash: partition -> the purchase id, hex, of the
+//! record before that offset). Every
 //! write of those goes through one Lua script per batch, so totals and offsets never disagree.
 //! Readiness also writes `{prefix}probe` (expires after 10 s) to learn that Redis takes writes. Money is only
 //! ever changed with HINCRBY on integer cents.
@@ -129,6 +130,10 @@ impl Totals {
         format!("{}offsets:{log}", self.prefix)
     }
 
+    fn fingerprints_key(&self, log: &str) -> String {
+        format!("{}fingerprints:{log}", self.prefix)
+    }
+
     /// Readiness: Redis answers, accepts a write (a short-lived `{prefix}probe` key, so a
     /// read-only replica, an out-of-memory or a MISCONF Redis is not ready), and does not evict.
     pub async fn ready(&self) -> Result<(), TotalsError> {
@@ -197,12 +202,15 @@ impl Totals {
         log: &str,
         partition: i32,
     ) -> Result<(i64, Option<u128>), TotalsError> {
-        let key = self.offsets_key(log);
+        let key = self.fingerprints_key(log);
         let mut conn = self.pool.get().await?;
-        let (next, last): (Option<i64>, Option<String>) = redis::cmd("HMGET")
+        let (next, last): (Option<i64>, Option<String>) = redis::pipe()
+            .cmd("HGET")
+            .arg(self.offsets_key(log))
+            .arg(partition)
+            .cmd("HGET")
             .arg(&key)
             .arg(partition)
-            .arg(format!("{partition}:last"))
             .query_async(&mut *conn)
             .await?;
         let last = match last {
@@ -227,6 +235,7 @@ impl Totals {
         invocation
             .arg(&self.prefix)
             .arg(self.offsets_key(log))
+            .arg(self.fingerprints_key(log))
             .arg(self.dedupe_horizon.as_secs().max(1))
             .arg(moves.len());
         for (partition, (expected, next)) in moves {
