@@ -416,15 +416,6 @@ async fn frames_over_the_rate_limit_are_answered_rate_limited_and_the_connection
     fixture.stop().await;
 }
 
-/// A plain TCP connection from `local` (any loopback address) to `addr`.
-async fn connect_from(local: [u8; 4], addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(std::net::SocketAddr::from((local, 0)))
-        .expect("bind loopback address");
-    socket.connect(addr).await.expect("connect")
-}
-
 #[tokio::test]
 async fn connections_over_the_per_address_cap_are_closed_and_other_addresses_are_served() {
     let fixture = fixture(|settings| settings.http_max_connections_per_ip = 3).await;

@@ -693,18 +693,10 @@ async fn grpc_connections_over_the_caps_are_closed_at_once() {
     };
     eventually(Duration::from_secs(10), "4 connections open", open(4.0)).await;
     for _ in 0..2 {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(([127, 0, 0, 3], 0).into())
-            .expect("bind 127.0.0.3");
-        held.push(socket.connect(grpc.addr).await.expect("connect"));
+        held.push(connect_from([127, 0, 0, 3], grpc.addr).await);
     }
     eventually(Duration::from_secs(10), "6 connections open", open(6.0)).await;
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(([127, 0, 0, 4], 0).into())
-        .expect("bind 127.0.0.4");
-    let mut over_total = socket.connect(grpc.addr).await.expect("connect");
+    let mut over_total = connect_from([127, 0, 0, 4], grpc.addr).await;
     assert!(
         closed_by_server(&mut over_total, Duration::from_secs(10)).await,
         "a seventh connection is closed at once"

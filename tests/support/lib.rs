@@ -724,6 +724,16 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// A TCP connection to `addr` from the loopback address `local` (e.g. 127.0.0.2), to act as
+/// another client address.
+pub async fn connect_from(local: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((local, 0)))
+        .expect("bind loopback address");
+    socket.connect(addr).await.expect("connect")
+}
+
 /// A free port on loopback (bound and released; the service binds it again at once).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

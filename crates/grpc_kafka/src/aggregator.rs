@@ -9,7 +9,9 @@
 //! 2. a batch moves each partition's offset from exactly the stored one, without gaps
 //!    ([`crate::positions`] states the rules);
 //! 3. a refused batch changes nothing, and every partition in it is read again from Redis;
-//! 4. purchase ids already counted (within the dedupe horizon) are skipped.
+//! 4. purchase ids already counted (within the dedupe horizon) are skipped;
+//! 5. on assignment and after any Kafka error, the record before each stored offset must carry
+//!    the stored fingerprint, or the partition is read again from its start (a rewritten log).
 //!
 //! It also reports liveness ([`Heartbeat`]): every turn of the loop and every retry beats, so a
 //! call that hangs shows as a stalled aggregator. It never touches PostgreSQL and never produces.
@@ -563,6 +565,8 @@ impl Aggregator {
             }
         }
         for partition in partitions {
+            // Each partition's calls may take a while with a slow broker: the loop is alive.
+            self.heartbeat.beat();
             let stored = self.stored_offset(partition, stop).await?;
             let label = crate::metrics::Partition { partition };
             if let Ok(marks) = self.source.watermarks(partition).await {
