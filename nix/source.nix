@@ -2,10 +2,13 @@
 # Cargo.lock, every file under crates/ and tests/ but the browser test's Node project) plus what
 # the crates read at compile time or in their tests besides it (proto/ for wallet_proto's build
 # script, migrations/ embedded into the websocket binary). Whole folders, not file patterns: a file
-# a crate embeds (include_str!, the console's HTML, CSS and JS, apply_batch.lua) or a test replays
-# (proptest regression files) is in the source because its crate is.
+# a crate embeds or a test replays is in the source because its crate is. Those read at compile
+# time today: crates/grpc_kafka/src/apply_batch.lua (include_str!) and the console page,
+# crates/websocket/src/console/index.html, console.css and console.js; also the proptest
+# regression files (crates/grpc_kafka/proptest-regressions/, crates/purchase/tests/
+# properties.proptest-regressions).
 #
-# Builtins only, so that Debian's nix-bin evaluates it too: scripts/nix-source-check.sh copies
+# Builtins only, so that Debian's nix-bin evaluates it too: `scripts/nix-checks.sh source` copies
 # exactly `outPath` out of a local store and builds the workspace there, the way crane would.
 # nix/packages.nix gives the same `filter` to nixpkgs' lib.cleanSourceWith, which calls
 # builtins.path with it on the same root: the same tree, the same store path.

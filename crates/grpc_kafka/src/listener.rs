@@ -29,7 +29,6 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::metrics::Metrics;
 
 /// The bounds every accepted connection is held to.
-#[derive(Clone)]
 pub struct Limits {
     pub max_connections: usize,
     pub per_ip: Option<Arc<PerIp>>,

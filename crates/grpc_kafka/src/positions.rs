@@ -97,6 +97,16 @@ enum State {
     Stalled { at: i64 },
 }
 
+impl State {
+    /// A plain seek to `target`, nothing to verify there.
+    fn seek(target: i64) -> Self {
+        Self::SeekDue {
+            target,
+            verify: None,
+        }
+    }
+}
+
 /// Positions of every assigned partition, and the batch being built.
 #[derive(Debug, Default)]
 pub struct Positions {
@@ -189,24 +199,14 @@ impl Positions {
                 None => (Admission::NeedWatermarks, state),
                 Some(marks) => Self::misplaced(record.offset, target, verify, marks),
             },
-            State::Applying { next } if record.offset < next => (
-                Admission::Behind { expected: next },
-                State::SeekDue {
-                    target: next,
-                    verify: None,
-                },
-            ),
+            State::Applying { next } if record.offset < next => {
+                (Admission::Behind { expected: next }, State::seek(next))
+            }
             State::Applying { next } if record.offset == next => {
                 self.admit_or_stall(record, next, valid)
             }
             // A gap: read again from `next`; only watermarks may prove the records gone.
-            State::Applying { next } => (
-                Admission::Drop,
-                State::SeekDue {
-                    target: next,
-                    verify: None,
-                },
-            ),
+            State::Applying { next } => (Admission::Drop, State::seek(next)),
         };
         self.states.insert(record.partition, next_state);
         admission
@@ -224,13 +224,7 @@ impl Positions {
         if offset > target && marks.low > target {
             if marks.low <= stored {
                 // Only the record to verify is gone (retention): nothing to compare, nothing lost.
-                return (
-                    Admission::Drop,
-                    State::SeekDue {
-                        target: stored,
-                        verify: None,
-                    },
-                );
+                return (Admission::Drop, State::seek(stored));
             }
             // Records [stored, low) were deleted before they were counted (retention, or a
             // rebuild on a topic that lost its head). Nothing can count them now: move on, loudly.
@@ -300,10 +294,7 @@ impl Positions {
                 }
             }
             _ if record.offset == stored => State::Applying { next: stored },
-            _ => State::SeekDue {
-                target: stored,
-                verify: None,
-            },
+            _ => State::seek(stored),
         };
         self.states.insert(record.partition, state);
     }
@@ -323,10 +314,7 @@ impl Positions {
             return;
         }
         let state = match to {
-            Some(target) => State::SeekDue {
-                target,
-                verify: None,
-            },
+            Some(target) => State::seek(target),
             None => State::Unknown,
         };
         self.states.insert(partition, state);
@@ -388,13 +376,7 @@ impl Positions {
         for partition in std::mem::take(&mut self.pending).into_keys() {
             if self.states.contains_key(&partition) {
                 let target = stored.get(&partition).copied().unwrap_or(0);
-                self.states.insert(
-                    partition,
-                    State::SeekDue {
-                        target,
-                        verify: None,
-                    },
-                );
+                self.states.insert(partition, State::seek(target));
             }
         }
     }
@@ -410,13 +392,7 @@ impl Positions {
             .position(partition)
             .is_some_and(|position| position != stored)
         {
-            self.states.insert(
-                partition,
-                State::SeekDue {
-                    target: stored,
-                    verify: None,
-                },
-            );
+            self.states.insert(partition, State::seek(stored));
         }
     }
 
@@ -429,13 +405,7 @@ impl Positions {
         }
         match self.states.get(&partition).copied() {
             Some(State::Applying { next }) if high < next => {
-                self.states.insert(
-                    partition,
-                    State::SeekDue {
-                        target: next,
-                        verify: None,
-                    },
-                );
+                self.states.insert(partition, State::seek(next));
             }
             _ => {}
         }

@@ -136,17 +136,21 @@ impl Totals {
 
     /// Readiness: Redis answers, accepts a write (a short-lived `{prefix}probe` key, so a
     /// read-only replica, an out-of-memory or a MISCONF Redis is not ready), and does not evict.
+    /// One round trip.
     pub async fn ready(&self) -> Result<(), TotalsError> {
         let mut conn = self.pool.get().await?;
-        let () = redis::cmd("SET")
+        let (info,): (String,) = redis::pipe()
+            .cmd("SET")
             .arg(format!("{}probe", self.prefix))
             .arg(1)
             .arg("PX")
             .arg(10_000)
+            .ignore()
+            .cmd("INFO")
+            .arg("memory")
             .query_async(&mut *conn)
             .await?;
-        drop(conn);
-        self.refuse_eviction().await
+        refuse_evicting_policy(&info)
     }
 
     /// Fails unless Redis's `maxmemory-policy` is `noeviction`, read from `INFO memory` (which
@@ -157,20 +161,7 @@ impl Totals {
             .arg("memory")
             .query_async(&mut *conn)
             .await?;
-        let policy = info
-            .lines()
-            .find_map(|line| line.strip_prefix("maxmemory_policy:"))
-            .map(str::trim)
-            .ok_or(TotalsError::Info {
-                field: "maxmemory_policy",
-            })?;
-        if policy == "noeviction" {
-            Ok(())
-        } else {
-            Err(TotalsError::Evicting {
-                policy: policy.to_owned(),
-            })
-        }
+        refuse_evicting_policy(&info)
     }
 
     /// The total of one user; zeros for a user never seen.
@@ -192,7 +183,13 @@ impl Totals {
 
     /// The next offset to apply for a partition (0 when none is stored).
     pub async fn next_offset(&self, log: &str, partition: i32) -> Result<i64, TotalsError> {
-        Ok(self.stored(log, partition).await?.0)
+        let mut conn = self.pool.get().await?;
+        let stored: Option<i64> = redis::cmd("HGET")
+            .arg(self.offsets_key(log))
+            .arg(partition)
+            .query_async(&mut *conn)
+            .await?;
+        Ok(stored.unwrap_or(0))
     }
 
     /// The next offset to apply for a partition (0 when none is stored) and the fingerprint of the
@@ -274,5 +271,23 @@ impl Totals {
             }
             _ => Err(corrupt()),
         }
+    }
+}
+
+/// The `maxmemory_policy` line of an `INFO memory` answer: `noeviction`, or why not.
+fn refuse_evicting_policy(info: &str) -> Result<(), TotalsError> {
+    let policy = info
+        .lines()
+        .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+        .map(str::trim)
+        .ok_or(TotalsError::Info {
+            field: "maxmemory_policy",
+        })?;
+    if policy == "noeviction" {
+        Ok(())
+    } else {
+        Err(TotalsError::Evicting {
+            policy: policy.to_owned(),
+        })
     }
 }
