@@ -358,6 +358,64 @@ async fn a_connection_is_closed_when_its_token_expires() {
     fixture.stop().await;
 }
 
+/// A token expiring while purchases stream in: every purchase the server read before the expiry
+/// is answered before the close (1008, "token expired"), so what the client saw acked is exactly
+/// what PostgreSQL holds; none is committed with its reply dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_mid_stream_answers_every_purchase_read_before_the_close() {
+    let fixture = fixture(|settings| settings.ws_rate_limit_per_sec = 100_000).await;
+    let token = fixture.keys.hs256_expiring("alice", Duration::from_secs(2));
+    let socket = connect_with(with_bearer(ws_request(fixture.ws.addr, ""), &token)).await;
+    let (mut sink, mut stream) = socket.split();
+    // Sends purchases without waiting for replies until the server closes (bounded: 60 s).
+    let sender = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < until {
+            let frame = Message::text(purchase("alice", "0.01"));
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let mut acked = std::collections::HashSet::new();
+    let close = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+                    Ok(Reply::Ack { purchase_id, .. }) => {
+                        acked.insert(purchase_id);
+                    }
+                    other => panic!("only acks expected, got {other:?}"),
+                },
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("expected replies then a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed within 60 s")
+    .expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "token expired");
+    sender.await.expect("sender");
+    let stored: std::collections::HashSet<_> = fixture.db.purchases().await.into_keys().collect();
+    println!(
+        "\n{} purchases stored before the token expired, {} acked",
+        stored.len(),
+        acked.len()
+    );
+    assert!(!stored.is_empty());
+    assert_eq!(
+        stored.difference(&acked).count(),
+        0,
+        "purchases committed whose replies were dropped"
+    );
+    assert_eq!(acked, stored);
+    fixture.stop().await;
+}
+
 #[tokio::test]
 async fn frames_over_the_rate_limit_are_answered_rate_limited_and_the_connection_stays_open() {
     let fixture = fixture(|settings| {

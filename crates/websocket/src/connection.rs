@@ -3,14 +3,19 @@
 //! Frames are parsed and submitted as they arrive, and their replies are sent strictly in frame
 //! order. At most `WS_MAX_IN_FLIGHT` purchases await a reply; past that the connection stops reading,
 //! so a client that never reads its acks fills only its own TCP buffers, never the server's memory.
-//! A bad frame gets an error reply and never closes the connection, except an oversized one (1009).
-//! Every send has a deadline (`WS_REPLY_DEADLINE_MS`): a client that does not read its replies is
-//! closed (1008 if the close frame still fits, else the socket is dropped) and its slot freed, so
-//! the idle timeout and shutdown reach every connection.
+//! A bad frame gets an error reply and never closes the connection, except an oversized one (1009),
+//! one that is not UTF-8 (1007) or one that breaks the protocol (1002).
+//!
+//! Whoever closes, every frame read is answered before the close frame: at shutdown (1001), at
+//! token expiry (1008) and when the client sends its Close with replies owed (held back by
+//! [`crate::close_gate`] until they are sent, then echoed). The one exception: every send has a
+//! deadline (`WS_REPLY_DEADLINE_MS`), and a client that does not read its replies is closed (1008
+//! if the close frame still fits, else the socket is dropped) without the rest, and its slot
+//! freed, so the idle timeout and shutdown reach every connection.
 //!
 //! Each connection carries what its token allows ([`auth::Access`]): a purchase for another
-//! user_id is answered `forbidden_user` and never submitted, and the connection is closed (1008)
-//! when the token expires. A token bucket per connection (`WS_RATE_LIMIT_PER_SEC`, burst
+//! user_id is answered `forbidden_user` and never submitted, and the connection reads nothing
+//! more once the token expires. A token bucket per connection (`WS_RATE_LIMIT_PER_SEC`, burst
 //! `WS_RATE_LIMIT_BURST`) answers frames over the rate `rate_limited`, without closing.
 
 use std::pin::Pin;
@@ -18,15 +23,17 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
-use hyper_tungstenite::HyperWebsocket;
+use hyper_tungstenite::WebSocketStream;
 use hyper_tungstenite::tungstenite::error::CapacityError;
-use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
+use hyper_util::rt::TokioIo;
 use purchase::{Reply, parse_frame};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::close_gate::CloseGate;
 use crate::store::{Committer, NewPurchase};
 use crate::wire;
 
@@ -77,8 +84,35 @@ where
 
 type Limiter = governor::DefaultDirectRateLimiter;
 
+/// How the reading loop ended, and what the connection still owes.
+enum Ending {
+    /// The connection failed or the client went away without a close frame.
+    Gone,
+    /// The client's Close frame is held at the gate (`close_gate`): answer, then echo it.
+    ClientClosing,
+    /// The server closes with `code`; `answer` says whether the owed replies are sent first
+    /// (not to a client that does not read them).
+    Close {
+        code: u16,
+        reason: &'static str,
+        answer: bool,
+    },
+}
+
+impl Ending {
+    fn close(code: u16, reason: &'static str) -> Self {
+        Ending::Close {
+            code,
+            reason,
+            answer: true,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
-    websocket: HyperWebsocket,
+    upgrade: hyper::upgrade::OnUpgrade,
+    ws_config: WebSocketConfig,
     committer: Committer,
     access: auth::Access,
     traceparent: Option<String>,
@@ -86,13 +120,15 @@ pub async fn serve(
     metrics: &crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) {
-    let stream = match websocket.await {
-        Ok(stream) => stream,
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
         Err(error) => {
             tracing::debug!(%error, "websocket handshake failed");
             return;
         }
     };
+    let (gate, client_close) = CloseGate::new(TokioIo::new(upgraded));
+    let stream = WebSocketStream::from_raw_socket(gate, Role::Server, Some(ws_config)).await;
     let (mut sink, mut frames) = stream.split();
     let mut in_flight: FuturesOrdered<PendingReply> = FuturesOrdered::new();
     let idle = tokio::time::sleep(config.idle_timeout);
@@ -105,32 +141,35 @@ pub async fn serve(
     );
 
     let deadline = config.reply_deadline;
-    let close: Option<(u16, &str)> = loop {
+    let ending = loop {
         tokio::select! {
             biased;
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                 metrics.frame(outcome_label(&reply));
                 match send_within(&mut sink, Message::text(reply.to_json()), deadline).await {
                     Ok(()) => {}
-                    Err(SendFailure::Gone) => break None,
-                    Err(SendFailure::NotReading) => {
-                        break Some((wire::CLOSE_POLICY, "replies not read in time"));
-                    }
+                    Err(SendFailure::Gone) => break Ending::Gone,
+                    Err(SendFailure::NotReading) => break Ending::Close {
+                        code: wire::CLOSE_POLICY,
+                        reason: "replies not read in time",
+                        answer: false,
+                    },
                 }
             }
+            () = client_close.arrived() => break Ending::ClientClosing,
             () = shutdown.cancelled() => {
-                break Some((wire::CLOSE_GOING_AWAY, "server shutting down"));
+                break Ending::close(wire::CLOSE_GOING_AWAY, "server shutting down");
             }
             () = &mut idle, if in_flight.is_empty() => {
-                break Some((wire::CLOSE_IDLE, "idle timeout"));
+                break Ending::close(wire::CLOSE_IDLE, "idle timeout");
             }
-            () = &mut expired => {
-                break Some((wire::CLOSE_POLICY, "token expired"));
-            }
+            // Nothing more is read; what was read is still answered.
+            () = &mut expired => break Ending::close(wire::CLOSE_POLICY, "token expired"),
             frame = frames.next(), if in_flight.len() < config.max_in_flight => {
                 idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout);
                 match frame {
-                    None | Some(Ok(Message::Close(_))) => break None,
+                    // A close read past the gate (it lost track of frames): nothing can be sent.
+                    None | Some(Ok(Message::Close(_))) => break Ending::Gone,
                     Some(Ok(Message::Text(_) | Message::Binary(_))) if limiter.check().is_err() => {
                         let reply = wire::rate_limited(config.rate_per_sec.get());
                         in_flight.push_back(Box::pin(std::future::ready(reply)));
@@ -145,23 +184,29 @@ pub async fn serve(
                     Some(Ok(_ping_pong_or_raw)) => {}
                     Some(Err(WsError::Capacity(
                         CapacityError::MessageTooLong { .. },
-                    ))) => break Some((wire::CLOSE_TOO_BIG, "frame exceeds the size limit")),
+                    ))) => break Ending::close(wire::CLOSE_TOO_BIG, "frame exceeds the size limit"),
+                    Some(Err(WsError::Utf8(_))) => {
+                        break Ending::close(wire::CLOSE_INVALID_DATA, "text frame is not valid UTF-8");
+                    }
+                    Some(Err(WsError::Protocol(error))) => {
+                        tracing::debug!(%error, "websocket protocol error");
+                        break Ending::close(wire::CLOSE_PROTOCOL, "websocket protocol error");
+                    }
                     Some(Err(error)) => {
                         tracing::debug!(%error, "websocket read failed");
-                        break None;
+                        break Ending::Gone;
                     }
                 }
             }
         }
     };
 
-    // Every accepted frame still gets its reply before the close frame, as long as the client
-    // reads them in time. The purchases themselves are committed whatever happens to the
-    // connection.
-    let not_reading = matches!(close, Some((wire::CLOSE_POLICY, _)));
+    // Every frame read still gets its reply before the close frame, as long as the client reads
+    // them in time. The purchases themselves are committed whatever happens to the connection.
+    let answer = !matches!(ending, Ending::Close { answer: false, .. });
     while let Some(reply) = in_flight.next().await {
         metrics.frame(outcome_label(&reply));
-        if not_reading {
+        if !answer {
             continue; // the client does not read: the outcomes are committed, the replies dropped
         }
         if send_within(&mut sink, Message::text(reply.to_json()), deadline)
@@ -172,24 +217,45 @@ pub async fn serve(
             return;
         }
     }
-    if let Some((code, reason)) = close {
-        if not_reading {
-            tracing::info!("client did not read its replies in time; closing with 1008");
-        }
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        let close_deadline = deadline.min(CLOSE_HANDSHAKE_TIMEOUT);
-        if send_within(&mut sink, Message::Close(Some(frame)), close_deadline)
-            .await
-            .is_ok()
-        {
-            // Wait briefly for the client's close so the handshake completes cleanly.
+    match ending {
+        Ending::Gone => {}
+        Ending::ClientClosing => {
+            // tungstenite reads the held Close now and queues its echo; the flush sends it.
+            client_close.release();
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
-                while let Some(Ok(_)) = frames.next().await {}
+                while let Some(Ok(message)) = frames.next().await {
+                    if message.is_close() {
+                        let _ = sink.flush().await;
+                        break;
+                    }
+                }
             })
             .await;
+        }
+        Ending::Close {
+            code,
+            reason,
+            answer,
+        } => {
+            if !answer {
+                tracing::info!("client did not read its replies in time; closing with 1008");
+            }
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let close_deadline = deadline.min(CLOSE_HANDSHAKE_TIMEOUT);
+            if send_within(&mut sink, Message::Close(Some(frame)), close_deadline)
+                .await
+                .is_ok()
+            {
+                // Wait briefly for the client's close so the handshake completes cleanly.
+                client_close.release();
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+                    while let Some(Ok(_)) = frames.next().await {}
+                })
+                .await;
+            }
         }
     }
 }

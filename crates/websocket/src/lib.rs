@@ -14,6 +14,7 @@
 //! This service never writes to Kafka outside the relay and never acknowledges a purchase that is
 //! not committed in PostgreSQL.
 
+pub mod close_gate;
 pub mod connection;
 pub mod console;
 pub mod db;

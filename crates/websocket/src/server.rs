@@ -211,20 +211,22 @@ async fn route(
                     "too many connections\n",
                 ));
             };
-            match hyper_tungstenite::upgrade(&mut request, Some(shared.ws_config)) {
-                Ok((mut response, websocket)) => {
+            match switching_protocols(&request) {
+                Some(mut response) => {
                     if presented.offered_subprotocol {
                         response.headers_mut().insert(
                             SEC_WEBSOCKET_PROTOCOL,
                             HeaderValue::from_static(SUBPROTOCOL),
                         );
                     }
+                    let upgrade = hyper::upgrade::on(&mut request);
                     let task_shared = shared.clone();
                     shared.websockets.spawn(async move {
                         let open = &task_shared.metrics.connections_open;
                         open.inc();
                         connection::serve(
-                            websocket,
+                            upgrade,
+                            task_shared.ws_config,
                             task_shared.committer.clone(),
                             access,
                             traceparent,
@@ -236,11 +238,14 @@ async fn route(
                         open.dec();
                         drop((slot, ip_slot));
                     });
-                    response.map(|_| Full::new(Bytes::new()))
+                    response
                 }
-                Err(error) => {
-                    tracing::debug!(%error, "bad upgrade request");
-                    text(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n")
+                None => {
+                    tracing::debug!("upgrade request without a key or version 13");
+                    text(
+                        StatusCode::BAD_REQUEST,
+                        "bad WebSocket upgrade request: Sec-WebSocket-Key and Sec-WebSocket-Version: 13 are required\n",
+                    )
                 }
             }
         }
@@ -259,6 +264,29 @@ async fn route(
         }
     };
     Ok(response)
+}
+
+/// The 101 answer to a valid upgrade request (RFC 6455 §4.2.2), or `None` without a key or with
+/// another version. The connection itself is taken over with `hyper::upgrade::on`, so that
+/// [`connection::serve`] can put its [`crate::close_gate::CloseGate`] under tungstenite.
+fn switching_protocols(request: &Request<Incoming>) -> Option<HttpResponse> {
+    let headers = request.headers();
+    let key = headers.get("sec-websocket-key")?;
+    if headers
+        .get("sec-websocket-version")
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return None;
+    }
+    let accept = hyper_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(hyper::header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::new(Bytes::new()))
+        .ok()
 }
 
 /// The token a handshake carries, and whether the client offered [`SUBPROTOCOL`].

@@ -12,6 +12,10 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code sent to an idle connection (normal closure).
 pub const CLOSE_IDLE: u16 = 1000;
+/// A text frame that is not valid UTF-8 ("invalid frame payload data").
+pub const CLOSE_INVALID_DATA: u16 = 1007;
+/// A frame that breaks RFC 6455 (a reserved opcode or bit, an unmasked frame, ...).
+pub const CLOSE_PROTOCOL: u16 = 1002;
 /// Policy violation: the client did not read its replies within `WS_REPLY_DEADLINE_MS`, or its
 /// token expired while the connection was open.
 pub const CLOSE_POLICY: u16 = 1008;
