@@ -525,6 +525,220 @@ async fn connections_over_the_per_address_cap_are_closed_and_other_addresses_are
     fixture.stop().await;
 }
 
+/// Behind a trusted reverse proxy (here 127.0.0.1), the per-address cap counts the client address
+/// the proxy forwards (`X-Forwarded-For`, the rightmost address it did not add itself, or
+/// `Forwarded: for=`), not the proxy's; an untrusted peer's forwarded header is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_per_address_cap_counts_the_forwarded_client() {
+    let fixture = fixture(|settings| {
+        settings.http_max_connections_per_ip = 2;
+        settings.http_trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+    })
+    .await;
+    let addr = fixture.ws.addr;
+    let token = fixture.keys.hs256("alice", &[]);
+    let forwarded = |name: &'static str, value: &str| {
+        let mut request = with_bearer(ws_request(addr, ""), &token);
+        request
+            .headers_mut()
+            .insert(name, HeaderValue::from_str(value).expect("header"));
+        request
+    };
+    let client_a = "198.51.100.7, 127.0.0.1";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(connect_with(forwarded("x-forwarded-for", client_a)).await);
+    }
+    assert_eq!(
+        refused_status(forwarded("x-forwarded-for", "198.51.100.7")).await,
+        429,
+        "a third connection of the same forwarded client"
+    );
+    assert_eq!(
+        refused_status(forwarded("forwarded", "for=198.51.100.7;proto=http")).await,
+        429,
+        "the same client named by Forwarded"
+    );
+    // Other forwarded clients are served through the same proxy address.
+    for other in ["198.51.100.8", "203.0.113.9, 127.0.0.1"] {
+        let mut socket = connect_with(forwarded("x-forwarded-for", other)).await;
+        let reply = request(&mut socket, &purchase("alice", "1.00")).await;
+        assert!(matches!(reply, Reply::Ack { .. }), "{other}: {reply:?}");
+        held.push(socket);
+    }
+    // 127.0.0.2 is not a trusted proxy: its header is ignored, its own address counted.
+    let mut from_untrusted = Vec::new();
+    for n in 0..3 {
+        let stream = connect_from([127, 0, 0, 2], addr).await;
+        let request = forwarded("x-forwarded-for", &format!("192.0.2.{n}"));
+        from_untrusted.push(
+            tokio_tungstenite::client_async(
+                request,
+                tokio_tungstenite::MaybeTlsStream::Plain(stream),
+            )
+            .await,
+        );
+    }
+    assert!(from_untrusted[0].is_ok() && from_untrusted[1].is_ok());
+    assert!(
+        from_untrusted[2].is_err(),
+        "a third connection from the untrusted 127.0.0.2 is refused whatever it forwards"
+    );
+    drop((held, from_untrusted));
+    assert_eq!(fixture.db.count("SELECT COUNT(*) FROM purchases").await, 2);
+    fixture.stop().await;
+}
+
+/// Key rotation without a restart: once the JWKS file is replaced, tokens of the new keys are
+/// accepted and those of the old ones refused, on both services; a JWKS file that cannot be used
+/// (half-written, broken) leaves the keys in use in place.
+#[tokio::test]
+async fn a_rewritten_jwks_file_rotates_the_keys_and_a_broken_one_keeps_them() {
+    let fixture = fixture(|_| {}).await;
+    let rotated = Keys::generate();
+    let claims = || Keys::claims("alice", &[], serde_json::json!({}));
+    let old = fixture.keys.sign(Algorithm::RS256, &claims());
+    let new = rotated.sign(Algorithm::ES256, &claims());
+    let ws_accepts = |token: String| {
+        let request = with_bearer(ws_request(fixture.ws.addr, ""), &token);
+        async move { tokio_tungstenite::connect_async(request).await.is_ok() }
+    };
+    let grpc_code = |token: String| {
+        let addr = fixture.grpc.addr;
+        async move {
+            grpc_call(addr, Some(&token), "alice")
+                .await
+                .err()
+                .map(|s| s.code())
+        }
+    };
+    assert!(ws_accepts(old.clone()).await);
+    assert!(
+        !ws_accepts(new.clone()).await,
+        "not yet: the new keys are not published"
+    );
+    // Replaced the way deployments do it: a new file renamed over the old one.
+    let staged = fixture.keys.dir.path().join("jwks.json.new");
+    std::fs::copy(&rotated.jwks_file, &staged).expect("stage");
+    std::fs::rename(&staged, &fixture.keys.jwks_file).expect("rotate");
+    eventually(
+        Duration::from_secs(10),
+        "the new keys in use on both services",
+        || {
+            let (new, old) = (new.clone(), old.clone());
+            async {
+                let ws = ws_accepts(new.clone()).await && !ws_accepts(old.clone()).await;
+                let grpc = grpc_code(new).await != Some(tonic::Code::Unauthenticated)
+                    && grpc_code(old).await == Some(tonic::Code::Unauthenticated);
+                (ws && grpc).then_some(())
+            }
+        },
+    )
+    .await;
+    std::fs::write(&fixture.keys.jwks_file, b"{\"keys\": [").expect("break the file");
+    // Checked for 3 s, past the once-a-second look at the file: the rotated keys stay.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        assert!(
+            ws_accepts(new.clone()).await,
+            "a broken JWKS file dropped the keys in use"
+        );
+        assert_ne!(
+            grpc_code(new.clone()).await,
+            Some(tonic::Code::Unauthenticated)
+        );
+    }
+    fixture.stop().await;
+}
+
+/// One token subject cannot take every slot or dodge its rate by reconnecting: its WebSockets
+/// over `WS_MAX_CONNECTIONS_PER_SUBJECT` are answered 429, its frames over
+/// `WS_RATE_LIMIT_PER_SUBJECT_PER_SEC` over all its connections `rate_limited`, and its gRPC calls
+/// over `GRPC_RATE_LIMIT_PER_SUBJECT_PER_SEC` RESOURCE_EXHAUSTED; other subjects are served.
+#[tokio::test]
+async fn one_subject_is_capped_in_connections_and_rate_whatever_its_connections() {
+    let keys = Keys::generate();
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    keys.require_tokens(&mut settings.auth, true);
+    settings.ws_max_connections_per_subject = 2;
+    settings.ws_rate_limit_per_subject_per_sec = 5;
+    let ws = start_websocket(settings).await;
+    let mut grpc_settings =
+        grpc_kafka_settings(&topic, &format!("{}:", unique("auth")), &unique("group"));
+    keys.require_tokens(&mut grpc_settings.auth, true);
+    grpc_settings.grpc_rate_limit_per_subject_per_sec = 3;
+    let grpc = start_grpc_kafka(grpc_settings).await;
+
+    let alice = keys.hs256("alice", &[]);
+    let mut first = connect_with(with_bearer(ws_request(ws.addr, ""), &alice)).await;
+    let mut second = connect_with(with_bearer(ws_request(ws.addr, ""), &alice)).await;
+    assert_eq!(
+        refused_status(with_bearer(ws_request(ws.addr, ""), &alice)).await,
+        429,
+        "a third connection of alice"
+    );
+    // Twenty frames over two connections, within a second: about five pass (one second's burst).
+    let mut acked = 0;
+    for n in 0..20 {
+        let socket = if n % 2 == 0 { &mut first } else { &mut second };
+        match request(socket, &purchase("alice", "1.00")).await {
+            Reply::Ack { .. } => acked += 1,
+            Reply::Error { code, .. } => assert_eq!(code, ErrorCode::RateLimited),
+        }
+    }
+    assert!(
+        (5..=7).contains(&acked),
+        "{acked} of 20 frames of alice acked"
+    );
+    // Reconnecting does not refill alice's bucket; bob is served.
+    drop(second);
+    let mut again = eventually(Duration::from_secs(10), "a place for alice again", || {
+        let request = with_bearer(ws_request(ws.addr, ""), &alice);
+        async move {
+            tokio_tungstenite::connect_async(request)
+                .await
+                .ok()
+                .map(|c| c.0)
+        }
+    })
+    .await;
+    let bob = keys.hs256("bob", &[]);
+    let mut bobs = connect_with(with_bearer(ws_request(ws.addr, ""), &bob)).await;
+    assert!(matches!(
+        request(&mut bobs, &purchase("bob", "1.00")).await,
+        Reply::Ack { .. }
+    ));
+    let reply = request(&mut again, &purchase("alice", "1.00")).await;
+    println!("\nalice: {acked} of 20 acked; after reconnecting: {reply:?}");
+
+    // gRPC: ten calls of carol at once, three pass; dave is served.
+    let carol = keys.sign(
+        Algorithm::RS256,
+        &Keys::claims("carol", &[], serde_json::json!({})),
+    );
+    let mut exhausted = 0;
+    for _ in 0..10 {
+        if let Err(status) = grpc_call(grpc.addr, Some(&carol), "carol").await {
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+            exhausted += 1;
+        }
+    }
+    assert!(
+        (6..=7).contains(&exhausted),
+        "{exhausted} of 10 calls of carol refused"
+    );
+    let dave = keys.sign(
+        Algorithm::RS256,
+        &Keys::claims("dave", &[], serde_json::json!({})),
+    );
+    assert!(grpc_call(grpc.addr, Some(&dave), "dave").await.is_ok());
+    drop((first, again, bobs));
+    ws.stop().await;
+    grpc.stop().await;
+}
+
 #[tokio::test]
 async fn tls_round_trip_on_both_listeners() {
     use tokio_rustls::rustls;

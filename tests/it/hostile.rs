@@ -830,3 +830,79 @@ async fn invalid_utf8_closes_with_1007_and_a_protocol_error_with_1002() {
     }
     fixture.assert_nothing_written(2).await;
 }
+
+/// 5,000 idle connects at 100 a second from one address (127.0.0.2), each sending nothing, while
+/// a good client on 127.0.0.1 connects once a second: it is served every time, with the default
+/// caps and timeouts. One address holds at most `HTTP_MAX_PENDING_PER_IP` of the pending slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connects_at_100_a_second_from_one_address_never_lock_out_a_good_client() {
+    let fixture = fixture(100).await;
+    let addr = fixture.ws.addr;
+    let attacker = tokio::spawn(async move {
+        let mut held = Vec::with_capacity(5_000);
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        for _ in 0..5_000 {
+            tick.tick().await;
+            held.push(connect_from([127, 0, 0, 2], addr).await);
+        }
+        held
+    });
+    let mut attempts = 0;
+    while !attacker.is_finished() {
+        attempts += 1;
+        let served = tokio::time::timeout(Duration::from_secs(5), async {
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+                .await
+                .ok()?;
+            let reply = request(&mut socket, r#"{"user_id":"good","amount":"1.00"}"#).await;
+            matches!(reply, Reply::Ack { .. }).then_some(())
+        })
+        .await;
+        assert!(
+            matches!(served, Ok(Some(()))),
+            "attempt {attempts}: the good client was not served while one address held idle connections"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let held = attacker.await.expect("attacker");
+    let scrape = scrape(fixture.ws.metrics).await;
+    let refused = sample(
+        &scrape,
+        "websocket_connections_refused_total",
+        &[("reason", "pending_per_ip_cap")],
+    );
+    println!(
+        "\ngood client served {attempts} times of {attempts}; idle connects refused at once: {refused}"
+    );
+    drop(held);
+    fixture.assert_nothing_written(attempts).await;
+}
+
+/// Pipelined requests that are never read do not hold a pending slot: one request per connection
+/// (`Connection: close`), and the exchange must end within the header timeout plus the reply
+/// deadline. With the only pending slot taken by such a client, a good client is served soon.
+#[tokio::test]
+async fn pipelined_requests_never_read_do_not_hold_a_pending_slot() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.http_max_pending_connections = 1;
+    settings.http_header_read_timeout_ms = 1_000;
+    settings.ws_reply_deadline_ms = 1_000;
+    let ws = start_websocket(settings).await;
+    let mut hog = tokio::net::TcpStream::connect(ws.addr)
+        .await
+        .expect("connect");
+    let requests = b"GET /console.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(50_000);
+    // The server may stop reading at any point; the hog never reads.
+    let _ = tokio::time::timeout(Duration::from_secs(5), hog.write_all(&requests)).await;
+    eventually_served(
+        ws.addr,
+        r#"{"user_id":"good","amount":"1.00"}"#,
+        Duration::from_secs(30),
+        "the pending slot of a client that never reads its responses to be freed",
+    )
+    .await;
+    drop(hog);
+    ws.stop().await;
+}

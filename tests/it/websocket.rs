@@ -723,3 +723,159 @@ async fn only_a_valid_traceparent_is_stored_and_an_oversized_one_is_ignored() {
     }
     app.stop().await;
 }
+
+/// A schema that drifted under the running service (here `purchases.created_at` turned into
+/// `timestamp`) is an error the relay reports and retries, never a panic that ends it: once the
+/// schema is put back, the purchase acked meanwhile reaches the topic.
+#[tokio::test]
+async fn a_drifted_column_is_an_error_not_a_panic_and_the_relay_recovers() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let ws = start_websocket(websocket_settings(&db.url, &topic)).await;
+    let admin = connect_pg(&db.url).await.expect("connect");
+    admin
+        .batch_execute("ALTER TABLE purchases ALTER COLUMN created_at TYPE timestamp")
+        .await
+        .expect("drift the schema");
+    let mut socket = ws_connect(ws.addr).await;
+    let reply = request(&mut socket, r#"{"user_id":"drift","amount":"1.00"}"#).await;
+    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    eventually(
+        Duration::from_secs(30),
+        "the relay to report a failed round",
+        || async {
+            let scrape = scrape(ws.metrics).await;
+            (sample(&scrape, "websocket_outbox_relay_failures_total", &[]) >= 1.0).then_some(())
+        },
+    )
+    .await;
+    assert!(topic_records(&topic).is_empty());
+    admin
+        .batch_execute("ALTER TABLE purchases ALTER COLUMN created_at TYPE timestamptz")
+        .await
+        .expect("put the schema back");
+    eventually(
+        Duration::from_secs(30),
+        "the purchase on the topic",
+        || async { (topic_records(&topic).len() == 1).then_some(()) },
+    )
+    .await;
+    ws.stop().await;
+}
+
+/// A commit past `DATABASE_STATEMENT_TIMEOUT_MS` is cancelled in PostgreSQL too (the service's
+/// connections carry a server-side `statement_timeout`), not only abandoned by the client: with
+/// the table locked, the purchase is answered `unavailable` and no statement of the service is
+/// left waiting on the lock.
+#[tokio::test]
+async fn a_statement_past_its_timeout_is_cancelled_in_postgresql_too() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.database_statement_timeout_ms = 1_000;
+    let ws = start_websocket(settings).await;
+    let mut admin = connect_pg(&db.url).await.expect("connect");
+    let lock = admin.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE purchases IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let mut socket = ws_connect(ws.addr).await;
+    let reply = request(&mut socket, r#"{"user_id":"locked","amount":"1.00"}"#).await;
+    assert_eq!(error_code(&reply), ErrorCode::Unavailable, "{reply:?}");
+    let observer = connect_pg(&db.url).await.expect("connect");
+    eventually(
+        Duration::from_secs(10),
+        "no statement of the service left waiting on the lock",
+        || async {
+            let waiting: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                       AND state = 'active' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            (waiting == 0).then_some(())
+        },
+    )
+    .await;
+    lock.rollback().await.expect("unlock");
+    ws.stop().await;
+}
+
+/// `/readyz` and `/metrics` have their own connections: with every connection of the write path
+/// waiting on a lock, the service still answers ready (PostgreSQL does answer) and its metrics.
+#[tokio::test]
+async fn readiness_and_metrics_do_not_wait_for_the_write_path_pool() {
+    let db = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.database_pool_size = 2;
+    settings.database_statement_timeout_ms = 60_000;
+    let ws = start_websocket(settings).await;
+    let mut admin = connect_pg(&db.url).await.expect("connect");
+    let lock = admin.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE purchases IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // Purchases whose commits wait on the lock, holding the write path's connections.
+    let mut sockets = Vec::new();
+    for n in 0..4 {
+        let mut socket = ws_connect(ws.addr).await;
+        socket
+            .send(Message::text(format!(
+                r#"{{"user_id":"w{n}","amount":"1.00"}}"#
+            )))
+            .await
+            .expect("send");
+        sockets.push(socket);
+    }
+    let observer = connect_pg(&db.url).await.expect("connect");
+    eventually(
+        Duration::from_secs(10),
+        "both pool connections waiting",
+        || async {
+            let waiting: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            (waiting >= 2).then_some(())
+        },
+    )
+    .await;
+    let http = http_get(ws.addr, "/readyz").await;
+    assert!(http.starts_with("HTTP/1.1 200"), "{http}");
+    let metrics = http_get(ws.addr, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    lock.rollback().await.expect("unlock");
+    drop(sockets);
+    ws.stop().await;
+}
+
+/// One plain HTTP GET, answered within 5 s (a scrape waits up to 2 s for PostgreSQL): the status
+/// line and the rest.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("response");
+        response
+    })
+    .await
+    .unwrap_or_else(|_| format!("no answer to GET {path} within 5 s"))
+}

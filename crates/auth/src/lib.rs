@@ -14,10 +14,13 @@
 //!
 //! Keys come from files: an HS256 secret (`JWT_HS256_SECRET_FILE`, at least 32 bytes) and/or a JWKS
 //! of RS256/ES256 public keys (`JWT_JWKS_FILE`), each key with its `alg` (and a `kid` when there
-//! are several).
+//! are several). The JWKS file is looked at again at most once a second: a changed file is
+//! reloaded (key rotation without a restart); one that cannot be used is logged and the keys in
+//! use stay. With `JWT_TYP` set, a token's header `typ` must be it (e.g. `at+jwt`, RFC 9068).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{JwkSet, KeyAlgorithm};
@@ -63,6 +66,11 @@ pub struct AuthSettings {
     /// Required `aud` claim (the token's audience must contain it).
     #[arg(long, env = "JWT_AUDIENCE", default_value = "purchase-totals")]
     pub jwt_audience: String,
+
+    /// When set, a token's header `typ` must equal it (case-insensitive), e.g. `at+jwt` for
+    /// RFC 9068 access tokens; unset: `typ` is not checked.
+    #[arg(long, env = "JWT_TYP")]
+    pub jwt_typ: Option<String>,
 
     /// Clock skew allowed when checking `exp` and `nbf`, in seconds.
     #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
@@ -117,6 +125,8 @@ pub enum AuthError {
     Audience,
     #[error("the token lacks the {0} claim")]
     MissingClaim(String),
+    #[error("the token's typ is not accepted")]
+    Type,
 }
 
 /// What a verified request may do.
@@ -143,6 +153,14 @@ impl Access {
             Self::Token(principal) => {
                 principal.subject == user_id || principal.scopes.iter().any(|s| s == scope)
             }
+        }
+    }
+
+    /// The token's subject (`None` with authentication off).
+    pub fn subject(&self) -> Option<&str> {
+        match self {
+            Self::Open => None,
+            Self::Token(principal) => Some(&principal.subject),
         }
     }
 
@@ -202,11 +220,63 @@ pub struct Verifier {
     keys: Option<Keys>,
 }
 
+/// (kid, alg, key) of each JWKS key.
+type JwksKeys = Vec<(Option<String>, Algorithm, DecodingKey)>;
+
+/// How often the JWKS file is looked at for a change, at most.
+const JWKS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Keys {
     hs256: Option<DecodingKey>,
-    /// (kid, alg, key) of each JWKS key.
-    jwks: Vec<(Option<String>, Algorithm, DecodingKey)>,
-    validation: Validation,
+    jwks: RwLock<Arc<JwksKeys>>,
+    /// Where the JWKS came from and what the file looked like when last read.
+    jwks_file: Option<JwksFile>,
+    /// One validation per accepted algorithm, built once.
+    validations: Vec<(Algorithm, Validation)>,
+    typ: Option<String>,
+}
+
+struct JwksFile {
+    path: PathBuf,
+    seen: Mutex<Seen>,
+}
+
+struct Seen {
+    checked: Instant,
+    /// Modification time and length of the file as last read.
+    stamp: Option<(SystemTime, u64)>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+impl JwksFile {
+    /// The keys of the file if it changed since it was last read (checked at most once per
+    /// interval); `None` if it did not, or cannot be used (logged; the keys in use stay).
+    fn changed_keys(&self) -> Option<JwksKeys> {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.checked.elapsed() < JWKS_CHECK_INTERVAL {
+            return None;
+        }
+        seen.checked = Instant::now();
+        let now = stamp(&self.path);
+        if now == seen.stamp {
+            return None;
+        }
+        seen.stamp = now;
+        match read_jwks(&self.path) {
+            Ok(keys) => {
+                tracing::info!(path = %self.path.display(), keys = keys.len(), "JWT_JWKS_FILE changed; keys reloaded");
+                Some(keys)
+            }
+            Err(error) => {
+                tracing::error!(%error, "JWT_JWKS_FILE changed but cannot be used; the keys in use stay");
+                None
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Verifier {
@@ -231,6 +301,13 @@ impl Verifier {
             .as_deref()
             .map(|path| read_secret_file(path).map(|secret| DecodingKey::from_secret(&secret)))
             .transpose()?;
+        let jwks_file = settings.jwt_jwks_file.as_deref().map(|path| JwksFile {
+            path: path.to_owned(),
+            seen: Mutex::new(Seen {
+                checked: Instant::now(),
+                stamp: stamp(path),
+            }),
+        });
         let jwks = match &settings.jwt_jwks_file {
             Some(path) => read_jwks(path)?,
             None => Vec::new(),
@@ -238,17 +315,25 @@ impl Verifier {
         if hs256.is_none() && jwks.is_empty() {
             return Err(ConfigError::NoKey);
         }
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-        validation.validate_nbf = true;
-        validation.leeway = settings.jwt_leeway_secs;
-        validation.set_issuer(&[&settings.jwt_issuer]);
-        validation.set_audience(&[&settings.jwt_audience]);
+        let validations = [Algorithm::HS256, Algorithm::RS256, Algorithm::ES256]
+            .into_iter()
+            .map(|algorithm| {
+                let mut validation = Validation::new(algorithm);
+                validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+                validation.validate_nbf = true;
+                validation.leeway = settings.jwt_leeway_secs;
+                validation.set_issuer(&[&settings.jwt_issuer]);
+                validation.set_audience(&[&settings.jwt_audience]);
+                (algorithm, validation)
+            })
+            .collect();
         Ok(Self {
             keys: Some(Keys {
                 hs256,
-                jwks,
-                validation,
+                jwks: RwLock::new(Arc::new(jwks)),
+                jwks_file,
+                validations,
+                typ: settings.jwt_typ.clone(),
             }),
         })
     }
@@ -266,10 +351,30 @@ impl Verifier {
         let token = token.ok_or(AuthError::Missing)?;
         // `alg` is one of jsonwebtoken's algorithms, so "none" fails here already.
         let header = jsonwebtoken::decode_header(token).map_err(|e| refusal(e.kind()))?;
-        let (algorithm, key) = keys.key_for(&header)?;
-        let mut validation = keys.validation.clone();
-        validation.algorithms = vec![algorithm];
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation)
+        let typ_accepted = |typ: &String| {
+            header
+                .typ
+                .as_deref()
+                .is_some_and(|given| given.eq_ignore_ascii_case(typ))
+        };
+        if !keys.typ.as_ref().is_none_or(typ_accepted) {
+            return Err(AuthError::Type);
+        }
+        if let Some(reloaded) = keys.jwks_file.as_ref().and_then(JwksFile::changed_keys) {
+            *keys.jwks.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(reloaded);
+        }
+        let jwks = keys
+            .jwks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (algorithm, key) = keys.key_for(&header, &jwks)?;
+        let validation = keys
+            .validations
+            .iter()
+            .find_map(|(alg, validation)| (*alg == algorithm).then_some(validation))
+            .ok_or(AuthError::Algorithm)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation)
             .map_err(|e| refusal(e.kind()))?;
         let claims = data.claims;
         Ok(Access::Token(Principal {
@@ -288,7 +393,11 @@ impl Verifier {
 impl Keys {
     /// The one key a token may be verified with: chosen by the header's `alg` (and `kid`), so a
     /// token can never pick a key of another algorithm family.
-    fn key_for(&self, header: &Header) -> Result<(Algorithm, &DecodingKey), AuthError> {
+    fn key_for<'a>(
+        &'a self,
+        header: &Header,
+        jwks: &'a JwksKeys,
+    ) -> Result<(Algorithm, &'a DecodingKey), AuthError> {
         if header.alg == Algorithm::HS256 {
             return self
                 .hs256
@@ -296,8 +405,7 @@ impl Keys {
                 .map(|key| (Algorithm::HS256, key))
                 .ok_or(AuthError::Algorithm);
         }
-        let candidates: Vec<_> = self
-            .jwks
+        let candidates: Vec<_> = jwks
             .iter()
             .filter(|(_, alg, _)| *alg == header.alg)
             .collect();
@@ -348,7 +456,7 @@ pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(secret)
 }
 
-fn read_jwks(path: &Path) -> Result<Vec<(Option<String>, Algorithm, DecodingKey)>, ConfigError> {
+fn read_jwks(path: &Path) -> Result<JwksKeys, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         setting: "JWT_JWKS_FILE",
         path: path.to_owned(),

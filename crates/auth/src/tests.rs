@@ -21,6 +21,7 @@ fn settings(secret: &tempfile::NamedTempFile) -> AuthSettings {
         jwt_jwks_file: None,
         jwt_issuer: "purchase-totals".into(),
         jwt_audience: "purchase-totals".into(),
+        jwt_typ: None,
         jwt_leeway_secs: 0,
     }
 }
@@ -183,4 +184,31 @@ fn a_validly_signed_token_expiring_beyond_the_clock_lasts_for_ever_without_panic
             "exp {exp}: {remaining:?}"
         );
     }
+}
+
+#[test]
+fn with_jwt_typ_set_only_tokens_of_that_type_are_accepted() {
+    let secret = secret_file(SECRET);
+    let mut settings = settings(&secret);
+    settings.jwt_typ = Some("at+jwt".into());
+    let verifier = Verifier::from_settings(&settings).expect("verifier");
+    let typed = |typ: Option<&str>| {
+        let mut header = Header::new(Algorithm::HS256);
+        header.typ = typ.map(str::to_owned);
+        jsonwebtoken::encode(
+            &header,
+            &claims(serde_json::json!({})),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .expect("sign")
+    };
+    assert!(verifier.verify(Some(&typed(Some("at+JWT")))).is_ok());
+    assert_eq!(
+        verifier.verify(Some(&typed(Some("JWT")))),
+        Err(AuthError::Type)
+    );
+    assert_eq!(verifier.verify(Some(&typed(None))), Err(AuthError::Type));
+    // Unset, typ is not looked at.
+    let verifier = Verifier::from_settings(&self::settings(&secret)).expect("verifier");
+    assert!(verifier.verify(Some(&typed(Some("JWT")))).is_ok());
 }

@@ -6,7 +6,8 @@
 //! INTERNAL. Redis error text is logged, never returned.
 //!
 //! Authentication is an interceptor in front of `WalletService` only ([`authenticate`]): the
-//! health service stays open to probes.
+//! health service stays open to probes. With `GRPC_RATE_LIMIT_PER_SUBJECT_PER_SEC` set, calls of
+//! one token subject over that rate are RESOURCE_EXHAUSTED.
 
 use std::sync::Arc;
 
@@ -41,6 +42,7 @@ fn status(error: &TotalsError) -> Status {
 /// token allows ([`auth::Access`]) to the handler.
 pub fn authenticate(
     verifier: Arc<auth::Verifier>,
+    subject_rate: Option<Arc<service_kit::per_ip::SubjectRate>>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
@@ -60,6 +62,20 @@ pub fn authenticate(
             );
             Status::unauthenticated(error.to_string())
         })?;
+        let over_rate = match (&subject_rate, access.subject()) {
+            (Some(rate), Some(subject)) => !rate.check(subject),
+            _ => false,
+        };
+        if over_rate {
+            metrics.call(
+                GET_TOTAL_SPENT,
+                tonic::Code::ResourceExhausted,
+                started.elapsed(),
+            );
+            return Err(Status::resource_exhausted(
+                "too many calls per second for this token's subject; retry later",
+            ));
+        }
         request.extensions_mut().insert(access);
         Ok(request)
     }

@@ -104,6 +104,11 @@ pub struct Settings {
     #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub grpc_max_connections: u32,
 
+    /// Calls per second of one token subject (over all its connections; burst: one second's
+    /// worth); more are answered RESOURCE_EXHAUSTED. 0: no limit per subject.
+    #[arg(long, env = "GRPC_RATE_LIMIT_PER_SUBJECT_PER_SEC", default_value_t = 0)]
+    pub grpc_rate_limit_per_subject_per_sec: u32,
+
     /// Most connections open on the gRPC port from one IP address; more are closed at once.
     /// 0: no cap per address.
     #[arg(long, env = "GRPC_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]

@@ -53,6 +53,8 @@ pub struct ConnectionConfig {
     pub idle_timeout: Duration,
     /// How long one reply may wait for the client to read.
     pub reply_deadline: Duration,
+    /// Frames per second of each token subject, over all its connections, when limited.
+    pub subject_rate: Option<(std::sync::Arc<service_kit::per_ip::SubjectRate>, u32)>,
 }
 
 /// Why a reply could not be sent.
@@ -174,6 +176,11 @@ pub async fn serve(
                         let reply = wire::rate_limited(config.rate_per_sec.get());
                         in_flight.push_back(Box::pin(std::future::ready(reply)));
                     }
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if !subject_within_rate(config, &access) => {
+                        let per_second = config.subject_rate.as_ref().map_or(0, |(_, rate)| *rate);
+                        let reply = wire::subject_rate_limited(per_second);
+                        in_flight.push_back(Box::pin(std::future::ready(reply)));
+                    }
                     Some(Ok(Message::Text(text))) => {
                         let parent = traceparent.as_deref();
                         in_flight.push_back(handle_text(&text, &access, parent, &committer));
@@ -257,6 +264,14 @@ pub async fn serve(
                 .await;
             }
         }
+    }
+}
+
+/// Whether one more frame of this connection's subject is within the subject's rate.
+fn subject_within_rate(config: &ConnectionConfig, access: &auth::Access) -> bool {
+    match (&config.subject_rate, access.subject()) {
+        (Some((rate, _)), Some(subject)) => rate.check(subject),
+        _ => true,
     }
 }
 

@@ -45,6 +45,22 @@ where
     }
 }
 
+/// `config` with a server-side `statement_timeout` on every connection it opens, added to any
+/// options the connection string already carries: a statement the service stops waiting for is
+/// cancelled in PostgreSQL too, instead of running on (holding locks) after its deadline.
+pub fn with_statement_timeout(
+    mut config: tokio_postgres::Config,
+    limit: Duration,
+) -> tokio_postgres::Config {
+    let ours = format!("-c statement_timeout={}", limit.as_millis());
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+        _ => ours,
+    };
+    config.options(&options);
+    config
+}
+
 /// Builds the pool without connecting: the service starts even while PostgreSQL is down and
 /// connects as requests arrive.
 pub fn pool(config: tokio_postgres::Config, size: u32, timeout: Duration) -> Pool {

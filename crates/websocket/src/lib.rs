@@ -61,6 +61,7 @@ pub struct Application {
     listener: TcpListener,
     settings: Settings,
     pool: db::Pool,
+    probe_pool: db::Pool,
     producer: FutureProducer,
     verifier: auth::Verifier,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -72,12 +73,27 @@ impl Application {
         // Settings that can be refused are checked before anything is touched.
         let verifier = auth::Verifier::from_settings(&settings.auth)?;
         let tls = tls_acceptor(&settings.tls).map_err(StartError::Tls)?;
-        let pool = db::pool(
+        // Migrations on connections of their own, without the statement timeout (an index build
+        // may take longer); closed when done.
+        let migrations = db::pool(
             settings.database_url.clone(),
+            1,
+            settings.database_timeout(),
+        );
+        db::migrate(&migrations, settings.database_wait()).await?;
+        drop(migrations);
+        let pool = db::pool(
+            db::with_statement_timeout(settings.database_url.clone(), settings.statement_timeout()),
             settings.database_pool_size,
             settings.database_timeout(),
         );
-        db::migrate(&pool, settings.database_wait()).await?;
+        // /readyz and /metrics: two connections of their own, so a busy write path never makes
+        // the service look unready, and a scrape never takes a commit's connection.
+        let probe_pool = db::pool(
+            db::with_statement_timeout(settings.database_url.clone(), server::PROBE_TIMEOUT),
+            2,
+            settings.database_timeout().min(server::PROBE_TIMEOUT),
+        );
         let producer = producer(&settings).map_err(StartError::Producer)?;
         let addr = settings.websocket_addr;
         let listener = TcpListener::bind(addr)
@@ -87,6 +103,7 @@ impl Application {
             listener,
             settings,
             pool,
+            probe_pool,
             producer,
             verifier,
             tls,
@@ -135,7 +152,7 @@ impl Application {
         let max_frame = settings.ws_max_frame_bytes as usize;
         let shared = Arc::new(server::Shared {
             committer,
-            pool: self.pool.clone(),
+            probe_pool: self.probe_pool,
             ws_config: WebSocketConfig::default()
                 .max_frame_size(Some(max_frame))
                 .max_message_size(Some(max_frame))
@@ -148,7 +165,14 @@ impl Application {
                 rate_burst: nonzero(settings.ws_rate_limit_burst),
                 idle_timeout: settings.idle_timeout(),
                 reply_deadline: std::time::Duration::from_millis(settings.ws_reply_deadline_ms),
+                subject_rate: service_kit::per_ip::SubjectRate::new(
+                    settings.ws_rate_limit_per_subject_per_sec,
+                    settings.ws_rate_limit_per_subject_per_sec,
+                )
+                .map(|rate| (rate, settings.ws_rate_limit_per_subject_per_sec)),
             },
+            per_subject: (settings.ws_max_connections_per_subject > 0)
+                .then(|| service_kit::per_ip::PerKey::new(settings.ws_max_connections_per_subject)),
             connection_slots: Arc::new(Semaphore::new(settings.ws_max_connections as usize)),
             pending_slots: Arc::new(Semaphore::new(
                 settings.http_max_pending_connections as usize,
@@ -161,6 +185,9 @@ impl Application {
             tls: self.tls,
             per_ip: (settings.http_max_connections_per_ip > 0)
                 .then(|| service_kit::per_ip::PerIp::new(settings.http_max_connections_per_ip)),
+            pending_per_ip: (settings.http_max_pending_per_ip > 0)
+                .then(|| service_kit::per_ip::PerIp::new(settings.http_max_pending_per_ip)),
+            trusted_proxies: settings.http_trusted_proxies.clone(),
             metrics,
             statement_timeout: settings.statement_timeout(),
             console: console::Console::new(settings.console_totals_url.as_deref()),

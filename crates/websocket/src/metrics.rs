@@ -21,7 +21,8 @@ pub struct Outcome {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
-    /// Why a connection was refused: `pending_cap`, `per_ip_cap`, `connection_cap`,
+    /// Why a connection was refused: `pending_cap`, `pending_per_ip_cap`, `per_ip_cap`,
+    /// `per_subject_cap`, `connection_cap`,
     /// `unauthorized`, `shutting_down`.
     pub reason: &'static str,
 }
@@ -38,6 +39,7 @@ pub struct Metrics {
     pub outbox_oldest_age: Gauge<f64, AtomicU64>,
     pub events_relayed: Counter,
     pub produce_errors: Counter,
+    pub relay_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -54,6 +56,7 @@ impl Default for Metrics {
             outbox_oldest_age: Gauge::default(),
             events_relayed: Counter::default(),
             produce_errors: Counter::default(),
+            relay_failures: Counter::default(),
         };
         let r = &mut this.registry;
         r.register(
@@ -107,6 +110,11 @@ impl Default for Metrics {
             "websocket_kafka_produce_errors",
             "Events Kafka did not confirm (they stay in the outbox and are sent again).",
             this.produce_errors.clone(),
+        );
+        r.register(
+            "websocket_outbox_relay_failures",
+            "Relay rounds that failed (PostgreSQL, Kafka, or a row it cannot read); each is retried.",
+            this.relay_failures.clone(),
         );
         this
     }

@@ -106,6 +106,7 @@ impl Relay {
                     }
                 }
                 Err(error) => {
+                    self.metrics.relay_failures.inc();
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox relay round failed");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -171,12 +172,13 @@ impl Relay {
         let mut pending = Vec::with_capacity(rows.len());
         let mut failures = Vec::new();
         for row in &rows {
-            let outbox_id: i64 = row.get(0);
-            let purchase_id: Uuid = row.get(1);
-            let user_id: String = row.get(2);
-            let cents: i64 = row.get(3);
-            let created_at: DateTime<Utc> = row.get(4);
-            let traceparent: Option<String> = row.get(5);
+            // try_get: a column whose type drifted is this round's error, never a panic.
+            let outbox_id: i64 = row.try_get(0)?;
+            let purchase_id: Uuid = row.try_get(1)?;
+            let user_id: String = row.try_get(2)?;
+            let cents: i64 = row.try_get(3)?;
+            let created_at: DateTime<Utc> = row.try_get(4)?;
+            let traceparent: Option<String> = row.try_get(5)?;
             // The table's CHECK constraints and the parser admit the same values, so these hold.
             let (Ok(user), Ok(amount)) = (UserId::parse(&user_id), Amount::from_cents(cents))
             else {

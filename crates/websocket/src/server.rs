@@ -6,9 +6,11 @@
 //! the console page (`GET /` and its files, [`crate::console`]).
 //!
 //! Every accepted connection holds a slot: a pending one until it upgrades or closes
-//! (`HTTP_MAX_PENDING_CONNECTIONS`), a WebSocket one after (`WS_MAX_CONNECTIONS`), and, when
-//! `HTTP_MAX_CONNECTIONS_PER_IP` is set, one of its peer address's for its whole life. With TLS on,
-//! the handshake must finish within the header-read timeout too.
+//! (`HTTP_MAX_PENDING_CONNECTIONS`, and one of its address's `HTTP_MAX_PENDING_PER_IP`), a
+//! WebSocket one after (`WS_MAX_CONNECTIONS`), and, when `HTTP_MAX_CONNECTIONS_PER_IP` is set, one
+//! of its client address's for its whole life (IPv6 by /64; through a trusted proxy, the client it
+//! forwards, counted at the upgrade). With TLS on, the handshake must finish within the header-read
+//! timeout too; an HTTP connection carries one request, within a deadline.
 //!
 //! The bearer token is checked at the handshake, before any frame is read: from the
 //! `Authorization: Bearer` header, or for browsers (which cannot set it) from a
@@ -40,7 +42,8 @@ use crate::store::Committer;
 
 pub struct Shared {
     pub committer: Committer,
-    pub pool: Pool,
+    /// `/readyz` and `/metrics` only: never the write path's connections.
+    pub probe_pool: Pool,
     pub ws_config: WebSocketConfig,
     pub connection: ConnectionConfig,
     /// One permit per open WebSocket: bounds memory and file descriptors under a connection flood.
@@ -58,13 +61,23 @@ pub struct Shared {
     pub verifier: auth::Verifier,
     /// TLS for every connection (wss://), when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Connections per peer address, when capped.
+    /// Connections per client address, when capped (HTTP_MAX_CONNECTIONS_PER_IP).
     pub per_ip: Option<Arc<PerIp>>,
+    /// Pending connections per peer address, when capped (HTTP_MAX_PENDING_PER_IP).
+    pub pending_per_ip: Option<Arc<PerIp>>,
+    /// WebSocket connections per token subject, when capped (WS_MAX_CONNECTIONS_PER_SUBJECT).
+    pub per_subject: Option<Arc<service_kit::per_ip::PerKey<String>>>,
+    /// Peers whose forwarding headers name the client (HTTP_TRUSTED_PROXIES).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Longest the scrape's outbox query may take.
     pub statement_timeout: std::time::Duration,
     pub console: crate::console::Console,
 }
+
+/// The longest `/readyz` or a scrape's query waits for PostgreSQL (also the probe connections'
+/// server-side `statement_timeout`).
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The subprotocol the server selects when a client offers it (browsers offer it together with
 /// `bearer.<token>`, so that the selected protocol is never the token itself).
@@ -93,23 +106,20 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskT
             drop(stream);
             continue;
         };
-        let ip_slot = match &shared.per_ip {
-            None => None,
-            Some(per_ip) => match per_ip.try_acquire(peer.ip()) {
-                Some(slot) => Some(Arc::new(slot)),
-                None => {
-                    tracing::debug!(%peer, "too many connections from this address; closed");
-                    shared.metrics.refused("per_ip_cap");
-                    drop(stream);
-                    continue;
-                }
-            },
+        let (pending_ip, ip_slot) = match shared.admit(peer.ip()) {
+            Ok(slots) => slots,
+            Err(reason) => {
+                tracing::debug!(%peer, reason, "too many connections from this address; closed");
+                shared.metrics.refused(reason);
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         http.spawn(async move {
             // Held until the HTTP side ends: on an upgrade the WebSocket holds a slot of its own.
-            let _pending = pending;
+            let _pending = (pending, pending_ip);
             match shared.tls.clone() {
                 None => serve_http(TokioIo::new(stream), peer, shared, ip_slot).await,
                 Some(acceptor) => {
@@ -126,7 +136,107 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskT
     tracing::info!("stopped accepting connections");
 }
 
+impl Shared {
+    fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The per-address slots of a connection from `ip` (its pending one, and the one it holds for
+    /// its whole life), or the refusal reason. A trusted proxy's connections are counted per
+    /// forwarded client at the upgrade instead ([`Shared::forwarded_slot`]).
+    fn admit(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> Result<(Option<IpSlot>, Option<Arc<IpSlot>>), &'static str> {
+        if self.is_trusted_proxy(ip) {
+            return Ok((None, None));
+        }
+        let acquire = |caps: &Option<Arc<PerIp>>, reason| match caps {
+            None => Ok(None),
+            Some(per_ip) => per_ip.try_acquire(ip).map(Some).ok_or(reason),
+        };
+        let pending = acquire(&self.pending_per_ip, "pending_per_ip_cap")?;
+        let whole_life = acquire(&self.per_ip, "per_ip_cap")?;
+        Ok((pending, whole_life.map(Arc::new)))
+    }
+
+    /// For an upgrade through a trusted proxy: the slot of the client it forwards (the proxy's own
+    /// address when it names none), or `Err` when that client holds the cap.
+    fn forwarded_slot(
+        &self,
+        peer: std::net::IpAddr,
+        headers: &hyper::HeaderMap,
+    ) -> Result<Option<Arc<IpSlot>>, ()> {
+        match &self.per_ip {
+            Some(per_ip) if self.is_trusted_proxy(peer) => {
+                let client = forwarded_client(headers, &self.trusted_proxies).unwrap_or(peer);
+                per_ip
+                    .try_acquire(client)
+                    .map(|slot| Some(Arc::new(slot)))
+                    .ok_or(())
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The client a trusted proxy forwards: from `Forwarded: for=` (RFC 7239) or else
+/// `X-Forwarded-For`, the rightmost address that is not itself a trusted proxy. `None` when the
+/// headers name none, or that entry is not an address (`unknown`, an obfuscated name).
+fn forwarded_client(
+    headers: &hyper::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<std::net::IpAddr> {
+    let values = |name: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+    };
+    let forwarded: Vec<&str> = values("forwarded")
+        .into_iter()
+        .filter_map(|element| {
+            element.split(';').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                key.trim()
+                    .eq_ignore_ascii_case("for")
+                    .then_some(value.trim())
+            })
+        })
+        .collect();
+    let nodes = if forwarded.is_empty() {
+        values("x-forwarded-for")
+    } else {
+        forwarded
+    };
+    for node in nodes.iter().rev() {
+        let address = node_address(node)?;
+        if !trusted.iter().any(|net| net.contains(&address)) {
+            return Some(address);
+        }
+    }
+    None
+}
+
+/// The address of one forwarded node: `192.0.2.1`, `192.0.2.1:8080`, `"[2001:db8::1]:8080"`.
+fn node_address(node: &str) -> Option<std::net::IpAddr> {
+    let node = node.trim_matches('"');
+    if let Some(rest) = node.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    node.parse()
+        .ok()
+        .or_else(|| node.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+}
+
 /// Serves one HTTP/1.1 connection (plain or TLS) until it ends, upgrades or the server shuts down.
+///
+/// One request per connection (`Connection: close`), and the exchange must end within the header
+/// timeout plus the reply deadline: pipelined requests whose responses are never read, or a
+/// response the client does not read, cannot hold a pending slot.
 async fn serve_http<I>(
     io: I,
     peer: std::net::SocketAddr,
@@ -135,7 +245,19 @@ async fn serve_http<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(|request| route(request, shared.clone(), ip_slot.clone()));
+    let service = service_fn(|request| {
+        let response = route(request, peer, shared.clone(), ip_slot.clone());
+        async move {
+            let mut response = response.await?;
+            // Not on the 101 of an upgrade, which must say `Connection: upgrade`.
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.header_read_timeout)
@@ -143,11 +265,15 @@ async fn serve_http<I>(
         .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(connection);
+    let deadline = shared.header_read_timeout + shared.connection.reply_deadline;
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "http connection ended with an error");
             }
+        }
+        () = tokio::time::sleep(deadline) => {
+            tracing::debug!(%peer, "http exchange not finished in time; closed");
         }
         () = shared.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
@@ -166,6 +292,7 @@ fn text(status: StatusCode, body: &'static str) -> HttpResponse {
 
 async fn route(
     mut request: Request<Incoming>,
+    peer: std::net::SocketAddr,
     shared: Arc<Shared>,
     ip_slot: Option<Arc<IpSlot>>,
 ) -> Result<HttpResponse, Infallible> {
@@ -203,6 +330,36 @@ async fn route(
                     return Ok(unauthorized(&error));
                 }
             };
+            let subject_slot = match (&shared.per_subject, access.subject()) {
+                (Some(per_subject), Some(subject)) => {
+                    match per_subject.try_acquire_key(subject.to_owned()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            tracing::info!("too many connections for one token subject: 429");
+                            shared.metrics.refused("per_subject_cap");
+                            return Ok(text(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "too many connections for this token's subject\n",
+                            ));
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let ip_slot = match ip_slot {
+                Some(slot) => Some(slot),
+                None => match shared.forwarded_slot(peer.ip(), request.headers()) {
+                    Ok(slot) => slot,
+                    Err(()) => {
+                        tracing::debug!(%peer, "too many connections from the forwarded client");
+                        shared.metrics.refused("per_ip_cap");
+                        return Ok(text(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "too many connections from this address\n",
+                        ));
+                    }
+                },
+            };
             let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
                 tracing::warn!("connection limit reached");
                 shared.metrics.refused("connection_cap");
@@ -236,7 +393,7 @@ async fn route(
                         )
                         .await;
                         open.dec();
-                        drop((slot, ip_slot));
+                        drop((slot, ip_slot, subject_slot));
                     });
                     response
                 }
@@ -349,7 +506,7 @@ async fn metrics(shared: &Shared) -> HttpResponse {
         .commit_queue_depth
         .set(i64::try_from(shared.committer.queue_depth()).unwrap_or(i64::MAX));
     let backlog = async {
-        let conn = shared.pool.get().await.ok()?;
+        let conn = shared.probe_pool.get().await.ok()?;
         // query_typed: one round trip, no named statement kept (as the write path does).
         conn.query_typed(
             "SELECT count(*), \
@@ -362,12 +519,12 @@ async fn metrics(shared: &Shared) -> HttpResponse {
         .into_iter()
         .next()
     };
-    let limit = shared
-        .statement_timeout
-        .min(std::time::Duration::from_secs(2));
+    let limit = shared.statement_timeout.min(PROBE_TIMEOUT);
     if let Ok(Some(row)) = tokio::time::timeout(limit, backlog).await {
-        metrics.outbox_backlog.set(row.get::<_, i64>(0));
-        metrics.outbox_oldest_age.set(row.get::<_, f64>(1));
+        if let (Ok(rows), Ok(age)) = (row.try_get::<_, i64>(0), row.try_get::<_, f64>(1)) {
+            metrics.outbox_backlog.set(rows);
+            metrics.outbox_oldest_age.set(age);
+        }
     }
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(
@@ -381,10 +538,14 @@ async fn readiness(shared: &Shared) -> HttpResponse {
     if shared.shutdown.is_cancelled() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    let ready = match shared.pool.get().await {
-        Ok(conn) => conn.simple_query("SELECT 1").await.is_ok(),
-        Err(_) => false,
+    let probe = async {
+        let conn = shared.probe_pool.get().await.ok()?;
+        conn.simple_query("SELECT 1").await.ok()
     };
+    let ready = matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+        Ok(Some(_))
+    );
     if ready {
         text(StatusCode::OK, "ready\n")
     } else {

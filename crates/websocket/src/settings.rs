@@ -123,10 +123,35 @@ pub struct Settings {
     #[arg(long, env = "HTTP_MAX_PENDING_CONNECTIONS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_pending_connections: u32,
 
-    /// Most accepted TCP connections from one IP address (pending and upgraded alike); more are
-    /// closed at once. 0: no cap per address.
+    /// Most accepted TCP connections from one IP address (pending and upgraded alike; IPv6 by
+    /// its /64); more are closed at once. 0: no cap per address. Behind a trusted proxy
+    /// (HTTP_TRUSTED_PROXIES) WebSocket connections count against the client address it forwards,
+    /// and one over the cap is answered 429.
     #[arg(long, env = "HTTP_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub http_max_connections_per_ip: u32,
+
+    /// Most pending (not yet upgraded) connections from one IP address (IPv6 by its /64); more
+    /// are closed at once, so one address cannot hold HTTP_MAX_PENDING_CONNECTIONS full with idle
+    /// connects. 0: no cap per address. Trusted proxies are not capped.
+    #[arg(long, env = "HTTP_MAX_PENDING_PER_IP", default_value_t = 100)]
+    pub http_max_pending_per_ip: u32,
+
+    /// Reverse proxies whose `X-Forwarded-For` / `Forwarded: for=` names the client (comma-separated
+    /// addresses or CIDR ranges, e.g. `10.0.0.0/8,192.0.2.1`); the client is the rightmost
+    /// address not itself a trusted proxy. Empty: forwarding headers are ignored.
+    #[arg(long, env = "HTTP_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub http_trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Most WebSocket connections open at once with tokens of one subject; one more is answered
+    /// 429. 0: no cap per subject (nor with AUTH_MODE=none, where there is no subject).
+    #[arg(long, env = "WS_MAX_CONNECTIONS_PER_SUBJECT", default_value_t = 0)]
+    pub ws_max_connections_per_subject: u32,
+
+    /// Frames per second all connections of one token subject may send together (burst: one
+    /// second's worth); more are answered `rate_limited`, and reconnecting does not refill the
+    /// bucket. 0: no limit per subject.
+    #[arg(long, env = "WS_RATE_LIMIT_PER_SUBJECT_PER_SEC", default_value_t = 0)]
+    pub ws_rate_limit_per_subject_per_sec: u32,
 
     /// Frames per second one connection may send (token bucket); more are answered
     /// `rate_limited` and not processed, and the connection stays open.
@@ -185,4 +210,12 @@ impl Settings {
 fn parse_database_url(text: &str) -> Result<tokio_postgres::Config, String> {
     text.parse::<tokio_postgres::Config>()
         .map_err(|e| format!("not a PostgreSQL connection string: {e}"))
+}
+
+/// An address or a CIDR range (an address alone is its own /32 or /128).
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is neither an IP address nor a CIDR range"))
 }

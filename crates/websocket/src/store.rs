@@ -215,8 +215,8 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
         )
         .await?
         .iter()
-        .map(|row| row.get(0))
-        .collect();
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
     let existing_ids: Vec<Uuid> = ids
         .iter()
         .filter(|id| !inserted.contains(id))
@@ -231,7 +231,7 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
             )
             .await?
         {
-            existing.insert(row.get(0), (row.get(1), row.get(2)));
+            existing.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
         }
     }
 

@@ -38,6 +38,15 @@ pub fn rate_limited(per_second: u32) -> Reply {
     )
 }
 
+pub fn subject_rate_limited(per_second: u32) -> Reply {
+    Reply::error(
+        ErrorCode::RateLimited,
+        format!(
+            "more than {per_second} frames per second from this token's subject over all its connections; this one was not processed; slow down and resend it"
+        ),
+    )
+}
+
 pub fn rejected(rejection: Rejection) -> Reply {
     Reply::error(rejection.code, rejection.message)
 }
