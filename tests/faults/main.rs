@@ -479,8 +479,11 @@ impl Scenario {
                 "reconcile",
                 "--wait-secs",
                 "60",
+                "--redis-key-prefix",
+                &self.prefix,
             ])
             .env("DATABASE_URL", &self.db.url)
+            .env("REDIS_URL", Env::get().redis_url)
             .output()
             .expect("run walletctl reconcile");
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

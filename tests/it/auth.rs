@@ -826,6 +826,35 @@ async fn tls_round_trip_on_both_listeners() {
         }
     })
     .await;
+
+    // walletctl over TLS on both ports, trusting the certificate through --ca-file.
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, &cert_pem).expect("write the CA file");
+    // Async: the services run on this test's runtime.
+    let walletctl = async |args: &[&str]| {
+        let output = tokio::process::Command::new(binary("walletctl"))
+            .env_clear()
+            .arg("--ws-url")
+            .arg(format!("wss://localhost:{}/ws", ws.addr.port()))
+            .arg("--grpc-url")
+            .arg(format!("https://localhost:{}", grpc.addr.port()))
+            .arg("--ca-file")
+            .arg(&ca_file)
+            .args(args)
+            .output()
+            .await
+            .expect("run walletctl");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (sent, output) = walletctl(&["send", "--user-id", "tls-user", "--amount", "1.23"]).await;
+    assert!(sent, "walletctl send over wss://: {output}");
+    let (read, output) = walletctl(&["total", "tls-user", "--wait-count", "2"]).await;
+    assert!(read, "walletctl total over TLS: {output}");
+    assert!(output.contains("9.00"), "{output}");
     ws.stop().await;
     grpc.stop().await;
 }

@@ -518,8 +518,11 @@ fn reconcile(system: &System, wait_secs: u64) -> (bool, String) {
             "reconcile",
             "--wait-secs",
             &wait_secs.to_string(),
+            "--redis-key-prefix",
+            &system.prefix,
         ])
         .env("DATABASE_URL", &system.db.url)
+        .env("REDIS_URL", Env::get().redis_url)
         .output()
         .expect("run walletctl");
     (
@@ -557,6 +560,24 @@ async fn reconcile_is_clean_when_exact_and_names_every_difference() {
     assert!(!clean, "{stdout}");
     assert!(stdout.contains("differs: user rec-2"), "{stdout}");
     assert!(stdout.contains("1 differences"), "{stdout}");
+
+    // A total only Redis holds (no purchase of that user in PostgreSQL) is a difference too.
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}total:ghost", system.prefix))
+        .arg("cents")
+        .arg(500)
+        .arg("count")
+        .arg(1)
+        .query_async(&mut redis)
+        .await
+        .expect("a total without purchases");
+    let (clean, stdout) = reconcile(&system, 0);
+    assert!(!clean, "{stdout}");
+    assert!(
+        stdout.contains("only in redis: user ghost: 5.00 over 1 purchases"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 differences"), "{stdout}");
     system.websocket.terminate().await;
     system.grpc_kafka.terminate().await;
 }

@@ -45,6 +45,10 @@ struct Cli {
         global = true
     )]
     grpc_url: String,
+    /// PEM file of the certificate authorities to trust for wss:// and https:// (gRPC over
+    /// TLS); without it, the system's trust store.
+    #[arg(long, env = "WALLET_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
     /// Bearer token for both services; never printed.
     #[arg(long, env = "WALLET_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
@@ -142,6 +146,13 @@ enum Command {
         /// still be counting the last purchases).
         #[arg(long, default_value_t = 0)]
         wait_secs: u64,
+        /// Redis of the grpc_kafka service (read only): when given, totals kept there for users
+        /// PostgreSQL has no purchase of are reported too.
+        #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+        redis_url: Option<String>,
+        /// grpc_kafka's REDIS_KEY_PREFIX.
+        #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "wallet:")]
+        redis_key_prefix: String,
     },
     /// Print a token signed with the development key file (JWT_HS256_SECRET_FILE), for use with
     /// --token, a browser or another client.
@@ -200,10 +211,19 @@ impl Cli {
             (None, Some(_)) => Some(self.mint(subject, scopes, MINTED_LIFETIME)?),
             (None, None) => None,
         };
+        let ca_pem = self
+            .ca_file
+            .as_deref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the CA file {}", path.display()))
+            })
+            .transpose()?;
         Ok(client::Target {
             ws_url: self.ws_url.clone(),
             grpc_url: self.grpc_url.clone(),
             token,
+            ca_pem,
         })
     }
 
@@ -346,9 +366,21 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Reconcile {
             database_url,
             wait_secs,
+            redis_url,
+            redis_key_prefix,
         } => {
             let target = cli.target(TOOL_SUBJECT, &[auth::SCOPE_READ_ANY])?;
-            reconcile::run(database_url, &target, Duration::from_secs(*wait_secs)).await
+            let redis = redis_url
+                .as_deref()
+                .map(|url| reconcile::RedisTotals::new(url, redis_key_prefix))
+                .transpose()?;
+            reconcile::run(
+                database_url,
+                &target,
+                redis.as_ref(),
+                Duration::from_secs(*wait_secs),
+            )
+            .await
         }
         Command::Total {
             user_id,

@@ -1,8 +1,10 @@
 //! `walletctl reconcile`: the ledger (PostgreSQL) against the totals (gRPC), per user.
 //!
 //! PostgreSQL holds every acked purchase exactly once; the totals must equal its `SUM` and
-//! `COUNT` per user once the pipeline is idle. Each difference is printed; the exit status says
-//! whether there was any. Read-only on both sides.
+//! `COUNT` per user once the pipeline is idle. With `--redis-url`, totals kept in Redis for users
+//! PostgreSQL has no purchase of (which gRPC, asked per ledger user, never shows) are differences
+//! too. Each difference is printed; the exit status says whether there was any. Read-only on
+//! every side.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,11 +22,68 @@ type Ledger = BTreeMap<String, (i64, i64)>;
 /// A user whose sides differ: (user, (PostgreSQL, gRPC)), each as (cents, count).
 type Difference = (String, ((i64, i64), (i64, i64)));
 
+/// Where grpc_kafka keeps its totals: `{prefix}total:{user_id}` hashes (`cents`, `count`).
+pub struct RedisTotals {
+    client: redis::Client,
+    prefix: String,
+}
+
+impl RedisTotals {
+    pub fn new(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: redis::Client::open(url).context("bad REDIS_URL")?,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The totals of users the ledger does not know: (user, (cents, count)).
+    async fn only_here(&self, ledger: &Ledger) -> anyhow::Result<Vec<(String, (i64, i64))>> {
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .context("cannot connect to Redis (REDIS_URL)")?;
+        let pattern = format!("{}total:*", self.prefix);
+        let mut keys: Vec<String> = Vec::new();
+        let mut iter: redis::AsyncIter<String> =
+            redis::AsyncCommands::scan_match(&mut conn, &pattern)
+                .await
+                .context("cannot scan Redis")?;
+        while let Some(key) = iter.next_item().await {
+            keys.push(key.context("cannot scan Redis")?);
+        }
+        drop(iter);
+        let mut found = Vec::new();
+        for key in keys {
+            let Some(user) = key
+                .strip_prefix(self.prefix.as_str())
+                .and_then(|rest| rest.strip_prefix("total:"))
+                .map(str::to_owned)
+            else {
+                continue; // matched through a glob character of the prefix
+            };
+            if ledger.contains_key(&user) {
+                continue;
+            }
+            let (cents, count): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("cents")
+                .arg("count")
+                .query_async(&mut conn)
+                .await
+                .with_context(|| format!("cannot read {key}"))?;
+            found.push((user, (cents.unwrap_or(0), count.unwrap_or(0))));
+        }
+        Ok(found)
+    }
+}
+
 /// Compares until no difference is left or `wait` has passed (the pipeline may still be counting
-/// the last purchases); returns whether the two sides agree.
+/// the last purchases); returns whether the sides agree.
 pub async fn run(
     database_url: &str,
     target: &crate::client::Target,
+    redis: Option<&RedisTotals>,
     wait: Duration,
 ) -> anyhow::Result<bool> {
     let (db, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
@@ -36,13 +95,19 @@ pub async fn run(
     loop {
         let ledger = ledger(&db).await?;
         let differences = compare(&client, &ledger).await?;
-        let done = differences.is_empty() || tokio::time::Instant::now() >= deadline;
+        let only_in_redis = match redis {
+            Some(redis) => redis.only_here(&ledger).await?,
+            None => Vec::new(),
+        };
+        let agree = differences.is_empty() && only_in_redis.is_empty();
+        let done = agree || tokio::time::Instant::now() >= deadline;
         if done {
             let outbox: i64 = db
                 .query_one("SELECT COUNT(*) FROM purchase_outbox", &[])
                 .await
                 .context("cannot count the outbox")?
-                .get(0);
+                .try_get(0)
+                .context("the outbox count")?;
             for (user, (pg, grpc)) in &differences {
                 println!(
                     "differs: user {user}: postgres {} over {} purchases, grpc {} over {} purchases",
@@ -52,13 +117,19 @@ pub async fn run(
                     grpc.1
                 );
             }
+            for (user, (cents, count)) in &only_in_redis {
+                println!(
+                    "only in redis: user {user}: {} over {count} purchases, none in postgres",
+                    cents_to_decimal(*cents)
+                );
+            }
             let purchases: i64 = ledger.values().map(|(_, count)| count).sum();
             println!(
                 "reconcile: {} users, {purchases} purchases, {} differences, {outbox} purchases not yet relayed",
                 ledger.len(),
-                differences.len()
+                differences.len() + only_in_redis.len()
             );
-            return Ok(differences.is_empty());
+            return Ok(agree);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -72,10 +143,10 @@ async fn ledger(db: &tokio_postgres::Client) -> anyhow::Result<Ledger> {
         )
         .await
         .context("cannot read the purchases")?;
-    Ok(rows
-        .iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2))))
-        .collect())
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?))))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .context("unexpected purchases columns")
 }
 
 /// Per user whose totals differ: (PostgreSQL, gRPC) as (cents, count).
