@@ -440,11 +440,15 @@ impl Scenario {
     }
 
     async fn on(name: &'static str, kafka: Kafka) -> Self {
+        Self::with_partitions(name, kafka, 4).await
+    }
+
+    async fn with_partitions(name: &'static str, kafka: Kafka, partitions: i32) -> Self {
         let topic = unique("topic");
         let spec = kafka_common::TopicSpec {
             brokers: kafka.brokers.clone(),
             topic: topic.clone(),
-            partitions: 4,
+            partitions,
             replication_factor: kafka.replication,
             min_insync_replicas: kafka.min_insync,
         };
@@ -661,6 +665,85 @@ async fn kafka_stopped_for_30_seconds() {
     outage.restore();
     let report = stream.finish(WARMUP).await;
     scenario.verify(&report, grpc.addr).await;
+}
+
+/// The test stack's broker frozen (SIGSTOP: its connections stay open, nothing is answered) until
+/// dropped or thawed.
+struct Frozen {
+    pid: String,
+    thawed: bool,
+}
+
+impl Frozen {
+    fn kafka() -> Self {
+        stack_command(); // refuses anything but the test stack
+        let pidfile = format!(
+            "{}/kafka/kafka.pid",
+            std::env::var("STACK_DIR").unwrap_or_default()
+        );
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{pidfile}: {e}"))
+            .trim()
+            .to_owned();
+        Self::signal("STOP", &pid);
+        Self { pid, thawed: false }
+    }
+
+    fn signal(signal: &str, pid: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    fn thaw(mut self) {
+        Self::signal("CONT", &self.pid);
+        self.thawed = true;
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.thawed {
+            Self::signal("CONT", &self.pid);
+        }
+    }
+}
+
+/// A broker that stops answering (frozen for 40 s) while grpc_kafka holds 16 partitions: each
+/// Kafka call of the periodic check waits its 5 s timeout, 80 s for one pass, and the aggregator
+/// beats its heartbeat in every one, so with `AGGREGATOR_STALL_SECS=30` it is never declared
+/// stalled (that would end the process). Once the broker answers, everything is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_unresponsive_for_40_seconds_with_16_partitions() {
+    let _serial = SERIAL.lock().await;
+    let scenario = Scenario::with_partitions("kafka-frozen-40s", Kafka::single(), 16).await;
+    let mut ws = scenario.websocket();
+    ws.start().await;
+    let mut grpc = scenario.grpc_kafka();
+    grpc.env.push(("AGGREGATOR_STALL_SECS", "30".to_owned()));
+    grpc.start().await;
+    let stream = Stream::start(&[ws.addr]);
+    stream.until_acked(WARMUP).await;
+    let frozen = Frozen::kafka();
+    // The outage lasts 40 s by design; clients keep sending throughout.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let running = |grpc: &mut Service| {
+        let process = grpc.process.as_mut().expect("started");
+        matches!(process.child.try_wait(), Ok(None))
+    };
+    assert!(
+        running(&mut grpc),
+        "grpc_kafka ended while the broker did not answer (stalled)"
+    );
+    frozen.thaw();
+    let report = stream.finish(WARMUP).await;
+    scenario.verify(&report, grpc.addr).await;
+    assert!(
+        running(&mut grpc),
+        "grpc_kafka ended after the broker came back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
