@@ -774,11 +774,7 @@ async fn a_statement_past_its_timeout_is_cancelled_in_postgresql_too() {
     let mut settings = websocket_settings(&db.url, &topic);
     settings.database_statement_timeout_ms = 1_000;
     let ws = start_websocket(settings).await;
-    let mut admin = connect_pg(&db.url).await.expect("connect");
-    let lock = admin.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE purchases IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock");
+    let lock = lock_purchases(&db.url).await;
     let mut socket = ws_connect(ws.addr).await;
     let reply = request(&mut socket, r#"{"user_id":"locked","amount":"1.00"}"#).await;
     assert_eq!(error_code(&reply), ErrorCode::Unavailable, "{reply:?}");
@@ -786,22 +782,10 @@ async fn a_statement_past_its_timeout_is_cancelled_in_postgresql_too() {
     eventually(
         Duration::from_secs(10),
         "no statement of the service left waiting on the lock",
-        || async {
-            let waiting: i64 = observer
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND pid <> pg_backend_pid() \
-                       AND state = 'active' AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            (waiting == 0).then_some(())
-        },
+        || async { (waiting_on_locks(&observer).await == 0).then_some(()) },
     )
     .await;
-    lock.rollback().await.expect("unlock");
+    lock.batch_execute("ROLLBACK").await.expect("unlock");
     ws.stop().await;
 }
 
@@ -815,11 +799,7 @@ async fn readiness_and_metrics_do_not_wait_for_the_write_path_pool() {
     settings.database_pool_size = 2;
     settings.database_statement_timeout_ms = 60_000;
     let ws = start_websocket(settings).await;
-    let mut admin = connect_pg(&db.url).await.expect("connect");
-    let lock = admin.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE purchases IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock");
+    let lock = lock_purchases(&db.url).await;
     // Purchases whose commits wait on the lock, holding the write path's connections.
     let mut sockets = Vec::new();
     for n in 0..4 {
@@ -836,27 +816,39 @@ async fn readiness_and_metrics_do_not_wait_for_the_write_path_pool() {
     eventually(
         Duration::from_secs(10),
         "both pool connections waiting",
-        || async {
-            let waiting: i64 = observer
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            (waiting >= 2).then_some(())
-        },
+        || async { (waiting_on_locks(&observer).await >= 2).then_some(()) },
     )
     .await;
     let http = http_get(ws.addr, "/readyz").await;
     assert!(http.starts_with("HTTP/1.1 200"), "{http}");
     let metrics = http_get(ws.addr, "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-    lock.rollback().await.expect("unlock");
+    lock.batch_execute("ROLLBACK").await.expect("unlock");
     drop(sockets);
     ws.stop().await;
+}
+
+/// A connection holding `purchases` locked (ACCESS EXCLUSIVE) until its `ROLLBACK`.
+async fn lock_purchases(url: &str) -> tokio_postgres::Client {
+    let lock = connect_pg(url).await.expect("connect");
+    lock.batch_execute("BEGIN; LOCK TABLE purchases IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    lock
+}
+
+/// Statements of other connections to this database waiting on a lock.
+async fn waiting_on_locks(observer: &tokio_postgres::Client) -> i64 {
+    observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+               AND state = 'active' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
 }
 
 /// One plain HTTP GET, answered within 5 s (a scrape waits up to 2 s for PostgreSQL): the status
