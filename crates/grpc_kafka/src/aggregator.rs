@@ -592,8 +592,10 @@ impl Aggregator {
                     self.metrics.stalled_at.remove(&label);
                 }
             }
-            if let Some(position) = self.positions.position(partition)
-                && position != stored
+            if let Some(position) = self
+                .positions
+                .position(partition)
+                .filter(|position| *position != stored)
             {
                 tracing::warn!(
                     partition,

@@ -27,9 +27,7 @@ pub struct TracingGuard(Option<SdkTracerProvider>);
 
 impl Drop for TracingGuard {
     fn drop(&mut self) {
-        if let Some(provider) = self.0.take()
-            && let Err(error) = provider.shutdown()
-        {
+        if let Some(Err(error)) = self.0.take().map(|provider| provider.shutdown()) {
             eprintln!("trace export did not shut down cleanly: {error}");
         }
     }
