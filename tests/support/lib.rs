@@ -436,19 +436,27 @@ pub async fn await_totals(
     }
 }
 
-/// One scrape of `GET /metrics` at `addr`, parsed by a Prometheus text-format parser.
-pub async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+/// One plain HTTP/1.1 `GET path` at `addr` (`Connection: close`): the whole response, read to
+/// the end.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(addr).await.expect("connect to /metrics");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .write_all(request.as_bytes())
         .await
-        .expect("request /metrics");
+        .unwrap_or_else(|e| panic!("request {path}: {e}"));
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
         .await
-        .expect("read /metrics");
+        .unwrap_or_else(|e| panic!("read {path}: {e}"));
+    response
+}
+
+/// One scrape of `GET /metrics` at `addr`, parsed by a Prometheus text-format parser.
+pub async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let response = http_get(addr, "/metrics").await;
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(

@@ -196,10 +196,7 @@ impl Application {
             .max_decoding_message_size(settings.grpc_max_request_bytes as usize),
             grpc::authenticate(
                 std::sync::Arc::new(self.verifier),
-                service_kit::per_ip::SubjectRate::new(
-                    settings.grpc_rate_limit_per_subject_per_sec,
-                    settings.grpc_rate_limit_per_subject_per_sec,
-                ),
+                service_kit::per_ip::SubjectRate::new(settings.grpc_rate_limit_per_subject_per_sec),
                 metrics.clone(),
             ),
         );

@@ -89,21 +89,24 @@ impl<K: Hash + Eq> Drop for Slot<K> {
 /// reconnecting does not refill the bucket).
 pub struct SubjectRate {
     limiter: governor::DefaultKeyedRateLimiter<String>,
+    per_second: u32,
 }
 
 /// Subjects remembered before the idle ones are forgotten (their buckets are full again anyway).
 const SUBJECTS_KEPT: usize = 100_000;
 
 impl SubjectRate {
-    /// `None` when `per_second` is 0 (no limit per subject).
-    pub fn new(per_second: u32, burst: u32) -> Option<Arc<Self>> {
-        let per_second = std::num::NonZeroU32::new(per_second)?;
-        let burst = std::num::NonZeroU32::new(burst).unwrap_or(per_second);
+    /// `None` when `per_second` is 0 (no limit per subject). The burst is one second's worth.
+    pub fn new(per_second: u32) -> Option<Arc<Self>> {
+        let rate = std::num::NonZeroU32::new(per_second)?;
         Some(Arc::new(Self {
-            limiter: governor::RateLimiter::keyed(
-                governor::Quota::per_second(per_second).allow_burst(burst),
-            ),
+            limiter: governor::RateLimiter::keyed(governor::Quota::per_second(rate)),
+            per_second,
         }))
+    }
+
+    pub fn per_second(&self) -> u32 {
+        self.per_second
     }
 
     /// Whether one more request of `subject` is within its rate (and counts it).

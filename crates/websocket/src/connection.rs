@@ -54,7 +54,7 @@ pub struct ConnectionConfig {
     /// How long one reply may wait for the client to read.
     pub reply_deadline: Duration,
     /// Frames per second of each token subject, over all its connections, when limited.
-    pub subject_rate: Option<(std::sync::Arc<service_kit::per_ip::SubjectRate>, u32)>,
+    pub subject_rate: Option<std::sync::Arc<service_kit::per_ip::SubjectRate>>,
 }
 
 /// Why a reply could not be sent.
@@ -177,7 +177,7 @@ pub async fn serve(
                         in_flight.push_back(Box::pin(std::future::ready(reply)));
                     }
                     Some(Ok(Message::Text(_) | Message::Binary(_))) if !subject_within_rate(config, &access) => {
-                        let per_second = config.subject_rate.as_ref().map_or(0, |(_, rate)| *rate);
+                        let per_second = config.subject_rate.as_ref().map_or(0, |rate| rate.per_second());
                         let reply = wire::subject_rate_limited(per_second);
                         in_flight.push_back(Box::pin(std::future::ready(reply)));
                     }
@@ -270,7 +270,7 @@ pub async fn serve(
 /// Whether one more frame of this connection's subject is within the subject's rate.
 fn subject_within_rate(config: &ConnectionConfig, access: &auth::Access) -> bool {
     match (&config.subject_rate, access.subject()) {
-        (Some((rate, _)), Some(subject)) => rate.check(subject),
+        (Some(rate), Some(subject)) => rate.check(subject),
         _ => true,
     }
 }

@@ -167,9 +167,7 @@ impl Application {
                 reply_deadline: std::time::Duration::from_millis(settings.ws_reply_deadline_ms),
                 subject_rate: service_kit::per_ip::SubjectRate::new(
                     settings.ws_rate_limit_per_subject_per_sec,
-                    settings.ws_rate_limit_per_subject_per_sec,
-                )
-                .map(|rate| (rate, settings.ws_rate_limit_per_subject_per_sec)),
+                ),
             },
             per_subject: (settings.ws_max_connections_per_subject > 0)
                 .then(|| service_kit::per_ip::PerKey::new(settings.ws_max_connections_per_subject)),
