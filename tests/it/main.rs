@@ -5,7 +5,8 @@
 //! - `e2e`: the real binaries as processes, the whole pipeline under concurrent load;
 //! - `hostile`: the bad-input corpus, oversized frames, abrupt and non-reading clients;
 //! - `auth`: forged tokens, who may submit and read, rate limit, per-address cap, TLS;
-//! - `observability`: `/metrics` of both services against what was sent; readiness.
+//! - `observability`: `/metrics` of both services against what was sent; readiness;
+//! - `supervision`: every long-lived task of both services killed in turn.
 //!
 //! The fault-injection suite is a binary of its own (`tests/faults`): it takes the shared services
 //! down, so it runs alone.
@@ -15,4 +16,5 @@ mod e2e;
 mod grpc_kafka;
 mod hostile;
 mod observability;
+mod supervision;
 mod websocket;

@@ -246,17 +246,53 @@ pub struct Running {
     /// Where `GET /metrics` is served (the websocket service: its own port).
     pub metrics: SocketAddr,
     pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<()>,
+    /// Aborts the service's long-lived tasks by name (fault injection).
+    pub kill_switch: service_kit::supervise::KillSwitch,
+    /// The run's outcome: its error with the cause chain.
+    pub task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl Running {
-    /// Triggers the graceful shutdown and waits for it to finish.
+    fn spawn<E, F>(
+        addr: SocketAddr,
+        metrics: SocketAddr,
+        kill_switch: service_kit::supervise::KillSwitch,
+        run: impl FnOnce(CancellationToken) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::error::Error + 'static,
+    {
+        let shutdown = CancellationToken::new();
+        let running = run(shutdown.clone());
+        let task = tokio::spawn(async move {
+            running
+                .await
+                .map_err(|error| service_kit::supervise::cause_chain(&error))
+        });
+        Self {
+            addr,
+            metrics,
+            shutdown,
+            kill_switch,
+            task,
+        }
+    }
+
+    /// Triggers the graceful shutdown and waits for it to finish, without an error.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.task)
+        self.ended(Duration::from_secs(60))
             .await
-            .expect("service did not stop within 60 s")
-            .expect("service task panicked");
+            .expect("the service stopped with an error");
+    }
+
+    /// The run's outcome once it ends by itself (fails the test past `within`).
+    pub async fn ended(self, within: Duration) -> Result<(), String> {
+        tokio::time::timeout(within, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("the service did not stop within {within:?}"))
+            .expect("service task panicked")
     }
 }
 
@@ -291,14 +327,9 @@ pub async fn start_websocket(settings: websocket::Settings) -> Running {
         .await
         .unwrap_or_else(|e| panic!("websocket service did not start: {e}; {HINT}"));
     let addr = app.local_addr();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    Running {
-        addr,
-        metrics: addr,
-        shutdown,
-        task,
-    }
+    Running::spawn(addr, addr, app.kill_switch(), |shutdown| {
+        app.run_until_stopped(shutdown)
+    })
 }
 
 pub fn grpc_kafka_settings(topic: &str, prefix: &str, group: &str) -> grpc_kafka::Settings {
@@ -333,19 +364,10 @@ pub async fn start_grpc_kafka(settings: grpc_kafka::Settings) -> Running {
     let app = grpc_kafka::Application::build(settings)
         .await
         .unwrap_or_else(|e| panic!("grpc_kafka service did not start: {e}; {HINT}"));
-    let addr = app.local_addr();
-    let metrics = app.metrics_addr();
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        app.run_until_stopped(token).await.expect("grpc_kafka run");
-    });
-    Running {
-        addr,
-        metrics,
-        shutdown,
-        task,
-    }
+    let (addr, metrics) = (app.local_addr(), app.metrics_addr());
+    Running::spawn(addr, metrics, app.kill_switch(), |shutdown| {
+        app.run_until_stopped(shutdown)
+    })
 }
 
 // ------------------------------------------------------------------------------------ clients

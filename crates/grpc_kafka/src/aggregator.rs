@@ -93,29 +93,27 @@ type Step<T> = Result<T, Halt>;
 /// One retry policy for the whole loop: exponential backoff, reset after a success, cut short by
 /// the stop token, beating the heartbeat while it waits.
 struct Retry {
-    delay: Duration,
+    backoff: service_kit::backoff::Backoff,
     heartbeat: Heartbeat,
 }
 
 impl Retry {
     fn new(heartbeat: Heartbeat) -> Self {
         Self {
-            delay: RETRY_FIRST,
+            backoff: service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX),
             heartbeat,
         }
     }
 
     fn reset(&mut self) {
-        self.delay = RETRY_FIRST;
+        self.backoff.reset();
     }
 
     async fn wait(&mut self, stop: &CancellationToken) -> Step<()> {
         self.heartbeat.beat();
-        tokio::select! {
-            () = tokio::time::sleep(self.delay) => {}
-            () = stop.cancelled() => return Err(Halt::Stopping),
+        if !self.backoff.wait(stop).await {
+            return Err(Halt::Stopping);
         }
-        self.delay = (self.delay * 2).min(RETRY_MAX);
         self.heartbeat.beat();
         Ok(())
     }

@@ -35,33 +35,20 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 struct Acceptor {
     listener: TcpListener,
     limits: Limits,
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    backoff: Duration,
+    backoff: service_kit::backoff::Backoff,
 }
 
 impl Acceptor {
     /// The next connection within the caps; refused ones are closed here and never returned.
     async fn next(&mut self) -> Bounded {
         loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(accepted) => {
-                    self.backoff = ACCEPT_BACKOFF_FIRST;
-                    accepted
-                }
-                Err(error) => {
-                    tracing::warn!(%error, retry_in_ms = self.backoff.as_millis() as u64, "accept failed");
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            };
+            let (stream, peer) =
+                service_kit::backoff::accept(&self.listener, &mut self.backoff).await;
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 tracing::debug!(%peer, "too many grpc connections; closed");
                 self.metrics.connection_refused("connection_cap");
@@ -105,7 +92,7 @@ pub fn incoming(
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         metrics,
-        backoff: ACCEPT_BACKOFF_FIRST,
+        backoff: service_kit::backoff::accept_backoff(),
     };
     futures_util::stream::unfold(acceptor, |mut acceptor| async move {
         let connection = acceptor.next().await;

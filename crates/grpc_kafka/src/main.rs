@@ -21,20 +21,12 @@ async fn main() -> ExitCode {
         Command::Serve => {
             let app = match Application::build(cli.settings).await {
                 Ok(app) => app,
-                Err(error) => {
-                    tracing::error!(%error, "cannot start");
-                    return ExitCode::FAILURE;
-                }
+                Err(error) => return service_kit::exit_code("cannot start", Err(error)),
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(service_kit::cancel_on_signal(shutdown.clone()));
-            match app.run_until_stopped(shutdown).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(%error, "stopped with an error");
-                    ExitCode::FAILURE
-                }
-            }
+            let stopped = app.run_until_stopped(shutdown).await;
+            service_kit::exit_code("stopped with an error", stopped)
         }
         Command::Healthcheck => match grpc_kafka::healthcheck(cli.settings.grpc_addr).await {
             Ok(()) => ExitCode::SUCCESS,

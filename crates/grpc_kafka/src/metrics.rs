@@ -214,17 +214,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
     use hyper::server::conn::http1;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut backoff = service_kit::backoff::accept_backoff();
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = service_kit::backoff::accept(&listener, &mut backoff) => accepted,
         };
         let metrics = metrics.clone();
         let stop = stop.clone();

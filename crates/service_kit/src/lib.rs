@@ -1,8 +1,12 @@
 //! Process plumbing shared by both services: the log format setting, shutdown signals, TLS files
-//! and `*_FILE` secrets, the per-address connection cap ([`per_ip`]). The subscriber itself (logs and trace export) is `telemetry::trace`.
-//! This crate never decides what is logged or how a service shuts down.
+//! and `*_FILE` secrets, the one retry and accept policy ([`backoff`]), the per-address connection cap ([`per_ip`]), long-lived tasks under
+//! supervision ([`supervise`]). The subscriber itself (logs and trace export) is
+//! `telemetry::trace`. This crate never decides what is logged or in which order a service shuts
+//! down.
 
+pub mod backoff;
 pub mod per_ip;
+pub mod supervise;
 
 use tokio_util::sync::CancellationToken;
 
@@ -158,4 +162,19 @@ pub fn args_with_secret_files(secrets: &[(&str, &str)]) -> Result<Vec<std::ffi::
         );
     }
     Ok(args)
+}
+
+/// The exit status of a service run: success, or the error logged with its cause chain and a
+/// non-zero status (so an orchestrator restarts the process).
+pub fn exit_code<E: std::error::Error + 'static>(
+    what: &'static str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %supervise::cause_chain(&error), "{what}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

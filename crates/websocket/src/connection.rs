@@ -57,6 +57,23 @@ pub struct ConnectionConfig {
     pub subject_rate: Option<std::sync::Arc<service_kit::per_ip::SubjectRate>>,
 }
 
+impl ConnectionConfig {
+    /// Each connection's limits, from the settings (a zero rate or burst counts as one).
+    pub fn new(settings: &crate::settings::Settings) -> Self {
+        let nonzero = |value| std::num::NonZeroU32::new(value).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            max_in_flight: settings.ws_max_in_flight as usize,
+            rate_per_sec: nonzero(settings.ws_rate_limit_per_sec),
+            rate_burst: nonzero(settings.ws_rate_limit_burst),
+            idle_timeout: settings.idle_timeout(),
+            reply_deadline: Duration::from_millis(settings.ws_reply_deadline_ms),
+            subject_rate: service_kit::per_ip::SubjectRate::new(
+                settings.ws_rate_limit_per_subject_per_sec,
+            ),
+        }
+    }
+}
+
 /// Why a reply could not be sent.
 enum SendFailure {
     /// The connection failed or the client went away.

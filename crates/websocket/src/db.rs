@@ -99,3 +99,11 @@ pub async fn migrate(pool: &Pool, wait: Duration) -> Result<(), DbError> {
     }
     Ok(())
 }
+
+/// Whether PostgreSQL answers `SELECT 1` on a connection of `pool`.
+pub async fn ping(pool: &Pool) -> bool {
+    match pool.get().await {
+        Ok(conn) => conn.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
+    }
+}

@@ -5,11 +5,19 @@
 //! - [`db`]: the PostgreSQL pool and the embedded migrations;
 //! - [`store`]: group commit of purchases and their outbox rows;
 //! - [`outbox`]: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
-//! - [`server`]: HTTP accept loop, `/ws` upgrades, health endpoints;
+//! - [`server`]: HTTP accept loop, routes, `/ws` upgrades and their caps;
+//! - [`handshake`]: the upgrade's HTTP side without I/O (101, token, 401, forwarded client);
+//! - [`health`]: `/readyz` and the `healthcheck` command;
+//! - [`tls`]: the rustls acceptor;
 //! - [`console`]: the console page at `/`;
 //! - [`connection`]: one WebSocket: parse, submit, reply in order, close;
+//! - [`close_gate`]: holds a client's Close until the replies it is owed are sent;
 //! - [`wire`]: the one mapping from outcomes and errors to replies and close codes;
 //! - [`metrics`]: what `GET /metrics` shows.
+//!
+//! This file is wiring: [`Application::build`] makes every component, and
+//! [`Application::run_until_stopped`] runs the long-lived tasks (the HTTP server, the commit
+//! writer, the outbox relay) under supervision and shuts them down in order.
 //!
 //! This service never writes to Kafka outside the relay and never acknowledges a purchase that is
 //! not committed in PostgreSQL.
@@ -18,25 +26,34 @@ pub mod close_gate;
 pub mod connection;
 pub mod console;
 pub mod db;
+pub mod handshake;
+pub mod health;
 pub mod metrics;
 pub mod outbox;
 pub mod server;
 pub mod settings;
 pub mod store;
+pub mod tls;
 pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
-use rdkafka::producer::FutureProducer;
+use service_kit::supervise::{KillSwitch, TaskEnded, Tasks, cause_chain};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use health::healthcheck;
 pub use settings::{Cli, Command, Settings};
+
+/// The long-lived tasks, by the names their logs and [`KillSwitch`] use.
+const HTTP_SERVER: &str = "http server";
+const COMMIT_WRITER: &str = "commit writer";
+const OUTBOX_RELAY: &str = "outbox relay";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -54,17 +71,21 @@ pub enum StartError {
     Auth(#[from] auth::ConfigError),
     #[error("TLS settings: {0}")]
     Tls(String),
+    /// A long-lived task ended while the service should run.
+    #[error(transparent)]
+    Task(#[from] TaskEnded),
 }
 
-/// A built service: listening, migrated, not yet serving.
+/// A built service: listening, migrated, every component made, not yet serving.
 pub struct Application {
     listener: TcpListener,
     settings: Settings,
-    pool: db::Pool,
-    probe_pool: db::Pool,
-    producer: FutureProducer,
-    verifier: auth::Verifier,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<server::Shared>,
+    writer: store::Writer,
+    relay: outbox::Relay,
+    /// Cancelled when the service starts stopping: `/readyz` turns 503, accepting stops.
+    stopping: CancellationToken,
+    kill_switch: KillSwitch,
 }
 
 impl Application {
@@ -72,8 +93,8 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         // Settings that can be refused are checked before anything is touched.
         let verifier = auth::Verifier::from_settings(&settings.auth)?;
-        let tls = tls_acceptor(&settings.tls).map_err(StartError::Tls)?;
-        // Migrations on connections of their own, without the statement timeout (an index build
+        let tls = tls::acceptor(&settings.tls).map_err(StartError::Tls)?;
+        // Migrations on a connection of their own, without the statement timeout (an index build
         // may take longer); closed when done.
         let migrations = db::pool(
             settings.database_url.clone(),
@@ -87,26 +108,58 @@ impl Application {
             settings.database_pool_size,
             settings.database_timeout(),
         );
-        // /readyz and /metrics: two connections of their own, so a busy write path never makes
-        // the service look unready, and a scrape never takes a commit's connection.
-        let probe_pool = db::pool(
-            db::with_statement_timeout(settings.database_url.clone(), server::PROBE_TIMEOUT),
-            2,
-            settings.database_timeout().min(server::PROBE_TIMEOUT),
-        );
-        let producer = producer(&settings).map_err(StartError::Producer)?;
+        let producer = outbox::producer(&settings.kafka.brokers, settings.kafka_message_timeout_ms)
+            .map_err(StartError::Producer)?;
         let addr = settings.websocket_addr;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+
+        let committed = Arc::new(Notify::new());
+        let metrics = Arc::new(metrics::Metrics::default());
+        let (committer, writer) = store::Committer::new(
+            pool.clone(),
+            store::WriterConfig {
+                batch_max: settings.commit_batch_max as usize,
+                queue_max: settings.commit_queue_max as usize,
+                concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
+                statement_timeout: settings.statement_timeout(),
+                committed: committed.clone(),
+                metrics: metrics.clone(),
+            },
+        );
+        let relay = outbox::Relay {
+            pool,
+            producer,
+            topic_spec: settings.kafka.clone(),
+            batch_max: i64::from(settings.outbox_batch_max),
+            statement_timeout: settings.statement_timeout(),
+            committed,
+            metrics: metrics.clone(),
+        };
+        let stopping = CancellationToken::new();
+        let shared = Arc::new(server::Shared::new(
+            &settings,
+            server::Parts {
+                committer,
+                probe_pool: health::probe_pool(
+                    settings.database_url.clone(),
+                    settings.database_timeout(),
+                ),
+                verifier,
+                tls,
+                metrics,
+                shutdown: stopping.clone(),
+            },
+        ));
         Ok(Self {
             listener,
             settings,
-            pool,
-            probe_pool,
-            producer,
-            verifier,
-            tls,
+            shared,
+            writer,
+            relay,
+            stopping,
+            kill_switch: KillSwitch::default(),
         })
     }
 
@@ -116,188 +169,83 @@ impl Application {
             .unwrap_or(self.settings.websocket_addr)
     }
 
-    /// Serves until `shutdown` is cancelled, then shuts down in order: stop accepting, answer every
-    /// accepted frame and close WebSockets with 1001, finish the commits, drain the outbox, flush
-    /// the producer.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
-        let settings = self.settings;
-        let committed = Arc::new(Notify::new());
-        let metrics = Arc::new(metrics::Metrics::default());
-        let writer_tasks = TaskTracker::new();
-        let committer = store::Committer::start(
-            self.pool.clone(),
-            store::WriterConfig {
-                batch_max: settings.commit_batch_max as usize,
-                queue_max: settings.commit_queue_max as usize,
-                concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
-                statement_timeout: settings.statement_timeout(),
-                committed: committed.clone(),
-                metrics: metrics.clone(),
-            },
-            &writer_tasks,
+    /// Aborts the running service's long-lived tasks by name: fault injection for tests.
+    pub fn kill_switch(&self) -> KillSwitch {
+        self.kill_switch.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled or a long-lived task ends, then shuts down in order:
+    /// stop accepting, answer every accepted frame and close WebSockets with 1001, finish the
+    /// commits, drain the outbox, flush the producer. A task's end is returned as the error (the
+    /// process exits non-zero).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let Self {
+            listener,
+            settings,
+            shared,
+            writer,
+            relay,
+            stopping,
+            kill_switch,
+        } = self;
+        let mut tasks = Tasks::new(kill_switch);
+        let commits = TaskTracker::new();
+        tasks.spawn_infallible(COMMIT_WRITER, writer.run(commits.clone()));
+        let relay_stop = CancellationToken::new();
+        tasks.spawn_infallible(
+            OUTBOX_RELAY,
+            relay.run(relay_stop.clone(), settings.shutdown_timeout()),
+        );
+        let http = TaskTracker::new();
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");
+        tasks.spawn_infallible(
+            HTTP_SERVER,
+            server::accept_loop(listener, shared.clone(), http.clone()),
         );
 
-        let relay_stop = CancellationToken::new();
-        let relay = outbox::Relay {
-            pool: self.pool.clone(),
-            producer: self.producer,
-            topic_spec: settings.kafka.clone(),
-            batch_max: i64::from(settings.outbox_batch_max),
-            statement_timeout: settings.statement_timeout(),
-            committed,
-            metrics: metrics.clone(),
+        let failure = tokio::select! {
+            () = shutdown.cancelled() => None,
+            ended = tasks.first_ended() => Some(ended),
         };
-        let relay_task = tokio::spawn(relay.run(relay_stop.clone(), settings.shutdown_timeout()));
-
-        let max_frame = settings.ws_max_frame_bytes as usize;
-        let shared = Arc::new(server::Shared {
-            committer,
-            probe_pool: self.probe_pool,
-            ws_config: WebSocketConfig::default()
-                .max_frame_size(Some(max_frame))
-                .max_message_size(Some(max_frame))
-                .read_buffer_size(settings.ws_read_buffer_bytes as usize)
-                // Replies are flushed one by one anyway; a small target keeps the buffer small.
-                .write_buffer_size(settings.ws_read_buffer_bytes as usize),
-            connection: connection::ConnectionConfig {
-                max_in_flight: settings.ws_max_in_flight as usize,
-                rate_per_sec: nonzero(settings.ws_rate_limit_per_sec),
-                rate_burst: nonzero(settings.ws_rate_limit_burst),
-                idle_timeout: settings.idle_timeout(),
-                reply_deadline: std::time::Duration::from_millis(settings.ws_reply_deadline_ms),
-                subject_rate: service_kit::per_ip::SubjectRate::new(
-                    settings.ws_rate_limit_per_subject_per_sec,
-                ),
-            },
-            per_subject: (settings.ws_max_connections_per_subject > 0)
-                .then(|| service_kit::per_ip::PerKey::new(settings.ws_max_connections_per_subject)),
-            connection_slots: Arc::new(Semaphore::new(settings.ws_max_connections as usize)),
-            pending_slots: Arc::new(Semaphore::new(
-                settings.http_max_pending_connections as usize,
-            )),
-            header_read_timeout: settings.header_read_timeout(),
-            max_header_bytes: settings.http_max_header_bytes as usize,
-            shutdown: shutdown.clone(),
-            websockets: TaskTracker::new(),
-            verifier: self.verifier,
-            tls: self.tls,
-            per_ip: (settings.http_max_connections_per_ip > 0)
-                .then(|| service_kit::per_ip::PerIp::new(settings.http_max_connections_per_ip)),
-            pending_per_ip: (settings.http_max_pending_per_ip > 0)
-                .then(|| service_kit::per_ip::PerIp::new(settings.http_max_pending_per_ip)),
-            trusted_proxies: settings.http_trusted_proxies.clone(),
-            metrics,
-            statement_timeout: settings.statement_timeout(),
-            console: console::Console::new(settings.console_totals_url.as_deref()),
-        });
-        let http = TaskTracker::new();
-        tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");
-        server::accept_loop(self.listener, shared.clone(), http.clone()).await;
-
-        // Shutdown: the accept loop returned because `shutdown` was cancelled.
-        let deadline = tokio::time::Instant::now() + settings.shutdown_timeout();
-        http.close();
-        shared.websockets.close();
-        let websockets = shared.websockets.clone();
-        let drained = tokio::time::timeout_at(deadline, async {
-            http.wait().await;
-            websockets.wait().await;
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("connections still open at the shutdown deadline");
+        if let Some(ended) = &failure {
+            tracing::error!(task = ended.task(), error = %cause_chain(ended), "stopping: a long-lived task ended");
         }
+        stopping.cancel();
+        let deadline = Instant::now() + settings.shutdown_timeout();
+        tasks.join(HTTP_SERVER, deadline).await;
+        drain_connections(&http, &shared.websockets, deadline).await;
+        // The last commit handles go with the connections: the writer finishes the queue and ends.
         drop(shared);
-        writer_tasks.close();
-        if tokio::time::timeout_at(deadline, writer_tasks.wait())
+        tasks.join(COMMIT_WRITER, deadline).await;
+        commits.close();
+        if tokio::time::timeout_at(deadline, commits.wait())
             .await
             .is_err()
         {
             tracing::warn!("commits still running at the shutdown deadline");
         }
         relay_stop.cancel();
-        let _ = relay_task.await;
+        // The relay drains for up to the shutdown timeout of its own, then flushes.
+        let relay_deadline = Instant::now() + settings.shutdown_timeout() + RELAY_FLUSH_MARGIN;
+        tasks.join(OUTBOX_RELAY, relay_deadline).await;
         tracing::info!("websocket service stopped");
+        failure.map_or(Ok(()), |ended| Err(ended.into()))
     }
 }
 
-fn nonzero(value: u32) -> std::num::NonZeroU32 {
-    std::num::NonZeroU32::new(value).unwrap_or(std::num::NonZeroU32::MIN)
-}
+/// What the relay's producer flush may take beyond its drain.
+const RELAY_FLUSH_MARGIN: Duration = Duration::from_secs(2);
 
-/// The TLS acceptor of `TLS_CERT_FILE` and `TLS_KEY_FILE`, when both are set.
-fn tls_acceptor(
-    settings: &service_kit::TlsSettings,
-) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let Some(pem) = settings.read()? else {
-        return Ok(None);
-    };
-    let chain = CertificateDer::pem_slice_iter(&pem.cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("TLS_CERT_FILE holds no PEM certificate: {e}"))?;
-    if chain.is_empty() {
-        return Err("TLS_CERT_FILE holds no PEM certificate".to_owned());
-    }
-    let key = PrivateKeyDer::from_pem_slice(&pem.key)
-        .map_err(|e| format!("TLS_KEY_FILE holds no PEM private key: {e}"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("TLS_CERT_FILE and TLS_KEY_FILE do not make a usable pair: {e}"))?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
-}
-
-fn producer(settings: &Settings) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    kafka_common::client_config(&settings.kafka.brokers)
-        // Idempotence keeps per-partition order and avoids duplicates from the producer's own retries.
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set(
-            "message.timeout.ms",
-            settings.kafka_message_timeout_ms.to_string(),
-        )
-        .create()
-}
-
-/// Default time a health check waits for an answer.
-pub const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Asks the running service's `/readyz` on `addr` (an unspecified address means this host).
-pub async fn healthcheck(addr: SocketAddr) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let target = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(target).await?;
-        stream
-            .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(HEALTHCHECK_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer from {target} within {HEALTHCHECK_TIMEOUT:?}"))?
-        .map_err(|e| format!("cannot reach {target}: {e}"))?;
-    if response.starts_with(b"HTTP/1.1 200") {
-        Ok(())
-    } else {
-        let status = String::from_utf8_lossy(&response);
-        Err(format!(
-            "not ready: {}",
-            status.lines().next().unwrap_or("empty answer")
-        ))
+/// Waits until every HTTP connection and WebSocket has ended, or the deadline.
+async fn drain_connections(http: &TaskTracker, websockets: &TaskTracker, deadline: Instant) {
+    http.close();
+    websockets.close();
+    let drained = tokio::time::timeout_at(deadline, async {
+        http.wait().await;
+        websockets.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("connections still open at the shutdown deadline");
     }
 }

@@ -21,15 +21,12 @@ async fn main() -> ExitCode {
         Command::Serve => {
             let app = match Application::build(cli.settings).await {
                 Ok(app) => app,
-                Err(error) => {
-                    tracing::error!(%error, "cannot start");
-                    return ExitCode::FAILURE;
-                }
+                Err(error) => return service_kit::exit_code("cannot start", Err(error)),
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(service_kit::cancel_on_signal(shutdown.clone()));
-            app.run_until_stopped(shutdown).await;
-            ExitCode::SUCCESS
+            let stopped = app.run_until_stopped(shutdown).await;
+            service_kit::exit_code("stopped with an error", stopped)
         }
         Command::Migrate => {
             let settings = cli.settings;

@@ -25,6 +25,7 @@ use crate::db::{DbError, Pool, within};
 /// How often the relay looks for rows even without a local commit (rows left by another replica
 /// or by a previous run).
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub struct Relay {
@@ -69,7 +70,7 @@ impl Relay {
     pub async fn run(self, stop: CancellationToken, drain_for: Duration) {
         let topic = &self.topic_spec.topic;
         let mut topic_ready = false;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_BACKOFF_MAX);
         while !stop.is_cancelled() {
             if !topic_ready {
                 tokio::select! {
@@ -82,10 +83,8 @@ impl Relay {
                             // Never publish into a topic that cannot serve as the rebuild source:
                             // the purchases wait in the outbox until the topic is fixed.
                             tracing::error!(%topic, %error, "topic unfit; purchases stay in the outbox");
-                            tokio::select! {
-                                () = tokio::time::sleep(RETRY_BACKOFF_MAX) => {}
-                                () = stop.cancelled() => {}
-                            }
+                            let mut unfit = service_kit::backoff::Backoff::new(RETRY_BACKOFF_MAX, RETRY_BACKOFF_MAX);
+                            unfit.wait(&stop).await;
                             continue;
                         }
                     },
@@ -93,12 +92,9 @@ impl Relay {
                 }
             }
             match self.relay_once().await {
-                Ok(sent) if sent as i64 == self.batch_max => {
-                    backoff = Duration::from_millis(100);
-                    continue;
-                }
+                Ok(sent) if sent as i64 == self.batch_max => backoff.reset(),
                 Ok(_) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     tokio::select! {
                         () = self.committed.notified() => {}
                         () = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -107,12 +103,8 @@ impl Relay {
                 }
                 Err(error) => {
                     self.metrics.relay_failures.inc();
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox relay round failed");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = stop.cancelled() => {}
-                    }
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                    tracing::warn!(error = %service_kit::supervise::cause_chain(&error), "outbox relay round failed; retrying");
+                    backoff.wait(&stop).await;
                 }
             }
         }
@@ -169,55 +161,24 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut pending = Vec::with_capacity(rows.len());
         let mut failures = Vec::new();
+        let mut outgoing = Vec::with_capacity(rows.len());
         for row in &rows {
             // try_get: a column whose type drifted is this round's error, never a panic.
-            let outbox_id: i64 = row.try_get(0)?;
-            let purchase_id: Uuid = row.try_get(1)?;
-            let user_id: String = row.try_get(2)?;
-            let cents: i64 = row.try_get(3)?;
-            let created_at: DateTime<Utc> = row.try_get(4)?;
-            let traceparent: Option<String> = row.try_get(5)?;
-            // The table's CHECK constraints and the parser admit the same values, so these hold.
-            let (Ok(user), Ok(amount)) = (UserId::parse(&user_id), Amount::from_cents(cents))
-            else {
-                tracing::error!(%purchase_id, "stored purchase violates the domain rules; left in outbox");
-                continue;
-            };
-            let payload = match PurchaseEvent::new(purchase_id, &user, amount, created_at).encode()
-            {
-                Ok(payload) => payload,
-                Err(error) => {
+            match Outgoing::of(OutboxRow::read(row)?) {
+                Ok(record) => outgoing.push(record),
+                Err(RowProblem::Domain(purchase_id)) => {
+                    // The table's CHECK constraints and the parser admit the same values.
+                    tracing::error!(%purchase_id, "stored purchase violates the domain rules; left in outbox");
+                }
+                Err(RowProblem::Encode(error)) => {
                     // Kept in the outbox (not deleted), and counted as a failure of this round.
                     tracing::error!(%error, "cannot encode event; left in outbox");
-                    failures.push(error.to_string());
-                    continue;
+                    failures.push(error);
                 }
-            };
-            let mut record = FutureRecord::to(&self.topic_spec.topic)
-                .key(user.as_str())
-                .payload(&payload);
-            if let Some(traceparent) = &traceparent {
-                // The trace continues in grpc_kafka's apply of this event.
-                record = record.headers(OwnedHeaders::new().insert(Header {
-                    key: telemetry::trace::TRACEPARENT,
-                    value: Some(traceparent.as_bytes()),
-                }));
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => pending.push(async move { (outbox_id, delivery.await) }),
-                Err((error, _record)) => failures.push(error.to_string()),
             }
         }
-        let mut delivered = Vec::with_capacity(pending.len());
-        for (outbox_id, result) in join_all(pending).await {
-            match result {
-                Ok(Ok(_)) => delivered.push(outbox_id),
-                Ok(Err((error, _message))) => failures.push(error.to_string()),
-                Err(_canceled) => failures.push("producer dropped the event".to_owned()),
-            }
-        }
+        let delivered = self.publish(&outgoing, &mut failures).await;
         if !delivered.is_empty() {
             let params = [(&delivered as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
             let deleting = transaction
@@ -236,5 +197,173 @@ impl Relay {
         }
         tracing::debug!(sent = delivered.len(), "relayed outbox batch");
         Ok(delivered.len())
+    }
+
+    /// Sends every record and waits for Kafka's answers: the outbox ids acknowledged, with each
+    /// failure's reason added to `failures`.
+    async fn publish(&self, outgoing: &[Outgoing], failures: &mut Vec<String>) -> Vec<i64> {
+        let mut pending = Vec::with_capacity(outgoing.len());
+        for record in outgoing {
+            let mut future_record = FutureRecord::to(&self.topic_spec.topic)
+                .key(record.key.as_str())
+                .payload(&record.payload);
+            if let Some(traceparent) = &record.traceparent {
+                // The trace continues in grpc_kafka's apply of this event.
+                future_record = future_record.headers(OwnedHeaders::new().insert(Header {
+                    key: telemetry::trace::TRACEPARENT,
+                    value: Some(traceparent.as_bytes()),
+                }));
+            }
+            let outbox_id = record.outbox_id;
+            match self.producer.send_result(future_record) {
+                Ok(delivery) => pending.push(async move { (outbox_id, delivery.await) }),
+                Err((error, _record)) => failures.push(error.to_string()),
+            }
+        }
+        let mut delivered = Vec::with_capacity(pending.len());
+        for (outbox_id, result) in join_all(pending).await {
+            match result {
+                Ok(Ok(_)) => delivered.push(outbox_id),
+                Ok(Err((error, _message))) => failures.push(error.to_string()),
+                Err(_canceled) => failures.push("producer dropped the event".to_owned()),
+            }
+        }
+        delivered
+    }
+}
+
+/// One outbox row joined with its purchase, as read.
+#[derive(Debug, Clone)]
+struct OutboxRow {
+    outbox_id: i64,
+    purchase_id: Uuid,
+    user_id: String,
+    cents: i64,
+    created_at: DateTime<Utc>,
+    traceparent: Option<String>,
+}
+
+impl OutboxRow {
+    fn read(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            outbox_id: row.try_get(0)?,
+            purchase_id: row.try_get(1)?,
+            user_id: row.try_get(2)?,
+            cents: row.try_get(3)?,
+            created_at: row.try_get(4)?,
+            traceparent: row.try_get(5)?,
+        })
+    }
+}
+
+/// The Kafka record of one outbox row: keyed by user, the encoded event, the stored trace context.
+#[derive(Debug, Clone, PartialEq)]
+struct Outgoing {
+    outbox_id: i64,
+    key: String,
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+}
+
+/// Why a row is left in the outbox instead of being sent.
+#[derive(Debug, PartialEq)]
+enum RowProblem {
+    /// The stored purchase breaks the domain rules (cannot happen while the table's CHECK
+    /// constraints and the parser agree).
+    Domain(Uuid),
+    /// The event cannot be encoded.
+    Encode(String),
+}
+
+impl Outgoing {
+    /// The row-to-record step, without I/O.
+    fn of(row: OutboxRow) -> Result<Self, RowProblem> {
+        let (Ok(user), Ok(amount)) = (UserId::parse(&row.user_id), Amount::from_cents(row.cents))
+        else {
+            return Err(RowProblem::Domain(row.purchase_id));
+        };
+        let payload = PurchaseEvent::new(row.purchase_id, &user, amount, row.created_at)
+            .encode()
+            .map_err(|error| RowProblem::Encode(error.to_string()))?;
+        Ok(Self {
+            outbox_id: row.outbox_id,
+            key: user.as_str().to_owned(),
+            payload,
+            traceparent: row.traceparent,
+        })
+    }
+}
+
+/// The producer the relay publishes with: idempotent (per-partition order, no duplicates from
+/// its own retries), every replica acknowledging, small batches.
+pub fn producer(
+    brokers: &str,
+    message_timeout_ms: u64,
+) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+    kafka_common::client_config(brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", message_timeout_ms.to_string())
+        .create()
+}
+
+/// The outbox backlog for `/metrics`: rows waiting, and the age in seconds of the oldest one's
+/// purchase. None when PostgreSQL does not answer.
+pub async fn backlog(pool: &Pool) -> Option<(i64, f64)> {
+    let conn = pool.get().await.ok()?;
+    // query_typed: one round trip, no named statement kept (as the write path does).
+    let row = conn
+        .query_typed(
+            "SELECT count(*), \
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(p.created_at)), 0)::float8 \
+             FROM purchase_outbox o JOIN purchases p USING (purchase_id)",
+            &[],
+        )
+        .await
+        .ok()?
+        .into_iter()
+        .next()?;
+    Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(user_id: &str, cents: i64) -> OutboxRow {
+        OutboxRow {
+            outbox_id: 7,
+            purchase_id: Uuid::from_u128(42),
+            user_id: user_id.to_owned(),
+            cents,
+            created_at: DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_row_becomes_a_record_keyed_by_its_user_with_its_trace_context() {
+        let record = Outgoing::of(row("u-1", 4999)).expect("a valid row");
+        assert_eq!(record.outbox_id, 7);
+        assert_eq!(record.key, "u-1");
+        assert_eq!(record.traceparent, row("u-1", 4999).traceparent);
+        let event = PurchaseEvent::decode(&record.payload).expect("decodes");
+        assert_eq!(event.purchase_id, Uuid::from_u128(42));
+        assert_eq!(event.user_id.as_str(), "u-1");
+        assert_eq!(event.amount_cents, 4999);
+    }
+
+    #[test]
+    fn a_row_breaking_the_domain_rules_stays_in_the_outbox() {
+        assert_eq!(
+            Outgoing::of(row("u-1", 0)),
+            Err(RowProblem::Domain(Uuid::from_u128(42)))
+        );
+        assert_eq!(
+            Outgoing::of(row("", 10)),
+            Err(RowProblem::Domain(Uuid::from_u128(42)))
+        );
     }
 }

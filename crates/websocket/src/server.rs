@@ -25,7 +25,7 @@ use service_kit::per_ip::{IpSlot, PerIp};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -38,6 +38,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection::{self, ConnectionConfig};
 use crate::db::Pool;
+use crate::handshake::{self, HttpResponse, SUBPROTOCOL, text};
+use crate::settings::Settings;
 use crate::store::Committer;
 
 pub struct Shared {
@@ -75,29 +77,60 @@ pub struct Shared {
     pub console: crate::console::Console,
 }
 
-/// The longest `/readyz` or a scrape's query waits for PostgreSQL (also the probe connections'
-/// server-side `statement_timeout`).
-pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// What [`Shared::new`] takes besides the settings: the components `build` made.
+pub struct Parts {
+    pub committer: Committer,
+    pub probe_pool: Pool,
+    pub verifier: auth::Verifier,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub shutdown: CancellationToken,
+}
 
-/// The subprotocol the server selects when a client offers it (browsers offer it together with
-/// `bearer.<token>`, so that the selected protocol is never the token itself).
-pub const SUBPROTOCOL: &str = "purchases.v1";
-const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
+impl Shared {
+    /// Every limit of the HTTP and WebSocket side, from the settings.
+    pub fn new(settings: &Settings, parts: Parts) -> Self {
+        let max_frame = settings.ws_max_frame_bytes as usize;
+        let per_ip = |cap: u32| (cap > 0).then(|| PerIp::new(cap));
+        Self {
+            committer: parts.committer,
+            probe_pool: parts.probe_pool,
+            ws_config: WebSocketConfig::default()
+                .max_frame_size(Some(max_frame))
+                .max_message_size(Some(max_frame))
+                .read_buffer_size(settings.ws_read_buffer_bytes as usize)
+                // Replies are flushed one by one anyway; a small target keeps the buffer small.
+                .write_buffer_size(settings.ws_read_buffer_bytes as usize),
+            connection: ConnectionConfig::new(settings),
+            per_subject: (settings.ws_max_connections_per_subject > 0)
+                .then(|| service_kit::per_ip::PerKey::new(settings.ws_max_connections_per_subject)),
+            connection_slots: Arc::new(Semaphore::new(settings.ws_max_connections as usize)),
+            pending_slots: Arc::new(Semaphore::new(
+                settings.http_max_pending_connections as usize,
+            )),
+            header_read_timeout: settings.header_read_timeout(),
+            max_header_bytes: settings.http_max_header_bytes as usize,
+            shutdown: parts.shutdown,
+            websockets: TaskTracker::new(),
+            verifier: parts.verifier,
+            tls: parts.tls,
+            per_ip: per_ip(settings.http_max_connections_per_ip),
+            pending_per_ip: per_ip(settings.http_max_pending_per_ip),
+            trusted_proxies: settings.http_trusted_proxies.clone(),
+            metrics: parts.metrics,
+            statement_timeout: settings.statement_timeout(),
+            console: crate::console::Console::new(settings.console_totals_url.as_deref()),
+        }
+    }
+}
 
 /// Accepts connections until `shutdown` is cancelled; HTTP connections are tracked on `http`.
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskTracker) {
+    let mut backoff = service_kit::backoff::accept_backoff();
     loop {
         let (stream, peer) = tokio::select! {
             () = shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Usually a full file-descriptor table: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = service_kit::backoff::accept(&listener, &mut backoff) => accepted,
         };
         let Ok(pending) = shared.pending_slots.clone().try_acquire_owned() else {
             // Over the cap: closed at once, before a byte is read.
@@ -169,7 +202,8 @@ impl Shared {
     ) -> Result<Option<Arc<IpSlot>>, ()> {
         match &self.per_ip {
             Some(per_ip) if self.is_trusted_proxy(peer) => {
-                let client = forwarded_client(headers, &self.trusted_proxies).unwrap_or(peer);
+                let client =
+                    handshake::forwarded_client(headers, &self.trusted_proxies).unwrap_or(peer);
                 per_ip
                     .try_acquire(client)
                     .map(|slot| Some(Arc::new(slot)))
@@ -178,58 +212,6 @@ impl Shared {
             _ => Ok(None),
         }
     }
-}
-
-/// The client a trusted proxy forwards: from `Forwarded: for=` (RFC 7239) or else
-/// `X-Forwarded-For`, the rightmost address that is not itself a trusted proxy. `None` when the
-/// headers name none, or that entry is not an address (`unknown`, an obfuscated name).
-fn forwarded_client(
-    headers: &hyper::HeaderMap,
-    trusted: &[ipnet::IpNet],
-) -> Option<std::net::IpAddr> {
-    let values = |name: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .collect::<Vec<_>>()
-    };
-    let forwarded: Vec<&str> = values("forwarded")
-        .into_iter()
-        .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (key, value) = pair.split_once('=')?;
-                key.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then_some(value.trim())
-            })
-        })
-        .collect();
-    let nodes = if forwarded.is_empty() {
-        values("x-forwarded-for")
-    } else {
-        forwarded
-    };
-    for node in nodes.iter().rev() {
-        let address = node_address(node)?;
-        if !trusted.iter().any(|net| net.contains(&address)) {
-            return Some(address);
-        }
-    }
-    None
-}
-
-/// The address of one forwarded node: `192.0.2.1`, `192.0.2.1:8080`, `"[2001:db8::1]:8080"`.
-fn node_address(node: &str) -> Option<std::net::IpAddr> {
-    let node = node.trim_matches('"');
-    if let Some(rest) = node.strip_prefix('[') {
-        return rest.split_once(']')?.0.parse().ok();
-    }
-    node.parse()
-        .ok()
-        .or_else(|| node.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// Serves one HTTP/1.1 connection (plain or TLS) until it ends, upgrades or the server shuts down.
@@ -282,16 +264,8 @@ async fn serve_http<I>(
     }
 }
 
-type HttpResponse = Response<Full<Bytes>>;
-
-fn text(status: StatusCode, body: &'static str) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response
-}
-
 async fn route(
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     peer: std::net::SocketAddr,
     shared: Arc<Shared>,
     ip_slot: Option<Arc<IpSlot>>,
@@ -301,111 +275,9 @@ async fn route(
     }
     let response = match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => readiness(&shared).await,
+        "/readyz" => crate::health::readiness(&shared.probe_pool, &shared.shutdown).await,
         "/metrics" => metrics(&shared).await,
-        "/ws" => {
-            if !hyper_tungstenite::is_upgrade_request(&request) {
-                return Ok(text(
-                    StatusCode::BAD_REQUEST,
-                    "expected a WebSocket upgrade\n",
-                ));
-            }
-            if shared.shutdown.is_cancelled() {
-                shared.metrics.refused("shutting_down");
-                return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"));
-            }
-            let presented = presented_token(&request);
-            // An incoming trace context is honoured: the connection's purchases continue it. Only
-            // a valid one, in its canonical 55 characters: it is stored with every purchase.
-            let traceparent = request
-                .headers()
-                .get(telemetry::trace::TRACEPARENT)
-                .and_then(|value| value.to_str().ok())
-                .and_then(telemetry::trace::canonical_traceparent);
-            let access = match shared.verifier.verify(presented.token.as_deref()) {
-                Ok(access) => access,
-                Err(error) => {
-                    tracing::info!(reason = %error, "websocket handshake refused: 401");
-                    shared.metrics.refused("unauthorized");
-                    return Ok(unauthorized(&error));
-                }
-            };
-            let subject_slot = match (&shared.per_subject, access.subject()) {
-                (Some(per_subject), Some(subject)) => {
-                    match per_subject.try_acquire_key(subject.to_owned()) {
-                        Some(slot) => Some(slot),
-                        None => {
-                            tracing::info!("too many connections for one token subject: 429");
-                            shared.metrics.refused("per_subject_cap");
-                            return Ok(text(
-                                StatusCode::TOO_MANY_REQUESTS,
-                                "too many connections for this token's subject\n",
-                            ));
-                        }
-                    }
-                }
-                _ => None,
-            };
-            let ip_slot = match ip_slot {
-                Some(slot) => Some(slot),
-                None => match shared.forwarded_slot(peer.ip(), request.headers()) {
-                    Ok(slot) => slot,
-                    Err(()) => {
-                        tracing::debug!(%peer, "too many connections from the forwarded client");
-                        shared.metrics.refused("per_ip_cap");
-                        return Ok(text(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            "too many connections from this address\n",
-                        ));
-                    }
-                },
-            };
-            let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
-                tracing::warn!("connection limit reached");
-                shared.metrics.refused("connection_cap");
-                return Ok(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many connections\n",
-                ));
-            };
-            match switching_protocols(&request) {
-                Some(mut response) => {
-                    if presented.offered_subprotocol {
-                        response.headers_mut().insert(
-                            SEC_WEBSOCKET_PROTOCOL,
-                            HeaderValue::from_static(SUBPROTOCOL),
-                        );
-                    }
-                    let upgrade = hyper::upgrade::on(&mut request);
-                    let task_shared = shared.clone();
-                    shared.websockets.spawn(async move {
-                        let open = &task_shared.metrics.connections_open;
-                        open.inc();
-                        connection::serve(
-                            upgrade,
-                            task_shared.ws_config,
-                            task_shared.committer.clone(),
-                            access,
-                            traceparent,
-                            &task_shared.connection,
-                            &task_shared.metrics,
-                            task_shared.shutdown.clone(),
-                        )
-                        .await;
-                        open.dec();
-                        drop((slot, ip_slot, subject_slot));
-                    });
-                    response
-                }
-                None => {
-                    tracing::debug!("upgrade request without a key or version 13");
-                    text(
-                        StatusCode::BAD_REQUEST,
-                        "bad WebSocket upgrade request: Sec-WebSocket-Key and Sec-WebSocket-Version: 13 are required\n",
-                    )
-                }
-            }
-        }
+        "/ws" => upgrade(request, peer, &shared, ip_slot),
         path => {
             let host = request
                 .headers()
@@ -423,81 +295,6 @@ async fn route(
     Ok(response)
 }
 
-/// The 101 answer to a valid upgrade request (RFC 6455 §4.2.2), or `None` without a key or with
-/// another version. The connection itself is taken over with `hyper::upgrade::on`, so that
-/// [`connection::serve`] can put its [`crate::close_gate::CloseGate`] under tungstenite.
-fn switching_protocols(request: &Request<Incoming>) -> Option<HttpResponse> {
-    let headers = request.headers();
-    let key = headers.get("sec-websocket-key")?;
-    if headers
-        .get("sec-websocket-version")
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        return None;
-    }
-    let accept = hyper_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(hyper::header::CONNECTION, "upgrade")
-        .header(hyper::header::UPGRADE, "websocket")
-        .header("sec-websocket-accept", accept)
-        .body(Full::new(Bytes::new()))
-        .ok()
-}
-
-/// The token a handshake carries, and whether the client offered [`SUBPROTOCOL`].
-struct Presented {
-    token: Option<String>,
-    offered_subprotocol: bool,
-}
-
-fn presented_token(request: &Request<Incoming>) -> Presented {
-    let headers = request.headers();
-    let offers: Vec<&str> = headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .collect();
-    let from_header = headers
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(auth::bearer);
-    let from_protocol = offers
-        .iter()
-        .find_map(|offer| offer.strip_prefix(PROTOCOL_TOKEN_PREFIX));
-    let from_query = request.uri().query().and_then(|query| {
-        query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("access_token="))
-    });
-    Presented {
-        token: from_header
-            .or(from_protocol)
-            .or(from_query)
-            .map(str::to_owned),
-        offered_subprotocol: offers.contains(&SUBPROTOCOL),
-    }
-}
-
-/// 401 with the RFC 6750 challenge; the reason names the failed check, never the token.
-fn unauthorized(error: &auth::AuthError) -> HttpResponse {
-    let challenge = match error {
-        auth::AuthError::Missing => r#"Bearer realm="purchases""#.to_owned(),
-        other => format!(
-            r#"Bearer realm="purchases", error="invalid_token", error_description="{other}""#
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(format!("unauthorized: {error}\n"))));
-    *response.status_mut() = StatusCode::UNAUTHORIZED;
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response.headers_mut().insert(WWW_AUTHENTICATE, value);
-    }
-    response
-}
-
 /// The metrics, with the gauges of state read now: the commit queue, and the outbox backlog
 /// from PostgreSQL (a database that does not answer in time leaves the last figures).
 async fn metrics(shared: &Shared) -> HttpResponse {
@@ -505,26 +302,12 @@ async fn metrics(shared: &Shared) -> HttpResponse {
     metrics
         .commit_queue_depth
         .set(i64::try_from(shared.committer.queue_depth()).unwrap_or(i64::MAX));
-    let backlog = async {
-        let conn = shared.probe_pool.get().await.ok()?;
-        // query_typed: one round trip, no named statement kept (as the write path does).
-        conn.query_typed(
-            "SELECT count(*), \
-                    COALESCE(EXTRACT(EPOCH FROM now() - min(p.created_at)), 0)::float8 \
-             FROM purchase_outbox o JOIN purchases p USING (purchase_id)",
-            &[],
-        )
-        .await
-        .ok()?
-        .into_iter()
-        .next()
-    };
-    let limit = shared.statement_timeout.min(PROBE_TIMEOUT);
-    if let Ok(Some(row)) = tokio::time::timeout(limit, backlog).await {
-        if let (Ok(rows), Ok(age)) = (row.try_get::<_, i64>(0), row.try_get::<_, f64>(1)) {
-            metrics.outbox_backlog.set(rows);
-            metrics.outbox_oldest_age.set(age);
-        }
+    let limit = shared.statement_timeout.min(crate::health::PROBE_TIMEOUT);
+    if let Ok(Some((rows, age))) =
+        tokio::time::timeout(limit, crate::outbox::backlog(&shared.probe_pool)).await
+    {
+        metrics.outbox_backlog.set(rows);
+        metrics.outbox_oldest_age.set(age);
     }
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(
@@ -534,21 +317,107 @@ async fn metrics(shared: &Shared) -> HttpResponse {
     response
 }
 
-async fn readiness(shared: &Shared) -> HttpResponse {
+/// `GET /ws`: checks the token and every cap, answers 101 and serves the WebSocket on a task of
+/// its own (tracked for shutdown), holding its slots until it ends.
+fn upgrade(
+    mut request: Request<Incoming>,
+    peer: std::net::SocketAddr,
+    shared: &Arc<Shared>,
+    ip_slot: Option<Arc<IpSlot>>,
+) -> HttpResponse {
+    if !hyper_tungstenite::is_upgrade_request(&request) {
+        return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
+    }
     if shared.shutdown.is_cancelled() {
+        shared.metrics.refused("shutting_down");
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    let probe = async {
-        let conn = shared.probe_pool.get().await.ok()?;
-        conn.simple_query("SELECT 1").await.ok()
+    let presented = handshake::presented_token(request.headers(), request.uri().query());
+    // An incoming trace context is honoured: the connection's purchases continue it. Only
+    // a valid one, in its canonical 55 characters: it is stored with every purchase.
+    let traceparent = request
+        .headers()
+        .get(telemetry::trace::TRACEPARENT)
+        .and_then(|value| value.to_str().ok())
+        .and_then(telemetry::trace::canonical_traceparent);
+    let access = match shared.verifier.verify(presented.token.as_deref()) {
+        Ok(access) => access,
+        Err(error) => {
+            tracing::info!(reason = %error, "websocket handshake refused: 401");
+            shared.metrics.refused("unauthorized");
+            return handshake::unauthorized(&error);
+        }
     };
-    let ready = matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, probe).await,
-        Ok(Some(_))
-    );
-    if ready {
-        text(StatusCode::OK, "ready\n")
-    } else {
-        text(StatusCode::SERVICE_UNAVAILABLE, "postgresql unavailable\n")
+    let subject_slot = match (&shared.per_subject, access.subject()) {
+        (Some(per_subject), Some(subject)) => {
+            match per_subject.try_acquire_key(subject.to_owned()) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::info!("too many connections for one token subject: 429");
+                    shared.metrics.refused("per_subject_cap");
+                    return text(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many connections for this token's subject\n",
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
+    let ip_slot = match ip_slot {
+        Some(slot) => Some(slot),
+        None => match shared.forwarded_slot(peer.ip(), request.headers()) {
+            Ok(slot) => slot,
+            Err(()) => {
+                tracing::debug!(%peer, "too many connections from the forwarded client");
+                shared.metrics.refused("per_ip_cap");
+                return text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address\n",
+                );
+            }
+        },
+    };
+    let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
+        tracing::warn!("connection limit reached");
+        shared.metrics.refused("connection_cap");
+        return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    };
+    match handshake::switching_protocols(request.headers()) {
+        Some(mut response) => {
+            if presented.offered_subprotocol {
+                response.headers_mut().insert(
+                    SEC_WEBSOCKET_PROTOCOL,
+                    HeaderValue::from_static(SUBPROTOCOL),
+                );
+            }
+            let upgrade = hyper::upgrade::on(&mut request);
+            let task_shared = shared.clone();
+            shared.websockets.spawn(async move {
+                let open = &task_shared.metrics.connections_open;
+                open.inc();
+                connection::serve(
+                    upgrade,
+                    task_shared.ws_config,
+                    task_shared.committer.clone(),
+                    access,
+                    traceparent,
+                    &task_shared.connection,
+                    &task_shared.metrics,
+                    task_shared.shutdown.clone(),
+                )
+                .await;
+                open.dec();
+                drop((slot, ip_slot, subject_slot));
+            });
+            response
+        }
+        None => {
+            tracing::debug!("upgrade request without a key or version 13");
+            text(
+                StatusCode::BAD_REQUEST,
+                "bad WebSocket upgrade request: Sec-WebSocket-Key and Sec-WebSocket-Version: 13 are required\n",
+            )
+        }
     }
 }

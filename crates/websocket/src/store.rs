@@ -75,19 +75,20 @@ pub struct WriterConfig {
 }
 
 impl Committer {
-    /// Starts the writer task on `tracker`.
-    pub fn start(pool: Pool, config: WriterConfig, tracker: &TaskTracker) -> Self {
+    /// The handle connections submit to, and the writer that commits what they submit (to be
+    /// run as a long-lived task: it ends once every handle is dropped and the queue is drained).
+    pub fn new(pool: Pool, config: WriterConfig) -> (Self, Writer) {
         let (jobs, receiver) = mpsc::channel(config.queue_max);
         let writer = Writer {
             pool,
+            receiver,
             batch_max: config.batch_max,
             permits: Arc::new(Semaphore::new(config.concurrent_commits)),
             statement_timeout: config.statement_timeout,
             committed: config.committed,
             metrics: config.metrics,
         };
-        tracker.spawn(writer.run(receiver, tracker.clone()));
-        Self { jobs }
+        (Self { jobs }, writer)
     }
 
     /// Queues a purchase and waits for its outcome. Refuses at once when the queue is full, so an
@@ -109,8 +110,10 @@ impl Committer {
     }
 }
 
-struct Writer {
+/// Gathers queued purchases into batches and commits each batch on a task of its own.
+pub struct Writer {
     pool: Pool,
+    receiver: mpsc::Receiver<Job>,
     batch_max: usize,
     /// Bounds concurrent transactions, so a slow database cannot take every pooled connection.
     permits: Arc<Semaphore>,
@@ -120,15 +123,42 @@ struct Writer {
     metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// The part of a writer its batch commits share.
+struct Shared {
+    pool: Pool,
+    permits: Arc<Semaphore>,
+    statement_timeout: std::time::Duration,
+    committed: Arc<Notify>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
 impl Writer {
-    async fn run(self, mut receiver: mpsc::Receiver<Job>, tracker: TaskTracker) {
-        let this = Arc::new(self);
-        let mut batch = Vec::with_capacity(this.batch_max);
-        while receiver.recv_many(&mut batch, this.batch_max).await > 0 {
+    /// Commits batches until the queue is closed and drained; each batch's commit runs on
+    /// `commits`, which shutdown waits for.
+    pub async fn run(self, commits: TaskTracker) {
+        let Self {
+            pool,
+            mut receiver,
+            batch_max,
+            permits,
+            statement_timeout,
+            committed,
+            metrics,
+        } = self;
+        let this = Arc::new(Shared {
+            pool,
+            permits,
+            statement_timeout,
+            committed,
+            metrics,
+        });
+        let tracker = commits;
+        let mut batch = Vec::with_capacity(batch_max);
+        while receiver.recv_many(&mut batch, batch_max).await > 0 {
             let Ok(permit) = this.permits.clone().acquire_owned().await else {
                 break;
             };
-            let jobs = std::mem::replace(&mut batch, Vec::with_capacity(this.batch_max));
+            let jobs = std::mem::replace(&mut batch, Vec::with_capacity(batch_max));
             let writer = this.clone();
             tracker.spawn(async move {
                 writer.commit(jobs).await;
@@ -137,7 +167,9 @@ impl Writer {
         }
         tracing::debug!("commit queue closed");
     }
+}
 
+impl Shared {
     async fn commit(&self, jobs: Vec<Job>) {
         let purchases: Vec<&NewPurchase> = jobs.iter().map(|job| &job.purchase).collect();
         let size = purchases.len();
@@ -167,24 +199,7 @@ impl Writer {
 
 /// Commits one batch in one transaction and returns an outcome per purchase, in order.
 pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Outcome>, DbError> {
-    // The first occurrence of an id in the batch is the one inserted; later ones are compared to it.
-    let mut first: HashMap<Uuid, usize> = HashMap::with_capacity(batch.len());
-    for (index, purchase) in batch.iter().enumerate() {
-        first.entry(purchase.purchase_id).or_insert(index);
-    }
-    let mut ids = Vec::with_capacity(first.len());
-    let mut users = Vec::with_capacity(first.len());
-    let mut cents = Vec::with_capacity(first.len());
-    let mut traces: Vec<Option<&str>> = Vec::with_capacity(first.len());
-    for (index, purchase) in batch.iter().enumerate() {
-        if first[&purchase.purchase_id] == index {
-            ids.push(purchase.purchase_id);
-            users.push(purchase.user_id.as_str());
-            cents.push(purchase.amount.cents());
-            traces.push(purchase.traceparent.as_deref());
-        }
-    }
-
+    let unique = Unique::of(batch);
     // One statement, so one transaction and one round trip (`query_typed`: parse, bind and
     // execute together): the purchases and their outbox rows, in submission order, commit
     // together or not at all. What was there before (a resend, or a conflict) is read afterwards:
@@ -207,17 +222,18 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
                  ORDER BY input.n) \
              SELECT purchase_id FROM inserted",
             &[
-                (&ids, Type::UUID_ARRAY),
-                (&users, Type::TEXT_ARRAY),
-                (&cents, Type::INT8_ARRAY),
-                (&traces, Type::TEXT_ARRAY),
+                (&unique.ids, Type::UUID_ARRAY),
+                (&unique.users, Type::TEXT_ARRAY),
+                (&unique.cents, Type::INT8_ARRAY),
+                (&unique.traces, Type::TEXT_ARRAY),
             ],
         )
         .await?
         .iter()
         .map(|row| row.try_get(0))
         .collect::<Result<_, _>>()?;
-    let existing_ids: Vec<Uuid> = ids
+    let existing_ids: Vec<Uuid> = unique
+        .ids
         .iter()
         .filter(|id| !inserted.contains(id))
         .copied()
@@ -234,26 +250,124 @@ pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Out
             existing.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
         }
     }
+    Ok(unique.classify(batch, &inserted, &existing))
+}
 
-    let outcomes = batch
-        .iter()
-        .enumerate()
-        .map(|(index, purchase)| {
-            let first_index = first[&purchase.purchase_id];
-            let stored = if first_index == index && inserted.contains(&purchase.purchase_id) {
-                return Outcome::Committed;
-            } else if let Some((user, cents)) = existing.get(&purchase.purchase_id) {
-                (user.as_str(), *cents)
-            } else {
-                let original = batch[first_index];
-                (original.user_id.as_str(), original.amount.cents())
-            };
-            if stored == (purchase.user_id.as_str(), purchase.amount.cents()) {
-                Outcome::AlreadyCommitted
-            } else {
-                Outcome::Conflict
+/// A batch's distinct purchases, as the insert's column arrays: the first occurrence of an id is
+/// the one inserted, later ones are compared to it.
+struct Unique<'a> {
+    /// The index in the batch of each id's first occurrence.
+    first: HashMap<Uuid, usize>,
+    ids: Vec<Uuid>,
+    users: Vec<&'a str>,
+    cents: Vec<i64>,
+    traces: Vec<Option<&'a str>>,
+}
+
+impl<'a> Unique<'a> {
+    fn of(batch: &[&'a NewPurchase]) -> Self {
+        let mut unique = Self {
+            first: HashMap::with_capacity(batch.len()),
+            ids: Vec::with_capacity(batch.len()),
+            users: Vec::with_capacity(batch.len()),
+            cents: Vec::with_capacity(batch.len()),
+            traces: Vec::with_capacity(batch.len()),
+        };
+        for (index, purchase) in batch.iter().enumerate() {
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                unique.first.entry(purchase.purchase_id)
+            {
+                entry.insert(index);
+                unique.ids.push(purchase.purchase_id);
+                unique.users.push(purchase.user_id.as_str());
+                unique.cents.push(purchase.amount.cents());
+                unique.traces.push(purchase.traceparent.as_deref());
             }
-        })
-        .collect();
-    Ok(outcomes)
+        }
+        unique
+    }
+
+    /// Each purchase's outcome, in batch order, from the ids this transaction inserted and the
+    /// stored content of the ids it found already there.
+    fn classify(
+        &self,
+        batch: &[&NewPurchase],
+        inserted: &HashSet<Uuid>,
+        existing: &HashMap<Uuid, (String, i64)>,
+    ) -> Vec<Outcome> {
+        batch
+            .iter()
+            .enumerate()
+            .map(|(index, purchase)| {
+                let first_index = self.first[&purchase.purchase_id];
+                let stored = if first_index == index && inserted.contains(&purchase.purchase_id) {
+                    return Outcome::Committed;
+                } else if let Some((user, cents)) = existing.get(&purchase.purchase_id) {
+                    (user.as_str(), *cents)
+                } else {
+                    let original = batch[first_index];
+                    (original.user_id.as_str(), original.amount.cents())
+                };
+                if stored == (purchase.user_id.as_str(), purchase.amount.cents()) {
+                    Outcome::AlreadyCommitted
+                } else {
+                    Outcome::Conflict
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purchase(id: u128, user: &str, cents: i64) -> NewPurchase {
+        NewPurchase {
+            purchase_id: Uuid::from_u128(id),
+            user_id: UserId::parse(user).expect("user"),
+            amount: Amount::from_cents(cents).expect("amount"),
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn a_repeated_id_is_inserted_once_from_its_first_occurrence() {
+        let (a, b, a_again) = (
+            purchase(1, "u1", 100),
+            purchase(2, "u2", 5),
+            purchase(1, "u9", 7),
+        );
+        let batch = [&a, &b, &a_again];
+        let unique = Unique::of(&batch);
+        assert_eq!(unique.ids, [Uuid::from_u128(1), Uuid::from_u128(2)]);
+        assert_eq!(unique.users, ["u1", "u2"]);
+        assert_eq!(unique.cents, [100, 5]);
+    }
+
+    #[test]
+    fn outcomes_follow_the_first_occurrence_and_the_stored_row() {
+        let new = purchase(1, "u1", 100);
+        let resent = purchase(1, "u1", 100);
+        let conflicting = purchase(1, "u1", 101);
+        let stored_same = purchase(2, "u2", 5);
+        let stored_other = purchase(3, "u3", 5);
+        let batch = [&new, &resent, &conflicting, &stored_same, &stored_other];
+        let unique = Unique::of(&batch);
+        let inserted = HashSet::from([Uuid::from_u128(1)]);
+        let existing = HashMap::from([
+            (Uuid::from_u128(2), ("u2".to_owned(), 5)),
+            (Uuid::from_u128(3), ("someone else".to_owned(), 5)),
+        ]);
+        assert_eq!(
+            unique.classify(&batch, &inserted, &existing),
+            [
+                Outcome::Committed,
+                Outcome::AlreadyCommitted,
+                Outcome::Conflict,
+                Outcome::AlreadyCommitted,
+                Outcome::Conflict,
+            ]
+        );
+    }
 }
