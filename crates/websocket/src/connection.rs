@@ -30,10 +30,11 @@ use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use hyper_util::rt::TokioIo;
 use purchase::{Reply, parse_frame};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::close_gate::CloseGate;
+use crate::close_gate::{CloseGate, CloseSignal};
 use crate::store::{Committer, NewPurchase};
 use crate::wire;
 
@@ -128,119 +129,227 @@ impl Ending {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn serve(
-    upgrade: hyper::upgrade::OnUpgrade,
-    ws_config: WebSocketConfig,
+/// One WebSocket connection: what its token allows, its limits, and the replies it owes, in
+/// frame order. [`Connection::serve`] takes the upgraded HTTP connection; [`Connection::run`] any
+/// byte stream (the unit tests use an in-memory pipe under paused time).
+pub struct Connection<'a> {
     committer: Committer,
     access: auth::Access,
+    /// The handshake's trace context, parent of every purchase's span.
     traceparent: Option<String>,
-    config: &ConnectionConfig,
-    metrics: &crate::metrics::Metrics,
+    config: &'a ConnectionConfig,
+    metrics: &'a crate::metrics::Metrics,
     shutdown: CancellationToken,
-) {
-    let upgraded = match upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            tracing::debug!(%error, "websocket handshake failed");
-            return;
-        }
-    };
-    let (gate, client_close) = CloseGate::new(TokioIo::new(upgraded));
-    let stream = WebSocketStream::from_raw_socket(gate, Role::Server, Some(ws_config)).await;
-    let (mut sink, mut frames) = stream.split();
-    let mut in_flight: FuturesOrdered<PendingReply> = FuturesOrdered::new();
-    let idle = tokio::time::sleep(config.idle_timeout);
-    tokio::pin!(idle);
-    // `None`: authentication is off (a verified token always has an expiry).
-    let expired = tokio::time::sleep(access.remaining().unwrap_or(NEVER));
-    tokio::pin!(expired);
-    let limiter: Limiter = governor::RateLimiter::direct(
-        governor::Quota::per_second(config.rate_per_sec).allow_burst(config.rate_burst),
-    );
+    limiter: Limiter,
+    in_flight: FuturesOrdered<PendingReply>,
+}
 
-    let deadline = config.reply_deadline;
-    let ending = loop {
-        tokio::select! {
-            biased;
-            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                metrics.frame(outcome_label(&reply));
-                match send_within(&mut sink, Message::text(reply.to_json()), deadline).await {
-                    Ok(()) => {}
-                    Err(SendFailure::Gone) => break Ending::Gone,
-                    Err(SendFailure::NotReading) => break Ending::Close {
-                        code: wire::CLOSE_POLICY,
-                        reason: "replies not read in time",
-                        answer: false,
-                    },
-                }
-            }
-            () = client_close.arrived() => break Ending::ClientClosing,
-            () = shutdown.cancelled() => {
-                break Ending::close(wire::CLOSE_GOING_AWAY, "server shutting down");
-            }
-            () = &mut idle, if in_flight.is_empty() => {
-                break Ending::close(wire::CLOSE_IDLE, "idle timeout");
-            }
-            // Nothing more is read; what was read is still answered.
-            () = &mut expired => break Ending::close(wire::CLOSE_POLICY, "token expired"),
-            frame = frames.next(), if in_flight.len() < config.max_in_flight => {
-                idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout);
-                match frame {
-                    // A close read past the gate (it lost track of frames): nothing can be sent.
-                    None | Some(Ok(Message::Close(_))) => break Ending::Gone,
-                    Some(Ok(Message::Text(_) | Message::Binary(_))) if limiter.check().is_err() => {
-                        let reply = wire::rate_limited(config.rate_per_sec.get());
-                        in_flight.push_back(Box::pin(std::future::ready(reply)));
-                    }
-                    Some(Ok(Message::Text(_) | Message::Binary(_))) if !subject_within_rate(config, &access) => {
-                        let per_second = config.subject_rate.as_ref().map_or(0, |rate| rate.per_second());
-                        let reply = wire::subject_rate_limited(per_second);
-                        in_flight.push_back(Box::pin(std::future::ready(reply)));
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        let parent = traceparent.as_deref();
-                        in_flight.push_back(handle_text(&text, &access, parent, &committer));
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        in_flight.push_back(Box::pin(std::future::ready(wire::binary_frame())));
-                    }
-                    Some(Ok(_ping_pong_or_raw)) => {}
-                    Some(Err(WsError::Capacity(
-                        CapacityError::MessageTooLong { .. },
-                    ))) => break Ending::close(wire::CLOSE_TOO_BIG, "frame exceeds the size limit"),
-                    Some(Err(WsError::Utf8(_))) => {
-                        break Ending::close(wire::CLOSE_INVALID_DATA, "text frame is not valid UTF-8");
-                    }
-                    Some(Err(WsError::Protocol(error))) => {
-                        tracing::debug!(%error, "websocket protocol error");
-                        break Ending::close(wire::CLOSE_PROTOCOL, "websocket protocol error");
-                    }
-                    Some(Err(error)) => {
-                        tracing::debug!(%error, "websocket read failed");
-                        break Ending::Gone;
-                    }
-                }
-            }
+impl<'a> Connection<'a> {
+    pub fn new(
+        committer: Committer,
+        access: auth::Access,
+        traceparent: Option<String>,
+        config: &'a ConnectionConfig,
+        metrics: &'a crate::metrics::Metrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let limiter = governor::RateLimiter::direct(
+            governor::Quota::per_second(config.rate_per_sec).allow_burst(config.rate_burst),
+        );
+        Self {
+            committer,
+            access,
+            traceparent,
+            config,
+            metrics,
+            shutdown,
+            limiter,
+            in_flight: FuturesOrdered::new(),
         }
-    };
+    }
 
-    // Every frame read still gets its reply before the close frame, as long as the client reads
-    // them in time. The purchases themselves are committed whatever happens to the connection.
-    let answer = !matches!(ending, Ending::Close { answer: false, .. });
-    while let Some(reply) = in_flight.next().await {
-        metrics.frame(outcome_label(&reply));
-        if !answer {
-            continue; // the client does not read: the outcomes are committed, the replies dropped
+    /// Serves the connection once the HTTP upgrade completes.
+    pub async fn serve(self, upgrade: hyper::upgrade::OnUpgrade, ws_config: WebSocketConfig) {
+        match upgrade.await {
+            Ok(upgraded) => self.run(TokioIo::new(upgraded), ws_config).await,
+            Err(error) => tracing::debug!(%error, "websocket handshake failed"),
         }
-        if send_within(&mut sink, Message::text(reply.to_json()), deadline)
-            .await
-            .is_err()
-        {
+    }
+
+    /// Reads frames until the connection ends, answers every frame read, then closes.
+    pub async fn run<IO>(mut self, io: IO, ws_config: WebSocketConfig)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (gate, client_close) = CloseGate::new(io);
+        let stream = WebSocketStream::from_raw_socket(gate, Role::Server, Some(ws_config)).await;
+        let (mut sink, mut frames) = stream.split();
+        let ending = self.read(&mut sink, &mut frames, &client_close).await;
+        // Every frame read still gets its reply before the close frame, as long as the client
+        // reads them in time. The purchases themselves are committed whatever happens here.
+        if !self.answer_owed(&mut sink, &ending).await {
             tracing::info!("client did not read its replies in time; connection dropped");
             return;
         }
+        let deadline = self.config.reply_deadline;
+        close(ending, deadline, &mut sink, &mut frames, &client_close).await;
     }
+
+    /// The reading loop: submits frames and sends replies as they are ready, until a reason to
+    /// stop (the client's close, shutdown, idle, token expiry, a frame that ends the connection).
+    async fn read<S, F>(
+        &mut self,
+        sink: &mut S,
+        frames: &mut F,
+        client_close: &CloseSignal,
+    ) -> Ending
+    where
+        S: futures_util::Sink<Message, Error = WsError> + Unpin,
+        F: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let config = self.config;
+        let idle = tokio::time::sleep(config.idle_timeout);
+        tokio::pin!(idle);
+        // `None`: authentication is off (a verified token always has an expiry).
+        let expired = tokio::time::sleep(self.access.remaining().unwrap_or(NEVER));
+        tokio::pin!(expired);
+        let shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                Some(reply) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.metrics.frame(outcome_label(&reply));
+                    match send_within(sink, Message::text(reply.to_json()), config.reply_deadline).await {
+                        // Idle counts from the last frame read or reply sent: a client whose
+                        // commit took long gets the whole timeout to send its next frame.
+                        Ok(()) => idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout),
+                        Err(SendFailure::Gone) => return Ending::Gone,
+                        Err(SendFailure::NotReading) => return Ending::Close {
+                            code: wire::CLOSE_POLICY,
+                            reason: "replies not read in time",
+                            answer: false,
+                        },
+                    }
+                }
+                () = client_close.arrived() => return Ending::ClientClosing,
+                () = shutdown.cancelled() => {
+                    return Ending::close(wire::CLOSE_GOING_AWAY, "server shutting down");
+                }
+                () = &mut idle, if self.in_flight.is_empty() => {
+                    return Ending::close(wire::CLOSE_IDLE, "idle timeout");
+                }
+                // Nothing more is read; what was read is still answered.
+                () = &mut expired => return Ending::close(wire::CLOSE_POLICY, "token expired"),
+                frame = frames.next(), if self.in_flight.len() < config.max_in_flight => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout);
+                    if let Some(ending) = self.on_frame(frame) {
+                        return ending;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One read result: a reply queued, or the reason the connection ends.
+    fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Option<Ending> {
+        let reply: PendingReply = match frame {
+            // A close read past the gate (it lost track of frames): nothing can be sent.
+            None | Some(Ok(Message::Close(_))) => return Some(Ending::Gone),
+            Some(Ok(Message::Text(_) | Message::Binary(_))) if self.limiter.check().is_err() => {
+                ready(wire::rate_limited(self.config.rate_per_sec.get()))
+            }
+            Some(Ok(Message::Text(_) | Message::Binary(_))) if !self.subject_within_rate() => {
+                let rate = self.config.subject_rate.as_ref();
+                ready(wire::subject_rate_limited(
+                    rate.map_or(0, |rate| rate.per_second()),
+                ))
+            }
+            Some(Ok(Message::Text(text))) => handle_text(
+                &text,
+                &self.access,
+                self.traceparent.as_deref(),
+                &self.committer,
+            ),
+            Some(Ok(Message::Binary(_))) => ready(wire::binary_frame()),
+            Some(Ok(_ping_pong_or_raw)) => return None,
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                return Some(Ending::close(
+                    wire::CLOSE_TOO_BIG,
+                    "frame exceeds the size limit",
+                ));
+            }
+            Some(Err(WsError::Utf8(_))) => {
+                return Some(Ending::close(
+                    wire::CLOSE_INVALID_DATA,
+                    "text frame is not valid UTF-8",
+                ));
+            }
+            Some(Err(WsError::Protocol(error))) => {
+                tracing::debug!(%error, "websocket protocol error");
+                return Some(Ending::close(
+                    wire::CLOSE_PROTOCOL,
+                    "websocket protocol error",
+                ));
+            }
+            Some(Err(error)) => {
+                tracing::debug!(%error, "websocket read failed");
+                return Some(Ending::Gone);
+            }
+        };
+        self.in_flight.push_back(reply);
+        None
+    }
+
+    /// Whether one more frame of this connection's subject is within the subject's rate.
+    fn subject_within_rate(&self) -> bool {
+        match (&self.config.subject_rate, self.access.subject()) {
+            (Some(rate), Some(subject)) => rate.check(subject),
+            _ => true,
+        }
+    }
+
+    /// Sends the replies still owed (or, to a client that does not read, only counts them).
+    /// False when the client stopped reading meanwhile.
+    async fn answer_owed<S>(&mut self, sink: &mut S, ending: &Ending) -> bool
+    where
+        S: futures_util::Sink<Message, Error = WsError> + Unpin,
+    {
+        let answer = !matches!(ending, Ending::Close { answer: false, .. });
+        while let Some(reply) = self.in_flight.next().await {
+            self.metrics.frame(outcome_label(&reply));
+            if !answer {
+                continue; // the client does not read: the outcomes are committed, the replies dropped
+            }
+            let sent = send_within(
+                sink,
+                Message::text(reply.to_json()),
+                self.config.reply_deadline,
+            );
+            if sent.await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// A reply known at once.
+fn ready(reply: Reply) -> PendingReply {
+    Box::pin(std::future::ready(reply))
+}
+
+/// The close handshake after every owed reply: echo the client's held Close, or send the
+/// server's and wait briefly for the client's answer.
+async fn close<S, F>(
+    ending: Ending,
+    deadline: Duration,
+    sink: &mut S,
+    frames: &mut F,
+    client_close: &CloseSignal,
+) where
+    S: futures_util::Sink<Message, Error = WsError> + Unpin,
+    F: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
     match ending {
         Ending::Gone => {}
         Ending::ClientClosing => {
@@ -269,7 +378,7 @@ pub async fn serve(
                 reason: reason.into(),
             };
             let close_deadline = deadline.min(CLOSE_HANDSHAKE_TIMEOUT);
-            if send_within(&mut sink, Message::Close(Some(frame)), close_deadline)
+            if send_within(sink, Message::Close(Some(frame)), close_deadline)
                 .await
                 .is_ok()
             {
@@ -281,14 +390,6 @@ pub async fn serve(
                 .await;
             }
         }
-    }
-}
-
-/// Whether one more frame of this connection's subject is within the subject's rate.
-fn subject_within_rate(config: &ConnectionConfig, access: &auth::Access) -> bool {
-    match (&config.subject_rate, access.subject()) {
-        (Some(rate), Some(subject)) => rate.check(subject),
-        _ => true,
     }
 }
 
@@ -367,4 +468,191 @@ fn handle_text(
         },
         span,
     ))
+}
+
+/// The connection's timers and bounds under paused time, over an in-memory pipe, with a
+/// committer whose purchases wait until the test answers them.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Outcome;
+    use crate::store::testing::{Queue, detached};
+    use tokio::io::DuplexStream;
+    use tokio::time::Instant;
+
+    type Client = WebSocketStream<DuplexStream>;
+
+    const IDLE: Duration = Duration::from_secs(30);
+    const REPLY_DEADLINE: Duration = Duration::from_secs(5);
+    const MAX_IN_FLIGHT: usize = 4;
+    const MAX_FRAME: usize = 256;
+
+    fn config() -> &'static ConnectionConfig {
+        Box::leak(Box::new(ConnectionConfig {
+            max_in_flight: MAX_IN_FLIGHT,
+            rate_per_sec: std::num::NonZeroU32::new(1000).expect("nonzero"),
+            rate_burst: std::num::NonZeroU32::new(1000).expect("nonzero"),
+            idle_timeout: IDLE,
+            reply_deadline: REPLY_DEADLINE,
+            subject_rate: None,
+        }))
+    }
+
+    struct Harness {
+        client: Client,
+        queue: Queue,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    /// A connection served on a pipe of `pipe_bytes` each way.
+    async fn start(access: auth::Access, pipe_bytes: usize) -> Harness {
+        let (client_io, server_io) = tokio::io::duplex(pipe_bytes);
+        let (committer, queue) = detached(64);
+        let metrics: &'static crate::metrics::Metrics = Box::leak(Box::default());
+        let connection = Connection::new(
+            committer,
+            access,
+            None,
+            config(),
+            metrics,
+            CancellationToken::new(),
+        );
+        let ws_config = WebSocketConfig::default()
+            .max_frame_size(Some(MAX_FRAME))
+            .max_message_size(Some(MAX_FRAME));
+        let server = tokio::spawn(connection.run(server_io, ws_config));
+        let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        Harness {
+            client,
+            queue,
+            server,
+        }
+    }
+
+    fn purchase(n: usize) -> Message {
+        Message::text(format!(r#"{{"user_id":"u{n}","amount":1.25}}"#))
+    }
+
+    /// The next message the client reads: a reply, or the close frame's code and reason.
+    async fn next(client: &mut Client) -> Result<Reply, (u16, String)> {
+        match client.next().await.expect("a message").expect("readable") {
+            Message::Text(text) => Ok(serde_json::from_str(&text).expect("a reply")),
+            Message::Close(Some(frame)) => Err((u16::from(frame.code), frame.reason.to_string())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Lets every task run until it waits (time does not move while others can run).
+    async fn settle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_1000_at_the_idle_timeout() {
+        let mut h = start(auth::Access::Open, 4096).await;
+        let started = Instant::now();
+        assert_eq!(
+            next(&mut h.client).await,
+            Err((1000, "idle timeout".into()))
+        );
+        assert_eq!(started.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timer_waits_while_replies_are_owed() {
+        let mut h = start(auth::Access::Open, 4096).await;
+        h.client.send(purchase(1)).await.expect("send");
+        settle().await;
+        tokio::time::sleep(IDLE * 3).await;
+        assert_eq!(h.queue.waiting(), 1, "the purchase waits for its commit");
+        assert!(!h.server.is_finished(), "not idle while a reply is owed");
+        h.queue.answer_next(Outcome::Committed).await;
+        assert!(matches!(next(&mut h.client).await, Ok(Reply::Ack { .. })));
+        let answered = Instant::now();
+        assert_eq!(
+            next(&mut h.client).await,
+            Err((1000, "idle timeout".into()))
+        );
+        assert_eq!(answered.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_expiry_answers_what_was_read_then_closes_1008() {
+        let access = auth::Access::Token(auth::Principal {
+            subject: "u1".to_owned(),
+            scopes: vec![],
+            expires_at: auth::now_secs() + 60,
+        });
+        let mut h = start(access, 4096).await;
+        h.client.send(purchase(1)).await.expect("send");
+        settle().await;
+        assert_eq!(h.queue.waiting(), 1);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        // Sent after the expiry: never read, never submitted.
+        h.client.send(purchase(1)).await.expect("send");
+        settle().await;
+        assert_eq!(h.queue.waiting(), 1);
+        h.queue.answer_next(Outcome::Committed).await;
+        assert!(matches!(next(&mut h.client).await, Ok(Reply::Ack { .. })));
+        assert_eq!(
+            next(&mut h.client).await,
+            Err((1008, "token expired".into()))
+        );
+        assert_eq!(h.queue.waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_in_flight_purchases_wait_and_reading_stops_there() {
+        let mut h = start(auth::Access::Open, 4096).await;
+        for n in 0..MAX_IN_FLIGHT + 3 {
+            h.client.send(purchase(n)).await.expect("send");
+        }
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(h.queue.waiting(), MAX_IN_FLIGHT);
+        // One answered: one more frame is read, in order.
+        let first = h.queue.answer_next(Outcome::Committed).await;
+        assert_eq!(first.user_id.as_str(), "u0");
+        assert!(
+            matches!(next(&mut h.client).await, Ok(Reply::Ack { user_id, .. }) if user_id == "u0")
+        );
+        settle().await;
+        assert_eq!(h.queue.waiting(), MAX_IN_FLIGHT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_is_dropped_at_the_reply_deadline() {
+        // A pipe too small for more than a few replies; the client sends and never reads.
+        let mut h = start(auth::Access::Open, 256).await;
+        for _ in 0..6 {
+            h.client.send(Message::text("{}")).await.expect("send");
+        }
+        let started = Instant::now();
+        tokio::time::timeout(REPLY_DEADLINE * 3, h.server)
+            .await
+            .expect("the connection ends by itself")
+            .expect("no panic");
+        let took = started.elapsed();
+        assert!(
+            took >= REPLY_DEADLINE && took <= REPLY_DEADLINE + CLOSE_HANDSHAKE_TIMEOUT,
+            "ended after {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_frame_closes_1009_after_the_replies_owed() {
+        let mut h = start(auth::Access::Open, 4096).await;
+        h.client.send(Message::text("{}")).await.expect("send");
+        h.client
+            .send(Message::text("x".repeat(MAX_FRAME + 1)))
+            .await
+            .expect("send");
+        assert!(matches!(next(&mut h.client).await, Ok(Reply::Error { .. })));
+        assert_eq!(
+            next(&mut h.client).await,
+            Err((1009, "frame exceeds the size limit".into()))
+        );
+    }
 }

@@ -396,17 +396,15 @@ fn upgrade(
             shared.websockets.spawn(async move {
                 let open = &task_shared.metrics.connections_open;
                 open.inc();
-                connection::serve(
-                    upgrade,
-                    task_shared.ws_config,
+                let connection = connection::Connection::new(
                     task_shared.committer.clone(),
                     access,
                     traceparent,
                     &task_shared.connection,
                     &task_shared.metrics,
                     task_shared.shutdown.clone(),
-                )
-                .await;
+                );
+                connection.serve(upgrade, task_shared.ws_config).await;
                 open.dec();
                 drop((slot, ip_slot, subject_slot));
             });

@@ -99,7 +99,8 @@ pub struct Settings {
     #[arg(long, env = "WS_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub ws_max_in_flight: u32,
 
-    /// A connection that sends nothing for this long is closed.
+    /// A connection that sends nothing for this long, with no reply owed, is closed (counted from
+    /// its last frame or reply).
     #[arg(long, env = "WS_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub ws_idle_timeout_secs: u64,
 

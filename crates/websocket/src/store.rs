@@ -318,6 +318,34 @@ impl<'a> Unique<'a> {
     }
 }
 
+/// A committer without a writer, for the connection's unit tests: what is submitted waits in
+/// the queue until the test answers it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub struct Queue(mpsc::Receiver<Job>);
+
+    pub fn detached(queue_max: usize) -> (Committer, Queue) {
+        let (jobs, receiver) = mpsc::channel(queue_max);
+        (Committer { jobs }, Queue(receiver))
+    }
+
+    impl Queue {
+        /// Purchases submitted and not answered yet.
+        pub fn waiting(&self) -> usize {
+            self.0.len()
+        }
+
+        /// Answers the oldest waiting purchase with `outcome`, and returns it.
+        pub async fn answer_next(&mut self, outcome: Outcome) -> NewPurchase {
+            let job = self.0.recv().await.expect("a submitted purchase");
+            let _ = job.reply.send(Ok(outcome));
+            job.purchase
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
