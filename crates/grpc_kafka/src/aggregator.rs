@@ -178,21 +178,15 @@ pub async fn run(
     let mut retry = Retry::new(heartbeat.clone());
     let spec = &settings.kafka;
     // The topic may not exist yet on a fresh cluster: create it, retrying until Kafka answers.
-    loop {
-        match kafka_common::ensure_topic(spec).await {
-            Ok(()) => break,
-            Err(error) if error.is_transient() => {
-                tracing::warn!(%error, "cannot ensure topic yet");
-                if retry.wait(&stop).await.is_err() {
-                    return Ok(());
-                }
-            }
-            Err(source) => {
-                return Err(AggregatorError::Topic {
-                    topic: spec.topic.clone(),
-                    source,
-                });
-            }
+    let beat = || retry.heartbeat.beat();
+    match kafka_common::ensure_topic_until_ready(spec, &stop, beat).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(source) => {
+            return Err(AggregatorError::Topic {
+                topic: spec.topic.clone(),
+                source,
+            });
         }
     }
     // Never count into a Redis that may evict: refused before anything is consumed.

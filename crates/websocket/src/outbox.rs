@@ -73,22 +73,20 @@ impl Relay {
         let mut backoff = service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_BACKOFF_MAX);
         while !stop.is_cancelled() {
             if !topic_ready {
-                tokio::select! {
-                    result = kafka_common::ensure_topic(&self.topic_spec) => match result {
-                        Ok(()) => topic_ready = true,
-                        Err(error) if error.is_transient() => {
-                            tracing::warn!(%topic, %error, "cannot ensure topic yet");
-                        }
-                        Err(error) => {
-                            // Never publish into a topic that cannot serve as the rebuild source:
-                            // the purchases wait in the outbox until the topic is fixed.
-                            tracing::error!(%topic, %error, "topic unfit; purchases stay in the outbox");
-                            let mut unfit = service_kit::backoff::Backoff::new(RETRY_BACKOFF_MAX, RETRY_BACKOFF_MAX);
-                            unfit.wait(&stop).await;
-                            continue;
-                        }
-                    },
-                    () = stop.cancelled() => break,
+                match kafka_common::ensure_topic_until_ready(&self.topic_spec, &stop, || {}).await {
+                    Ok(true) => topic_ready = true,
+                    Ok(false) => break,
+                    Err(error) => {
+                        // Never publish into a topic that cannot serve as the rebuild source:
+                        // the purchases wait in the outbox until the topic is fixed.
+                        tracing::error!(%topic, %error, "topic unfit; purchases stay in the outbox");
+                        let mut unfit = service_kit::backoff::Backoff::new(
+                            RETRY_BACKOFF_MAX,
+                            RETRY_BACKOFF_MAX,
+                        );
+                        unfit.wait(&stop).await;
+                        continue;
+                    }
                 }
             }
             match self.relay_once().await {

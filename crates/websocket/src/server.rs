@@ -124,6 +124,13 @@ impl Shared {
     }
 }
 
+/// The slots a WebSocket holds until it ends.
+struct Slots {
+    _connection: tokio::sync::OwnedSemaphorePermit,
+    _ip: Option<Arc<IpSlot>>,
+    _subject: Option<service_kit::per_ip::Slot<String>>,
+}
+
 /// Accepts connections until `shutdown` is cancelled; HTTP connections are tracked on `http`.
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, http: TaskTracker) {
     let mut backoff = service_kit::backoff::accept_backoff();
@@ -191,6 +198,60 @@ impl Shared {
         let pending = acquire(&self.pending_per_ip, "pending_per_ip_cap")?;
         let whole_life = acquire(&self.per_ip, "per_ip_cap")?;
         Ok((pending, whole_life.map(Arc::new)))
+    }
+
+    /// Every slot a WebSocket holds for its life (of its token's subject, its client address, the
+    /// connection cap), or the answer refusing it.
+    fn slots(
+        &self,
+        access: &auth::Access,
+        peer: std::net::SocketAddr,
+        headers: &hyper::HeaderMap,
+        ip_slot: Option<Arc<IpSlot>>,
+    ) -> Result<Slots, Box<HttpResponse>> {
+        let subject_slot = match (&self.per_subject, access.subject()) {
+            (Some(per_subject), Some(subject)) => {
+                match per_subject.try_acquire_key(subject.to_owned()) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        tracing::info!("too many connections for one token subject: 429");
+                        self.metrics.refused("per_subject_cap");
+                        return Err(Box::new(text(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "too many connections for this token's subject\n",
+                        )));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let ip_slot = match ip_slot {
+            Some(slot) => Some(slot),
+            None => match self.forwarded_slot(peer.ip(), headers) {
+                Ok(slot) => slot,
+                Err(()) => {
+                    tracing::debug!(%peer, "too many connections from the forwarded client");
+                    self.metrics.refused("per_ip_cap");
+                    return Err(Box::new(text(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many connections from this address\n",
+                    )));
+                }
+            },
+        };
+        let Ok(slot) = self.connection_slots.clone().try_acquire_owned() else {
+            tracing::warn!("connection limit reached");
+            self.metrics.refused("connection_cap");
+            return Err(Box::new(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections\n",
+            )));
+        };
+        Ok(Slots {
+            _connection: slot,
+            _ip: ip_slot,
+            _subject: subject_slot,
+        })
     }
 
     /// For an upgrade through a trusted proxy: the slot of the client it forwards (the proxy's own
@@ -348,40 +409,9 @@ fn upgrade(
             return handshake::unauthorized(&error);
         }
     };
-    let subject_slot = match (&shared.per_subject, access.subject()) {
-        (Some(per_subject), Some(subject)) => {
-            match per_subject.try_acquire_key(subject.to_owned()) {
-                Some(slot) => Some(slot),
-                None => {
-                    tracing::info!("too many connections for one token subject: 429");
-                    shared.metrics.refused("per_subject_cap");
-                    return text(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "too many connections for this token's subject\n",
-                    );
-                }
-            }
-        }
-        _ => None,
-    };
-    let ip_slot = match ip_slot {
-        Some(slot) => Some(slot),
-        None => match shared.forwarded_slot(peer.ip(), request.headers()) {
-            Ok(slot) => slot,
-            Err(()) => {
-                tracing::debug!(%peer, "too many connections from the forwarded client");
-                shared.metrics.refused("per_ip_cap");
-                return text(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many connections from this address\n",
-                );
-            }
-        },
-    };
-    let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
-        tracing::warn!("connection limit reached");
-        shared.metrics.refused("connection_cap");
-        return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    let slots = match shared.slots(&access, peer, request.headers(), ip_slot) {
+        Ok(slots) => slots,
+        Err(refusal) => return *refusal,
     };
     match handshake::switching_protocols(request.headers()) {
         Some(mut response) => {
@@ -406,7 +436,7 @@ fn upgrade(
                 );
                 connection.serve(upgrade, task_shared.ws_config).await;
                 open.dec();
-                drop((slot, ip_slot, subject_slot));
+                drop(slots);
             });
             response
         }
