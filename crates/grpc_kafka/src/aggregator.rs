@@ -355,6 +355,21 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
     }
 }
 
+/// `purchase.apply` for a traced event: a child of the frame's span in websocket, open until
+/// the batch holding the event is applied.
+fn apply_span(event: &Counted, parent: &str, fetched: Fetched) -> tracing::Span {
+    let span = tracing::info_span!(
+        "purchase.apply",
+        purchase_id = %event.purchase_id,
+        partition = fetched.partition,
+        offset = fetched.offset,
+        trace_id = tracing::field::Empty
+    );
+    telemetry::trace::set_parent(&span, parent);
+    telemetry::trace::record_trace_id(&span);
+    span
+}
+
 impl Aggregator {
     /// Offers every record to the positions, fetching what they ask for; returns the events of the
     /// admitted records (the batch), and a span for each traced one: `purchase.apply`, a child of
@@ -378,16 +393,7 @@ impl Aggregator {
                 match admission {
                     Admission::Admit => {
                         if let (Ok(event), Some(parent)) = (&record.event, &record.traceparent) {
-                            let span = tracing::info_span!(
-                                "purchase.apply",
-                                purchase_id = %event.purchase_id,
-                                partition,
-                                offset = fetched.offset,
-                                trace_id = tracing::field::Empty
-                            );
-                            telemetry::trace::set_parent(&span, parent);
-                            telemetry::trace::record_trace_id(&span);
-                            spans.push(span);
+                            spans.push(apply_span(event, parent, fetched));
                         }
                         events.extend(record.event.ok());
                         break;
@@ -395,26 +401,11 @@ impl Aggregator {
                     Admission::Drop => break,
                     Admission::Stall => {
                         let error = record.event.as_ref().err().map(ToString::to_string);
-                        tracing::error!(
-                            partition,
-                            offset = fetched.offset,
-                            error = error.unwrap_or_default(),
-                            "not a valid purchase event: the partition is stalled here, nothing \
-                             after it counts until a version that reads it runs or an operator \
-                             moves the stored offset past it (README: stalled partition)"
-                        );
-                        self.metrics.undecodable_records.inc();
+                        self.stalled_at(fetched, error.unwrap_or_default());
                         break;
                     }
                     Admission::Behind { expected } => {
-                        tracing::warn!(
-                            partition,
-                            offset = fetched.offset,
-                            expected,
-                            "kafka reset the fetch position below the expected offset (partition \
-                             truncated?); seeking back to it"
-                        );
-                        self.metrics.fetch_resets.inc();
+                        self.reset_below(fetched, expected);
                         break;
                     }
                     Admission::NeedStored => {
@@ -449,6 +440,31 @@ impl Aggregator {
             }
         }
         Ok((events, spans))
+    }
+
+    /// An undecodable record stalls its partition: said loudly, counted in a metric.
+    fn stalled_at(&self, fetched: Fetched, error: String) {
+        tracing::error!(
+            partition = fetched.partition,
+            offset = fetched.offset,
+            error,
+            "not a valid purchase event: the partition is stalled here, nothing \
+             after it counts until a version that reads it runs or an operator \
+             moves the stored offset past it (README: stalled partition)"
+        );
+        self.metrics.undecodable_records.inc();
+    }
+
+    /// Kafka moved the fetch position below the expected offset: said, counted, sought back.
+    fn reset_below(&self, fetched: Fetched, expected: i64) {
+        tracing::warn!(
+            partition = fetched.partition,
+            offset = fetched.offset,
+            expected,
+            "kafka reset the fetch position below the expected offset (partition \
+             truncated?); seeking back to it"
+        );
+        self.metrics.fetch_resets.inc();
     }
 
     /// Moves a stored offset with a compare-and-set and nothing counted.

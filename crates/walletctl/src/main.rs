@@ -19,7 +19,6 @@ use wallet_proto::GetTotalSpentRequest;
 
 mod bench;
 mod client;
-mod loadgen;
 mod reconcile;
 
 #[derive(Debug, Parser)]
@@ -99,43 +98,7 @@ enum Command {
     /// purchase's intended send time) and measures ack-to-visible latency; `read` loads
     /// GetTotalSpent; `idle` opens `--connections` idle WebSockets and reports the server's memory
     /// per connection (`--pid` of a local server).
-    Bench {
-        #[arg(long, value_enum, default_value_t = BenchMode::Closed)]
-        mode: BenchMode,
-        /// Concurrent WebSocket connections (closed, open, idle).
-        #[arg(long, default_value_t = 10)]
-        connections: usize,
-        /// Offered purchases per second (open).
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        /// How long to offer load (open, read).
-        #[arg(long, default_value_t = 10)]
-        duration_secs: u64,
-        /// Sampled purchases per second whose ack-to-visible latency is measured (open).
-        #[arg(long, default_value_t = 20.0)]
-        visible_samples: f64,
-        /// Concurrent calls (read).
-        #[arg(long, default_value_t = 50)]
-        concurrency: usize,
-        /// HTTP/2 connections the calls share (read).
-        #[arg(long, default_value_t = 4)]
-        grpc_connections: usize,
-        /// Pid of the local websocket server whose memory is read (idle).
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Also write the figures as JSON to this file.
-        #[arg(long)]
-        json: Option<String>,
-        /// Purchases per connection.
-        #[arg(long, default_value_t = 1000)]
-        purchases: usize,
-        /// Purchases awaiting their ack per connection.
-        #[arg(long, default_value_t = 32)]
-        in_flight: usize,
-        /// Distinct users (of this run only) the purchases are spread over.
-        #[arg(long, default_value_t = 100)]
-        users: usize,
-    },
+    Bench(bench::Args),
     /// Compare every user's total over gRPC with PostgreSQL's SUM and COUNT; print each
     /// difference and a summary line; exit 1 on any difference (repair: ARCHITECTURE.md).
     Reconcile {
@@ -177,14 +140,6 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         wait_secs: u64,
     },
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum BenchMode {
-    Closed,
-    Open,
-    Read,
-    Idle,
 }
 
 #[tokio::main]
@@ -273,6 +228,20 @@ fn purchase_frame(user_id: &str, amount: &str, purchase_id: Option<&str>) -> Str
     }
 }
 
+/// The non-empty lines of `path` (`-`: standard input), one frame each.
+fn frame_lines(path: &str) -> anyhow::Result<Vec<String>> {
+    let lines: Vec<String> = if path == "-" {
+        std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {path}"))?
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    Ok(lines.into_iter().filter(|l| !l.trim().is_empty()).collect())
+}
+
 /// Returns whether every reply was an ack (or the total was found).
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     match &cli.command {
@@ -297,71 +266,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::SendFile { path } => {
-            let lines: Vec<String> = if path == "-" {
-                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
-            } else {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {path}"))?
-                    .lines()
-                    .map(str::to_owned)
-                    .collect()
-            };
-            let frames = lines.into_iter().filter(|l| !l.trim().is_empty()).collect();
             let target = cli.target(TOOL_SUBJECT, &[auth::SCOPE_WRITE_ANY])?;
-            send_frames(&target, frames).await
+            send_frames(&target, frame_lines(path)?).await
         }
-        &Command::Bench {
-            mode,
-            connections,
-            purchases,
-            in_flight,
-            users,
-            rate,
-            duration_secs,
-            visible_samples,
-            concurrency,
-            grpc_connections,
-            pid,
-            ref json,
-        } => {
+        Command::Bench(args) => {
             let target =
                 cli.target(TOOL_SUBJECT, &[auth::SCOPE_WRITE_ANY, auth::SCOPE_READ_ANY])?;
-            let duration = Duration::from_secs(duration_secs.max(1));
-            let (figures, ok) = match mode {
-                BenchMode::Closed => {
-                    let plan = bench::Plan {
-                        connections,
-                        purchases,
-                        in_flight: in_flight.max(1),
-                        users: users.max(1),
-                    };
-                    bench::run(&target, plan).await?
-                }
-                BenchMode::Open => {
-                    let plan = loadgen::Open {
-                        rate: rate.max(1.0),
-                        duration,
-                        connections: connections.max(1),
-                        users: users.max(1),
-                        visible_samples_per_sec: visible_samples,
-                    };
-                    loadgen::open(&target, plan).await?
-                }
-                BenchMode::Read => {
-                    let plan = loadgen::Read {
-                        concurrency: concurrency.max(1),
-                        channels: grpc_connections.max(1),
-                        duration,
-                    };
-                    (loadgen::read(&target, plan).await?, true)
-                }
-                BenchMode::Idle => {
-                    let pid = pid.context("--pid of the local websocket server is needed")?;
-                    (loadgen::idle(&target, connections, pid).await?, true)
-                }
-            };
-            loadgen::write_json(json.as_deref(), &figures)?;
-            Ok(ok)
+            bench::run(&target, args).await
         }
         Command::Reconcile {
             database_url,

@@ -1,5 +1,5 @@
-//! `walletctl bench`: a load generator that prints figures (never asserts timings). It sends
-//! purchases for users of its own run, so the totals it checks are exactly its own.
+//! `--mode closed` (the default): each connection keeps a window of purchases in flight; prints
+//! throughput, ack latency and how long until Redis counted them all.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -59,16 +59,11 @@ async fn connection(
     Ok(latencies)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
 pub async fn run(
     target: &crate::client::Target,
     plan: Plan,
 ) -> anyhow::Result<(serde_json::Value, bool)> {
-    let run = crate::loadgen::run_id("bench");
+    let run = super::run_id("bench");
     let mut expected: HashMap<String, (i64, u64)> = HashMap::new();
     let mut shares = Vec::with_capacity(plan.connections);
     for c in 0..plan.connections {
@@ -76,12 +71,8 @@ pub async fn run(
         for i in 0..plan.purchases {
             let n = c * plan.purchases + i;
             let user = format!("{run}-u{}", n % plan.users);
-            let cents = (n as i64 * 7919) % 99_999 + 1;
-            let frame = format!(
-                r#"{{"user_id":"{user}","amount":"{}.{:02}"}}"#,
-                cents / 100,
-                cents % 100
-            );
+            let cents = super::cents_of(n);
+            let frame = super::frame(&user, cents);
             let entry = expected.entry(user.clone()).or_default();
             entry.0 += cents;
             entry.1 += 1;
@@ -106,8 +97,7 @@ pub async fn run(
     }
     let elapsed = started.elapsed();
     let acked_at = Instant::now();
-    latencies.sort();
-    let ack_latency = crate::loadgen::summary(latencies.clone());
+    let ack_latency = super::report::summary(latencies.clone());
     println!(
         "acked {} in {:.2} s: {:.0} purchases/s",
         latencies.len(),
@@ -115,17 +105,14 @@ pub async fn run(
         latencies.len() as f64 / elapsed.as_secs_f64()
     );
     println!(
-        "ack latency ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.95),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 1.0)
+        "{}",
+        super::report::latency_line("ack latency", &ack_latency)
     );
 
     // Counted: poll the totals until every purchase of this run is in them (or a minute passed).
     let client = target.grpc().await?;
     let (counted, exact) =
-        crate::loadgen::await_counted(&client, &expected, Duration::from_secs(60)).await?;
+        super::await_counted(&client, &expected, Duration::from_secs(60)).await?;
     let counted_after = acked_at.elapsed();
     println!(
         "counted {counted} of {total} in Redis {:.2} s after the last ack; totals exact: {}",
