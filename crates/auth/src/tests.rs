@@ -4,6 +4,10 @@ use std::io::Write;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
 use super::*;
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test";
