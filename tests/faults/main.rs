@@ -847,7 +847,11 @@ async fn one_partitions_stored_offset_rolled_back_mid_stream() {
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
     let mut conn = redis_connection().await;
-    let keys = redis_keys(&mut conn, &format!("{}offsets:*", scenario.prefix)).await;
+    let keys = redis_keys(
+        &mut conn,
+        &totals_schema::Keys::new(&scenario.prefix).offsets_pattern(),
+    )
+    .await;
     assert_eq!(keys.len(), 1, "one offsets hash: {keys:?}");
     let mut rolled_back = 0;
     // Mid-stream, several times: some rollbacks land while a batch of that partition is in hand.

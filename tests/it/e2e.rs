@@ -550,8 +550,8 @@ async fn reconcile_is_clean_when_exact_and_names_every_difference() {
     // One cent off in Redis: reconcile names the user and fails.
     let mut redis = redis_connection().await;
     let _: i64 = redis::cmd("HINCRBY")
-        .arg(format!("{}total:rec-2", system.prefix))
-        .arg("cents")
+        .arg(totals_schema::Keys::new(&system.prefix).total("rec-2"))
+        .arg(totals_schema::CENTS)
         .arg(-1)
         .query_async(&mut redis)
         .await
@@ -563,10 +563,10 @@ async fn reconcile_is_clean_when_exact_and_names_every_difference() {
 
     // A total only Redis holds (no purchase of that user in PostgreSQL) is a difference too.
     let _: () = redis::cmd("HSET")
-        .arg(format!("{}total:ghost", system.prefix))
-        .arg("cents")
+        .arg(totals_schema::Keys::new(&system.prefix).total("ghost"))
+        .arg(totals_schema::CENTS)
         .arg(500)
-        .arg("count")
+        .arg(totals_schema::COUNT)
         .arg(1)
         .query_async(&mut redis)
         .await

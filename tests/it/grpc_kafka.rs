@@ -326,7 +326,11 @@ async fn stored_offsets_past_the_partition_end_are_reread_without_double_countin
     app.stop().await;
 
     let mut conn = redis_connection().await;
-    let keys = redis_keys(&mut conn, &format!("{}offsets:*", fixture.prefix)).await;
+    let keys = redis_keys(
+        &mut conn,
+        &totals_schema::Keys::new(&fixture.prefix).offsets_pattern(),
+    )
+    .await;
     assert_eq!(
         keys.len(),
         1,
@@ -564,7 +568,8 @@ async fn dedupe_memory_is_bounded_by_the_horizon() {
             let mut conn = conn.clone();
             let prefix = prefix.clone();
             async move {
-                let seen = redis_keys(&mut conn, &format!("{prefix}seen:*")).await;
+                let seen =
+                    redis_keys(&mut conn, &totals_schema::Keys::new(&prefix).seen_pattern()).await;
                 seen.is_empty().then_some(())
             }
         },
@@ -698,7 +703,7 @@ async fn an_evicting_redis_is_refused_at_start_naming_the_policy() {
     );
     let mut conn = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}total:*", fixture.prefix))
+        .arg(totals_schema::Keys::new(&fixture.prefix).total_pattern())
         .query_async(&mut conn)
         .await
         .expect("KEYS");
@@ -810,7 +815,11 @@ async fn an_undecodable_record_stalls_its_partition_until_the_stored_offset_move
 
     // The operator's step: move the stored offset past the record.
     let mut conn = redis_connection().await;
-    let keys = redis_keys(&mut conn, &format!("{}offsets:*", fixture.prefix)).await;
+    let keys = redis_keys(
+        &mut conn,
+        &totals_schema::Keys::new(&fixture.prefix).offsets_pattern(),
+    )
+    .await;
     assert_eq!(keys.len(), 1, "{keys:?}");
     let () = redis::cmd("HSET")
         .arg(&keys[0])

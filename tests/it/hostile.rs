@@ -157,7 +157,11 @@ impl Fixture {
         }
         await_totals(self.grpc.addr, &expected, Duration::from_secs(60)).await;
         let mut conn = redis_connection().await;
-        let totals = redis_keys(&mut conn, &format!("{}total:*", self.prefix)).await;
+        let totals = redis_keys(
+            &mut conn,
+            &totals_schema::Keys::new(&self.prefix).total_pattern(),
+        )
+        .await;
         assert_eq!(
             totals.len(),
             usize::from(good > 0),

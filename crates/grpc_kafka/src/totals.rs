@@ -1,14 +1,11 @@
 //! The totals store in Redis: per-user totals, per-user sets of counted purchase ids, and the
 //! consumer's partition offsets, all under one key prefix.
 //!
-//! Keys: `{prefix}total:{user_id}` (hash: `cents`, `count`), `{prefix}seen:{user_id}:{hour}`
-//! (set of the purchase ids created in that hour, expiring `DEDUPE_HORIZON_SECS` after its last
-//! write), `{prefix}offsets:{cluster_id}:{topic}` (hash: partition -> next offset to apply),
-//! `{prefix}fingerprints:{cluster_id}:{topic}` (hash: partition -> the purchase id, hex, of the
-//! record before that offset). Every
-//! write of those goes through one Lua script per batch, so totals and offsets never disagree.
-//! Readiness also writes `{prefix}probe` (expires after 10 s) to learn that Redis takes writes. Money is only
-//! ever changed with HINCRBY on integer cents.
+//! The keys are the schema of the `totals_schema` crate (defined there once; a test below holds
+//! the Lua script to it). Every write of totals, dedupe sets and offsets goes through one Lua
+//! script per batch, so totals and offsets never disagree. Readiness also writes the probe key
+//! (expires after 10 s) to learn that Redis takes writes. Money is only ever changed with HINCRBY
+//! on integer cents.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -89,10 +86,13 @@ pub enum Applied {
     Refused(BTreeMap<i32, i64>),
 }
 
+/// The one script that writes totals, dedupe sets and offsets.
+const APPLY_BATCH: &str = include_str!("apply_batch.lua");
+
 #[derive(Clone)]
 pub struct Totals {
     pool: Pool,
-    prefix: String,
+    keys: totals_schema::Keys,
     script: Script,
     /// How long a dedupe set lives after its last write.
     dedupe_horizon: Duration,
@@ -109,8 +109,8 @@ impl Totals {
     pub fn new(pool: Pool, prefix: String, dedupe_horizon: Duration) -> Self {
         Self {
             pool,
-            prefix,
-            script: Script::new(include_str!("apply_batch.lua")),
+            keys: totals_schema::Keys::new(prefix),
+            script: Script::new(APPLY_BATCH),
             dedupe_horizon,
         }
     }
@@ -127,11 +127,11 @@ impl Totals {
     /// `log` names one topic in one Kafka cluster (`{cluster_id}:{topic}`): offsets of another
     /// cluster's topic of the same name are never taken for this one's.
     fn offsets_key(&self, log: &str) -> String {
-        format!("{}offsets:{log}", self.prefix)
+        self.keys.offsets(log)
     }
 
     fn fingerprints_key(&self, log: &str) -> String {
-        format!("{}fingerprints:{log}", self.prefix)
+        self.keys.fingerprints(log)
     }
 
     /// Readiness: Redis answers, accepts a write (a short-lived `{prefix}probe` key, so a
@@ -141,7 +141,7 @@ impl Totals {
         let mut conn = self.pool.get().await?;
         let (info,): (String,) = redis::pipe()
             .cmd("SET")
-            .arg(format!("{}probe", self.prefix))
+            .arg(self.keys.probe())
             .arg(1)
             .arg("PX")
             .arg(10_000)
@@ -166,12 +166,12 @@ impl Totals {
 
     /// The total of one user; zeros for a user never seen.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
-        let key = format!("{}total:{user}", self.prefix);
+        let key = self.keys.total(user.as_str());
         let mut conn = self.pool.get().await?;
         let (cents, count): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(&key)
-            .arg("cents")
-            .arg("count")
+            .arg(totals_schema::CENTS)
+            .arg(totals_schema::COUNT)
             .query_async(&mut *conn)
             .await?;
         let corrupt = || TotalsError::Corrupt { key: key.clone() };
@@ -230,7 +230,7 @@ impl Totals {
     ) -> Result<Applied, TotalsError> {
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .arg(&self.prefix)
+            .arg(self.keys.prefix())
             .arg(self.offsets_key(log))
             .arg(self.fingerprints_key(log))
             .arg(self.dedupe_horizon.as_secs().max(1))
@@ -289,5 +289,30 @@ fn refuse_evicting_policy(info: &str) -> Result<(), TotalsError> {
         Err(TotalsError::Evicting {
             policy: policy.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use totals_schema::{CENTS, COUNT, SEEN, TOTAL};
+
+    /// The Lua script builds its keys from the prefix it is given: the same names as the schema,
+    /// and no others.
+    #[test]
+    fn the_lua_script_writes_the_keys_and_fields_of_the_schema() {
+        let script = super::APPLY_BATCH;
+        for built in [
+            format!("prefix .. '{SEEN}' .. user_id .. ':' .. bucket"),
+            format!("prefix .. '{TOTAL}' .. user_id"),
+            format!("'HINCRBY', total_key, '{CENTS}', cents"),
+            format!("'HINCRBY', total_key, '{COUNT}', 1"),
+        ] {
+            assert!(script.contains(&built), "the script must build {built:?}");
+        }
+        assert_eq!(
+            script.matches("prefix ..").count(),
+            2,
+            "every key the script builds from the prefix is checked above"
+        );
     }
 }

@@ -22,17 +22,17 @@ type Ledger = BTreeMap<String, (i64, i64)>;
 /// A user whose sides differ: (user, (PostgreSQL, gRPC)), each as (cents, count).
 type Difference = (String, ((i64, i64), (i64, i64)));
 
-/// Where grpc_kafka keeps its totals: `{prefix}total:{user_id}` hashes (`cents`, `count`).
+/// Where grpc_kafka keeps its totals (the `totals_schema` keys under its prefix).
 pub struct RedisTotals {
     client: redis::Client,
-    prefix: String,
+    keys: totals_schema::Keys,
 }
 
 impl RedisTotals {
     pub fn new(url: &str, prefix: &str) -> anyhow::Result<Self> {
         Ok(Self {
             client: redis::Client::open(url).context("bad REDIS_URL")?,
-            prefix: prefix.to_owned(),
+            keys: totals_schema::Keys::new(prefix),
         })
     }
 
@@ -43,7 +43,7 @@ impl RedisTotals {
             .get_multiplexed_async_connection()
             .await
             .context("cannot connect to Redis (REDIS_URL)")?;
-        let pattern = format!("{}total:*", self.prefix);
+        let pattern = self.keys.total_pattern();
         let mut keys: Vec<String> = Vec::new();
         let mut iter: redis::AsyncIter<String> =
             redis::AsyncCommands::scan_match(&mut conn, &pattern)
@@ -55,11 +55,7 @@ impl RedisTotals {
         drop(iter);
         let mut found = Vec::new();
         for key in keys {
-            let Some(user) = key
-                .strip_prefix(self.prefix.as_str())
-                .and_then(|rest| rest.strip_prefix("total:"))
-                .map(str::to_owned)
-            else {
+            let Some(user) = self.keys.user_of_total(&key).map(str::to_owned) else {
                 continue; // matched through a glob character of the prefix
             };
             if ledger.contains_key(&user) {
@@ -67,8 +63,8 @@ impl RedisTotals {
             }
             let (cents, count): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
                 .arg(&key)
-                .arg("cents")
-                .arg("count")
+                .arg(totals_schema::CENTS)
+                .arg(totals_schema::COUNT)
                 .query_async(&mut conn)
                 .await
                 .with_context(|| format!("cannot read {key}"))?;

@@ -1,0 +1,113 @@
+//! The Redis key schema of the per-user totals, defined once. grpc_kafka writes it (its Lua
+//! script too, which a test of grpc_kafka holds to these names), walletctl's reconcile and the
+//! tests read it. Every key starts with the deployment's `REDIS_KEY_PREFIX`:
+//!
+//! - `{prefix}total:{user_id}`: hash of [`CENTS`] and [`COUNT`], integers, changed only by
+//!   `HINCRBY`;
+//! - `{prefix}seen:{user_id}:{hour}`: set of the purchase ids of that user created in that hour,
+//!   expiring `DEDUPE_HORIZON_SECS` after its last write;
+//! - `{prefix}offsets:{log}`: hash of partition to the next offset to apply, where `log` names one
+//!   topic in one Kafka cluster (`{cluster_id}:{topic}`);
+//! - `{prefix}fingerprints:{log}`: hash of partition to the purchase id (hex) of the record just
+//!   before that offset;
+//! - `{prefix}probe`: a short-lived key readiness writes to learn that Redis takes writes.
+//!
+//! No I/O here.
+
+/// What follows the prefix in a total's key, before the user id.
+pub const TOTAL: &str = "total:";
+/// What follows the prefix in a dedupe set's key, before `{user_id}:{hour}`.
+pub const SEEN: &str = "seen:";
+/// What follows the prefix in the offsets hash's key, before the log name.
+pub const OFFSETS: &str = "offsets:";
+/// What follows the prefix in the fingerprints hash's key, before the log name.
+pub const FINGERPRINTS: &str = "fingerprints:";
+/// What follows the prefix in readiness's probe key.
+pub const PROBE: &str = "probe";
+/// The field of a total holding its sum, in cents.
+pub const CENTS: &str = "cents";
+/// The field of a total holding its number of purchases.
+pub const COUNT: &str = "count";
+
+/// The keys under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The total of `user_id`.
+    pub fn total(&self, user_id: &str) -> String {
+        format!("{}{TOTAL}{user_id}", self.prefix)
+    }
+
+    /// A `SCAN MATCH` pattern of every total (a glob character in the prefix may match more:
+    /// check each key with [`Keys::user_of_total`]).
+    pub fn total_pattern(&self) -> String {
+        format!("{}{TOTAL}*", self.prefix)
+    }
+
+    /// The user whose total `key` is, if it is one under this prefix.
+    pub fn user_of_total<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(self.prefix.as_str())?.strip_prefix(TOTAL)
+    }
+
+    /// A `SCAN MATCH` pattern of every dedupe set.
+    pub fn seen_pattern(&self) -> String {
+        format!("{}{SEEN}*", self.prefix)
+    }
+
+    /// The offsets hash of `log` (`{cluster_id}:{topic}`).
+    pub fn offsets(&self, log: &str) -> String {
+        format!("{}{OFFSETS}{log}", self.prefix)
+    }
+
+    /// A `SCAN MATCH` pattern of every offsets hash.
+    pub fn offsets_pattern(&self) -> String {
+        format!("{}{OFFSETS}*", self.prefix)
+    }
+
+    /// The fingerprints hash of `log`.
+    pub fn fingerprints(&self, log: &str) -> String {
+        format!("{}{FINGERPRINTS}{log}", self.prefix)
+    }
+
+    /// Readiness's probe key.
+    pub fn probe(&self) -> String {
+        format!("{}{PROBE}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_starts_with_the_prefix_and_a_total_names_its_user() {
+        let keys = Keys::new("wallet:");
+        assert_eq!(keys.total("u-1"), "wallet:total:u-1");
+        assert_eq!(keys.user_of_total(&keys.total("u-1")), Some("u-1"));
+        assert_eq!(keys.user_of_total("wallet:seen:u-1:1"), None);
+        assert_eq!(keys.user_of_total("other:total:u-1"), None);
+        assert_eq!(keys.offsets("c:t"), "wallet:offsets:c:t");
+        assert_eq!(keys.fingerprints("c:t"), "wallet:fingerprints:c:t");
+        assert_eq!(keys.probe(), "wallet:probe");
+        for pattern in [
+            keys.total_pattern(),
+            keys.seen_pattern(),
+            keys.offsets_pattern(),
+        ] {
+            assert!(pattern.starts_with("wallet:") && pattern.ends_with('*'));
+        }
+    }
+}
