@@ -66,97 +66,43 @@ fn stack(action: &str, service: &str) {
 
 // ------------------------------------------------------------------------------------ services
 
-/// One service binary with a fixed environment (so a restart binds the same port).
-struct Service {
-    name: &'static str,
-    env: Vec<(&'static str, String)>,
-    addr: SocketAddr,
-    process: Option<Process>,
+/// The fault suite's services: the support's [`ServiceProcess`] with the settings of the Kafka
+/// under test (its brokers and replication) and short timeouts, so outages show quickly.
+fn websocket_service(db: &TestDb, kafka: &Kafka, topic: &str) -> ServiceProcess {
+    ServiceProcess::websocket(vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("KAFKA_BROKERS", kafka.brokers.clone()),
+        (
+            "KAFKA_TOPIC_REPLICATION_FACTOR",
+            kafka.replication.to_string(),
+        ),
+        (
+            "KAFKA_TOPIC_MIN_INSYNC_REPLICAS",
+            kafka.min_insync.to_string(),
+        ),
+        ("KAFKA_TOPIC", topic.to_owned()),
+        ("DATABASE_TIMEOUT_MS", "1000".to_owned()),
+        ("KAFKA_MESSAGE_TIMEOUT_MS", "5000".to_owned()),
+    ])
 }
 
-impl Service {
-    fn websocket(db: &TestDb, kafka: &Kafka, topic: &str) -> Self {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        Self {
-            name: "websocket",
-            env: vec![
-                ("DATABASE_URL", db.url.clone()),
-                ("KAFKA_BROKERS", kafka.brokers.clone()),
-                (
-                    "KAFKA_TOPIC_REPLICATION_FACTOR",
-                    kafka.replication.to_string(),
-                ),
-                (
-                    "KAFKA_TOPIC_MIN_INSYNC_REPLICAS",
-                    kafka.min_insync.to_string(),
-                ),
-                ("WEBSOCKET_ADDR", addr.to_string()),
-                ("KAFKA_TOPIC", topic.to_owned()),
-                ("DATABASE_TIMEOUT_MS", "1000".to_owned()),
-                ("KAFKA_MESSAGE_TIMEOUT_MS", "5000".to_owned()),
-            ],
-            addr,
-            process: None,
-        }
-    }
-
-    fn grpc_kafka(kafka: &Kafka, topic: &str, prefix: &str, group: &str) -> Self {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        Self {
-            name: "grpc_kafka",
-            env: vec![
-                ("KAFKA_BROKERS", kafka.brokers.clone()),
-                (
-                    "KAFKA_TOPIC_REPLICATION_FACTOR",
-                    kafka.replication.to_string(),
-                ),
-                (
-                    "KAFKA_TOPIC_MIN_INSYNC_REPLICAS",
-                    kafka.min_insync.to_string(),
-                ),
-                ("REDIS_URL", Env::get().redis_url),
-                ("GRPC_ADDR", addr.to_string()),
-                ("KAFKA_TOPIC", topic.to_owned()),
-                ("KAFKA_GROUP_ID", group.to_owned()),
-                ("REDIS_KEY_PREFIX", prefix.to_owned()),
-                ("REDIS_TIMEOUT_MS", "500".to_owned()),
-            ],
-            addr,
-            process: None,
-        }
-    }
-
-    async fn start(&mut self) {
-        self.process = Some(Process::spawn(self.name, &self.env));
-        let (name, addr) = (self.name, self.addr);
-        eventually(
-            Duration::from_secs(60),
-            "the service to be healthy",
-            || async move {
-                match name {
-                    "websocket" => websocket::healthcheck(addr).await.ok(),
-                    _ => grpc_kafka::healthcheck(addr).await.ok(),
-                }
-            },
-        )
-        .await;
-    }
-
-    async fn kill9(&mut self) {
-        let mut process = self.process.take().expect("running");
-        process.signal("KILL");
-        let _ = process.child.wait().await;
-    }
-
-    async fn sigterm(&mut self) {
-        let process = self.process.take().expect("running");
-        let status = process.terminate().await;
-        assert!(
-            status.success(),
-            "{} exit status after SIGTERM: {status}",
-            self.name
-        );
-    }
+fn grpc_kafka_service(kafka: &Kafka, topic: &str, prefix: &str, group: &str) -> ServiceProcess {
+    ServiceProcess::grpc_kafka(vec![
+        ("KAFKA_BROKERS", kafka.brokers.clone()),
+        (
+            "KAFKA_TOPIC_REPLICATION_FACTOR",
+            kafka.replication.to_string(),
+        ),
+        (
+            "KAFKA_TOPIC_MIN_INSYNC_REPLICAS",
+            kafka.min_insync.to_string(),
+        ),
+        ("REDIS_URL", Env::get().redis_url),
+        ("KAFKA_TOPIC", topic.to_owned()),
+        ("KAFKA_GROUP_ID", group.to_owned()),
+        ("REDIS_KEY_PREFIX", prefix.to_owned()),
+        ("REDIS_TIMEOUT_MS", "500".to_owned()),
+    ])
 }
 
 // ------------------------------------------------------------------------------------ clients
@@ -465,12 +411,12 @@ impl Scenario {
         }
     }
 
-    fn websocket(&self) -> Service {
-        Service::websocket(&self.db, &self.kafka, &self.topic)
+    fn websocket(&self) -> ServiceProcess {
+        websocket_service(&self.db, &self.kafka, &self.topic)
     }
 
-    fn grpc_kafka(&self) -> Service {
-        Service::grpc_kafka(&self.kafka, &self.topic, &self.prefix, &self.group)
+    fn grpc_kafka(&self) -> ServiceProcess {
+        grpc_kafka_service(&self.kafka, &self.topic, &self.prefix, &self.group)
     }
 
     /// `walletctl reconcile` against this scenario's PostgreSQL and a grpc_kafka: must be clean.
@@ -596,7 +542,7 @@ impl Scenario {
 // ------------------------------------------------------------------------------------ scenarios
 
 /// One websocket and one grpc_kafka, started.
-async fn single(scenario: &Scenario) -> (Service, Service) {
+async fn single(scenario: &Scenario) -> (ServiceProcess, ServiceProcess) {
     let (mut ws, mut grpc) = (scenario.websocket(), scenario.grpc_kafka());
     ws.start().await;
     grpc.start().await;
@@ -729,7 +675,7 @@ async fn kafka_unresponsive_for_40_seconds_with_16_partitions() {
     let frozen = Frozen::kafka();
     // The outage lasts 40 s by design; clients keep sending throughout.
     tokio::time::sleep(Duration::from_secs(40)).await;
-    let running = |grpc: &mut Service| {
+    let running = |grpc: &mut ServiceProcess| {
         let process = grpc.process.as_mut().expect("started");
         matches!(process.child.try_wait(), Ok(None))
     };

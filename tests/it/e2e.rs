@@ -21,8 +21,8 @@ struct System {
     topic: String,
     ws_addr: SocketAddr,
     grpc_addr: SocketAddr,
-    websocket: Process,
-    grpc_kafka: Process,
+    websocket: ServiceProcess,
+    grpc_kafka: ServiceProcess,
     prefix: String,
 }
 
@@ -31,49 +31,36 @@ async fn start_system() -> System {
 }
 
 /// [`start_system`] with more environment for both services.
-async fn start_system_with(extra: &[(&str, String)]) -> System {
+async fn start_system_with(extra: &[(&'static str, String)]) -> System {
     let env = Env::get();
     let prefix = format!("{}:", unique("prefix"));
     let db = fresh_database().await;
     let topic = fresh_topic(4).await;
-    let ws_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let grpc_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let websocket = Process::spawn(
-        "websocket",
-        &[
+    let extra = || extra.iter().cloned();
+    let websocket = ServiceProcess::websocket(
+        [
             ("DATABASE_URL", db.url.clone()),
             ("KAFKA_BROKERS", env.kafka_brokers.clone()),
-            ("WEBSOCKET_ADDR", ws_addr.to_string()),
             ("KAFKA_TOPIC", topic.clone()),
         ]
         .into_iter()
-        .chain(extra.iter().cloned())
-        .collect::<Vec<_>>(),
+        .chain(extra())
+        .collect(),
     );
-    let grpc_kafka = Process::spawn(
-        "grpc_kafka",
-        &[
+    let grpc_kafka = ServiceProcess::grpc_kafka(
+        [
             ("KAFKA_BROKERS", env.kafka_brokers.clone()),
             ("REDIS_URL", env.redis_url.clone()),
-            ("GRPC_ADDR", grpc_addr.to_string()),
             ("KAFKA_TOPIC", topic.clone()),
             ("KAFKA_GROUP_ID", unique("group")),
             ("REDIS_KEY_PREFIX", prefix.clone()),
         ]
         .into_iter()
-        .chain(extra.iter().cloned())
-        .collect::<Vec<_>>(),
+        .chain(extra())
+        .collect(),
     );
-    eventually(Duration::from_secs(60), "websocket to be ready", || async {
-        websocket::healthcheck(ws_addr).await.ok()
-    })
-    .await;
-    eventually(
-        Duration::from_secs(60),
-        "grpc_kafka to be serving",
-        || async { grpc_kafka::healthcheck(grpc_addr).await.ok() },
-    )
-    .await;
+    let (websocket, grpc_kafka) = tokio::join!(websocket.started(), grpc_kafka.started());
+    let (ws_addr, grpc_addr) = (websocket.addr, grpc_kafka.addr);
     System {
         db,
         topic,
@@ -117,7 +104,7 @@ async fn send_all(addr: SocketAddr, frames: Vec<String>) -> Vec<Reply> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_purchases_over_ten_connections_add_up_exactly() {
-    let system = start_system().await;
+    let mut system = start_system().await;
     let mut rng = rand::rng();
     let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
     let mut batches = Vec::new();
@@ -204,7 +191,7 @@ async fn thousand_purchases_over_ten_connections_add_up_exactly() {
 
 #[tokio::test]
 async fn binaries_answer_errors_and_resends_per_contract() {
-    let system = start_system().await;
+    let mut system = start_system().await;
     let mut socket = ws_connect(system.ws_addr).await;
     let id = Uuid::new_v4();
     let frame = format!(r#"{{"user_id":"e2e","amount":49.99,"purchase_id":"{id}"}}"#);
@@ -533,7 +520,7 @@ fn reconcile(system: &System, wait_secs: u64) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_is_clean_when_exact_and_names_every_difference() {
-    let system = start_system().await;
+    let mut system = start_system().await;
     let frames = (0..20)
         .map(|i| format!(r#"{{"user_id":"rec-{}","amount":"1.{:02}"}}"#, i % 4, i))
         .collect();
@@ -595,7 +582,7 @@ async fn one_trace_spans_the_frame_in_websocket_and_the_apply_in_grpc_kafka() {
         ),
         ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
     ];
-    let system = start_system_with(&otel).await;
+    let mut system = start_system_with(&otel).await;
     let trace_id = format!("{:032x}", rand::rng().random::<u128>() | 1);
     let mut handshake =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(

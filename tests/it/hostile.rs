@@ -294,20 +294,14 @@ async fn a_client_that_never_reads_its_replies_is_bounded() {
     // The real binary, so its memory can be read from /proc.
     let db = fresh_database().await;
     let topic = fresh_topic(1).await;
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let server = Process::spawn(
-        "websocket",
-        &[
-            ("DATABASE_URL", db.url.clone()),
-            ("KAFKA_BROKERS", Env::get().kafka_brokers),
-            ("WEBSOCKET_ADDR", addr.to_string()),
-            ("KAFKA_TOPIC", topic.clone()),
-        ],
-    );
-    eventually(Duration::from_secs(60), "websocket to be ready", || async {
-        websocket::healthcheck(addr).await.ok()
-    })
+    let mut server = ServiceProcess::websocket(vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("KAFKA_BROKERS", Env::get().kafka_brokers),
+        ("KAFKA_TOPIC", topic.clone()),
+    ])
+    .started()
     .await;
+    let addr = server.addr;
     let rss_kib = |pid: u32| -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
         status

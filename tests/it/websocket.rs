@@ -23,15 +23,11 @@ async fn ack_means_committed_and_the_event_reaches_the_topic() {
     let app = start_websocket(websocket_settings(&db.url, &topic)).await;
     let mut socket = ws_connect(app.addr).await;
 
-    let reply = request(&mut socket, r#"{"user_id": "123", "amount": 49.99}"#).await;
-    let Reply::Ack {
+    let Acked {
         purchase_id,
         user_id,
         amount,
-    } = reply
-    else {
-        panic!("expected an ack, got {reply:?}");
-    };
+    } = expect_ack(&mut socket, r#"{"user_id": "123", "amount": 49.99}"#).await;
     assert_eq!((user_id.as_str(), amount.as_str()), ("123", "49.99"));
     // The ack is sent only after the commit: the row is there the moment the ack arrives.
     let rows = db.purchases().await;
@@ -142,12 +138,7 @@ async fn every_content_error_code_changes_nothing_and_keeps_the_connection() {
         ),
     ];
     for (frame, expected) in cases {
-        let reply = request(&mut socket, frame).await;
-        assert_eq!(error_code(&reply), expected, "{frame}");
-        let Reply::Error { message, .. } = reply else {
-            unreachable!()
-        };
-        assert!(!message.is_empty(), "{frame}: empty message");
+        expect_error(&mut socket, frame, expected).await;
     }
     socket
         .send(Message::binary(vec![1u8, 2, 3]))
@@ -159,8 +150,7 @@ async fn every_content_error_code_changes_nothing_and_keeps_the_connection() {
     );
 
     // The same connection still accepts a good purchase afterwards.
-    let reply = request(&mut socket, r#"{"user_id": "ok", "amount": 1}"#).await;
-    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    expect_ack(&mut socket, r#"{"user_id": "ok", "amount": 1}"#).await;
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 1);
     app.stop().await;
     assert_eq!(
@@ -196,15 +186,9 @@ async fn resend_with_same_purchase_id_is_idempotent_and_conflicts_are_refused() 
     assert_eq!(next_reply(&mut first).await, ack);
 
     let conflicting = format!(r#"{{"user_id":"u1","amount":"6.00","purchase_id":"{id}"}}"#);
-    assert_eq!(
-        error_code(&request(&mut second, &conflicting).await),
-        ErrorCode::PurchaseIdConflict
-    );
+    expect_error(&mut second, &conflicting, ErrorCode::PurchaseIdConflict).await;
     let other_user = format!(r#"{{"user_id":"u2","amount":"5.00","purchase_id":"{id}"}}"#);
-    assert_eq!(
-        error_code(&request(&mut second, &other_user).await),
-        ErrorCode::PurchaseIdConflict
-    );
+    expect_error(&mut second, &other_user, ErrorCode::PurchaseIdConflict).await;
 
     assert_eq!(db.purchases().await.len(), 1);
     assert_eq!(db.totals().await["u1"], (500, 1));
@@ -256,25 +240,12 @@ async fn oversized_frame_closes_with_1009_and_others_are_unaffected() {
     let body = r#"{"user_id":"big","amount":1}"#;
     let under = format!("{body}{}", " ".repeat(16 * 1024 - body.len()));
     assert_eq!(under.len(), 16 * 1024);
-    assert!(matches!(
-        request(&mut socket, &under).await,
-        Reply::Ack { .. }
-    ));
+    expect_ack(&mut socket, &under).await;
 
     let over = format!("{body}{}", " ".repeat(16 * 1024 + 1 - body.len()));
     socket.send(Message::text(over)).await.expect("send");
-    let close = loop {
-        match socket.next().await {
-            Some(Ok(Message::Close(frame))) => break frame,
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(close.map(|f| f.code), Some(CloseCode::Size));
-    assert!(matches!(
-        request(&mut bystander, r#"{"user_id":"b","amount":2}"#).await,
-        Reply::Ack { .. }
-    ));
+    expect_close(&mut socket, u16::from(CloseCode::Size)).await;
+    expect_ack(&mut bystander, r#"{"user_id":"b","amount":2}"#).await;
     assert_eq!(db.count("SELECT COUNT(*) FROM purchases").await, 2);
     app.stop().await;
 }
@@ -637,8 +608,7 @@ async fn a_database_that_stops_answering_gives_unavailable_within_the_statement_
     settings.database_statement_timeout_ms = 1_000;
     let app = start_websocket(settings).await;
     let mut socket = ws_connect(app.addr).await;
-    let first = request(&mut socket, r#"{"user_id":"u1","amount":"1.00"}"#).await;
-    assert!(matches!(first, Reply::Ack { .. }), "{first:?}");
+    expect_ack(&mut socket, r#"{"user_id":"u1","amount":"1.00"}"#).await;
 
     let (locker, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
         .await
@@ -663,8 +633,7 @@ async fn a_database_that_stops_answering_gives_unavailable_within_the_statement_
     drop(locker);
     let _ = connection.await;
 
-    let again = request(&mut socket, &frame).await;
-    assert!(matches!(again, Reply::Ack { .. }), "{again:?}");
+    expect_ack(&mut socket, &frame).await;
     assert_eq!(db.totals().await["u1"], (300, 2));
     app.stop().await;
 }
@@ -737,8 +706,7 @@ async fn a_drifted_column_is_an_error_not_a_panic_and_the_relay_recovers() {
         .await
         .expect("drift the schema");
     let mut socket = ws_connect(ws.addr).await;
-    let reply = request(&mut socket, r#"{"user_id":"drift","amount":"1.00"}"#).await;
-    assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
+    expect_ack(&mut socket, r#"{"user_id":"drift","amount":"1.00"}"#).await;
     eventually(
         Duration::from_secs(30),
         "the relay to report a failed round",

@@ -323,6 +323,7 @@ pub fn websocket_settings(database_url: &str, topic: &str) -> websocket::Setting
 }
 
 pub async fn start_websocket(settings: websocket::Settings) -> Running {
+    init_test_log();
     let app = websocket::Application::build(settings)
         .await
         .unwrap_or_else(|e| panic!("websocket service did not start: {e}; {HINT}"));
@@ -361,6 +362,7 @@ pub fn grpc_kafka_settings(topic: &str, prefix: &str, group: &str) -> grpc_kafka
 }
 
 pub async fn start_grpc_kafka(settings: grpc_kafka::Settings) -> Running {
+    init_test_log();
     let app = grpc_kafka::Application::build(settings)
         .await
         .unwrap_or_else(|e| panic!("grpc_kafka service did not start: {e}; {HINT}"));
@@ -409,6 +411,91 @@ pub async fn request(socket: &mut Socket, frame: &str) -> Reply {
         .await
         .expect("send frame");
     next_reply(socket).await
+}
+
+/// An acknowledged purchase, as its ack says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acked {
+    pub purchase_id: Uuid,
+    pub user_id: String,
+    pub amount: String,
+}
+
+/// Sends `frame` and expects an ack (fails the test on anything else).
+pub async fn expect_ack(socket: &mut Socket, frame: &str) -> Acked {
+    match request(socket, frame).await {
+        Reply::Ack {
+            purchase_id,
+            user_id,
+            amount,
+        } => Acked {
+            purchase_id,
+            user_id,
+            amount,
+        },
+        other => panic!("{frame}: expected an ack, got {other:?}"),
+    }
+}
+
+/// Sends `frame` and expects the error `code` with a message; returns the reply's message and
+/// purchase id.
+pub async fn expect_error(
+    socket: &mut Socket,
+    frame: &str,
+    code: purchase::ErrorCode,
+) -> (String, Option<Uuid>) {
+    match request(socket, frame).await {
+        Reply::Error {
+            code: got,
+            message,
+            purchase_id,
+        } if got == code => {
+            assert!(!message.is_empty(), "{frame}: an error without a message");
+            (message, purchase_id)
+        }
+        other => panic!("{frame}: expected {code:?}, got {other:?}"),
+    }
+}
+
+/// Reads until the server's close frame (replies before it are skipped) and expects `code`;
+/// returns the close reason.
+pub async fn expect_close(socket: &mut Socket, code: u16) -> String {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("no close frame within 30 s")
+            .expect("connection ended without a close frame")
+            .expect("websocket error before the close frame");
+        if let WsMessage::Close(frame) = message {
+            let frame = frame.expect("a close frame with a code");
+            assert_eq!(
+                u16::from(frame.code),
+                code,
+                "close reason: {}",
+                frame.reason
+            );
+            return frame.reason.to_string();
+        }
+    }
+}
+
+/// With `TEST_LOG` set, the in-process services' logs go to the test's output (`TEST_LOG=1` for
+/// `info`, or a filter such as `TEST_LOG=grpc_kafka=debug`); without it they go nowhere.
+pub fn init_test_log() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let Ok(value) = std::env::var("TEST_LOG") else {
+            return;
+        };
+        let filter = match value.as_str() {
+            "" | "1" | "true" => "info".to_owned(),
+            other => other.to_owned(),
+        };
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 pub async fn grpc_client(addr: SocketAddr) -> WalletServiceClient<tonic::transport::Channel> {
@@ -831,5 +918,91 @@ impl Process {
             .await
             .unwrap_or_else(|_| panic!("{} did not exit within 60 s of SIGTERM", self.name))
             .expect("wait")
+    }
+}
+
+/// A service binary as a restartable process on a port of its own: started and awaited healthy,
+/// killed with SIGKILL, stopped with SIGTERM. The end-to-end, hostile and fault tests run their
+/// processes through it.
+pub struct ServiceProcess {
+    pub name: &'static str,
+    pub env: Vec<(&'static str, String)>,
+    pub addr: SocketAddr,
+    pub process: Option<Process>,
+}
+
+impl ServiceProcess {
+    /// The websocket binary with `env`, on a free port (`WEBSOCKET_ADDR`).
+    pub fn websocket(env: Vec<(&'static str, String)>) -> Self {
+        Self::on_free_port("websocket", "WEBSOCKET_ADDR", env)
+    }
+
+    /// The grpc_kafka binary with `env`, on a free port (`GRPC_ADDR`).
+    pub fn grpc_kafka(env: Vec<(&'static str, String)>) -> Self {
+        Self::on_free_port("grpc_kafka", "GRPC_ADDR", env)
+    }
+
+    fn on_free_port(
+        name: &'static str,
+        variable: &'static str,
+        mut env: Vec<(&'static str, String)>,
+    ) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        env.push((variable, addr.to_string()));
+        Self {
+            name,
+            env,
+            addr,
+            process: None,
+        }
+    }
+
+    /// Starts the process and waits until its health check passes.
+    pub async fn start(&mut self) {
+        self.process = Some(Process::spawn(self.name, &self.env));
+        let (name, addr) = (self.name, self.addr);
+        eventually(
+            Duration::from_secs(60),
+            &format!("{name} to be healthy"),
+            || async move {
+                match name {
+                    "websocket" => websocket::healthcheck(addr).await.ok(),
+                    _ => grpc_kafka::healthcheck(addr).await.ok(),
+                }
+            },
+        )
+        .await;
+    }
+
+    /// [`ServiceProcess::start`], for a service built and started in one expression.
+    pub async fn started(mut self) -> Self {
+        self.start().await;
+        self
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().expect("running").pid()
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub async fn kill9(&mut self) {
+        let mut process = self.process.take().expect("running");
+        process.signal("KILL");
+        let _ = process.child.wait().await;
+    }
+
+    /// SIGTERM; the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.process.take().expect("running").terminate().await
+    }
+
+    /// SIGTERM, and fails the test unless the process exits 0.
+    pub async fn sigterm(&mut self) {
+        let status = self.terminate().await;
+        assert!(
+            status.success(),
+            "{} exit status after SIGTERM: {status}",
+            self.name
+        );
     }
 }
