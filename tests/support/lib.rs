@@ -389,14 +389,19 @@ pub async fn next_reply(socket: &mut Socket) -> Reply {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("reply {text:?} is not a Reply: {e}"))
 }
 
+/// The next message on `socket` (fails the test after 30 s, at the end of the stream or on an
+/// error), `what` naming what was awaited.
+async fn next_message(socket: &mut Socket, what: &str) -> WsMessage {
+    tokio::time::timeout(Duration::from_secs(30), socket.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 30 s"))
+        .unwrap_or_else(|| panic!("connection ended before a {what}"))
+        .unwrap_or_else(|e| panic!("websocket error before a {what}: {e}"))
+}
+
 pub async fn next_text(socket: &mut Socket) -> String {
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .expect("no reply within 30 s")
-            .expect("connection closed before a reply")
-            .expect("websocket error");
-        match message {
+        match next_message(socket, "reply").await {
             WsMessage::Text(text) => return text.to_string(),
             WsMessage::Close(frame) => panic!("connection closed: {frame:?}"),
             _ => {}
@@ -461,12 +466,7 @@ pub async fn expect_error(
 /// returns the close reason.
 pub async fn expect_close(socket: &mut Socket, code: u16) -> String {
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .expect("no close frame within 30 s")
-            .expect("connection ended without a close frame")
-            .expect("websocket error before the close frame");
-        if let WsMessage::Close(frame) = message {
+        if let WsMessage::Close(frame) = next_message(socket, "close frame").await {
             let frame = frame.expect("a close frame with a code");
             assert_eq!(
                 u16::from(frame.code),

@@ -79,11 +79,7 @@ pub async fn healthcheck(addr: SocketAddr) -> Result<(), String> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    let target = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
+    let target = service_kit::this_host(addr);
     let check = async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
             .map_err(|e| format!("bad address {target}: {e}"))?

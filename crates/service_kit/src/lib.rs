@@ -72,3 +72,13 @@ pub fn exit_code<E: std::error::Error + 'static>(
         }
     }
 }
+
+/// Where a health check on this host reaches a service listening on `addr`: an unspecified
+/// address (`0.0.0.0`, `::`) means this host, over loopback.
+pub fn this_host(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}

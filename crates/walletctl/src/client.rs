@@ -133,3 +133,18 @@ impl Target {
         Ok(WalletServiceClient::with_interceptor(channel, bearer))
     }
 }
+
+/// `GetTotalSpent` of `user_id`; a refused call is an error naming its status code.
+pub async fn total_of(
+    client: &mut Wallet,
+    user_id: &str,
+) -> anyhow::Result<wallet_proto::GetTotalSpentResponse> {
+    let request = wallet_proto::GetTotalSpentRequest {
+        user_id: user_id.to_owned(),
+    };
+    Ok(client
+        .get_total_spent(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
+        .into_inner())
+}

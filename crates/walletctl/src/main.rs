@@ -15,7 +15,6 @@ use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use purchase::Reply;
 use tokio_tungstenite::tungstenite::Message;
-use wallet_proto::GetTotalSpentRequest;
 
 mod bench;
 mod client;
@@ -358,13 +357,7 @@ async fn total(
     let mut client = target.grpc().await?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let response = client
-            .get_total_spent(GetTotalSpentRequest {
-                user_id: user_id.clone(),
-            })
-            .await
-            .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
-            .into_inner();
+        let response = client::total_of(&mut client, &user_id).await?;
         if response.purchase_count >= wait_count || tokio::time::Instant::now() >= deadline {
             println!(
                 "{}: total {} ({} cents) over {} purchase{}",

@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::{StreamExt, stream};
 use purchase::amount::cents_to_decimal;
-use wallet_proto::GetTotalSpentRequest;
 
 /// gRPC calls in flight at once.
 const CONCURRENCY: usize = 32;
@@ -154,14 +153,9 @@ async fn compare(
         .map(|(user, expected)| {
             let mut client = client.clone();
             async move {
-                let response = client
-                    .get_total_spent(GetTotalSpentRequest {
-                        user_id: user.clone(),
-                    })
+                let response = crate::client::total_of(&mut client, user)
                     .await
-                    .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))
-                    .with_context(|| format!("cannot read the total of {user}"))?
-                    .into_inner();
+                    .with_context(|| format!("cannot read the total of {user}"))?;
                 let got = (
                     response.total_cents,
                     i64::try_from(response.purchase_count).unwrap_or(i64::MAX),

@@ -50,11 +50,7 @@ pub async fn readiness(probe_pool: &db::Pool, stopping: &CancellationToken) -> H
 /// Asks the running service's `/readyz` on `addr` (an unspecified address means this host).
 pub async fn healthcheck(addr: SocketAddr) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let target = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
+    let target = service_kit::this_host(addr);
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(target).await?;
         stream

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use anyhow::Context;
-use wallet_proto::GetTotalSpentRequest;
 
 /// The amount of the `n`-th purchase of a run, in cents: spread over 0.01 to 999.99.
 fn cents_of(n: usize) -> i64 {
@@ -150,13 +149,7 @@ pub async fn await_counted(
             .map(|(user, want)| {
                 let mut client = client.clone();
                 async move {
-                    let r = client
-                        .get_total_spent(GetTotalSpentRequest {
-                            user_id: user.clone(),
-                        })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-                        .into_inner();
+                    let r = crate::client::total_of(&mut client, user).await?;
                     Ok::<_, anyhow::Error>(((r.total_cents, r.purchase_count), *want))
                 }
             })
