@@ -219,7 +219,7 @@ async fn total_is_the_canonical_decimal() {
 async fn redis_outage_is_unavailable_and_recovers_by_itself() {
     let mut fixture = Fixture::new().await;
     let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
-    settings.redis_timeout_ms = 300;
+    settings.redis_timeout = Duration::from_millis(300);
     let app = start_grpc_kafka(settings).await;
     let mut client = grpc_client(app.addr).await;
     assert_eq!(grpc_total(&mut client, "x").await.expect("up"), (0, 0));
@@ -402,8 +402,8 @@ async fn a_stalled_aggregator_turns_health_not_serving_and_fails() {
 
     let mut fixture = Fixture::new().await;
     let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
-    settings.aggregator_stall_secs = 2;
-    settings.shutdown_timeout_secs = 3;
+    settings.aggregator_stall = Duration::from_secs(2);
+    settings.shutdown_timeout = Duration::from_secs(3);
     let app = grpc_kafka::Application::build(settings)
         .await
         .expect("build");
@@ -627,8 +627,8 @@ async fn grpc_limits_reflection_off_request_size_and_timeout() {
     let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
     settings.grpc_reflection = false;
     settings.grpc_max_request_bytes = 256;
-    settings.grpc_request_timeout_ms = 300;
-    settings.aggregator_stall_secs = 600;
+    settings.grpc_request_timeout = Duration::from_millis(300);
+    settings.aggregator_stall = Duration::from_secs(600);
     let app = start_grpc_kafka(settings).await;
     grpc_kafka::healthcheck(app.addr).await.expect("SERVING");
 

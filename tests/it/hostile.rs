@@ -421,7 +421,7 @@ async fn two_thousand_half_header_connections_are_closed_and_nothing_is_written(
     let topic = fresh_topic(2).await;
     let prefix = format!("{}:", unique("hostile"));
     let mut settings = websocket_settings(&db.url, &topic);
-    settings.http_header_read_timeout_ms = 1_000;
+    settings.http_header_read_timeout = Duration::from_millis(1_000);
     settings.http_max_pending_connections = 500;
     let ws = start_websocket(settings).await;
     let grpc = start_grpc_kafka(grpc_kafka_settings(&topic, &prefix, &unique("group"))).await;
@@ -457,7 +457,7 @@ async fn connections_over_the_pending_cap_are_closed_at_once() {
     let topic = fresh_topic(2).await;
     let mut settings = websocket_settings(&db.url, &topic);
     settings.http_max_pending_connections = 5;
-    settings.http_header_read_timeout_ms = 60_000;
+    settings.http_header_read_timeout = Duration::from_millis(60_000);
     let ws = start_websocket(settings).await;
     // An upgraded connection holds no pending slot.
     let mut upgraded = ws_connect(ws.addr).await;
@@ -493,7 +493,7 @@ async fn a_client_that_never_reads_is_closed_after_the_reply_deadline() {
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
     settings.ws_max_connections = 1;
-    settings.ws_reply_deadline_ms = 500;
+    settings.ws_reply_deadline = Duration::from_millis(500);
     let ws = start_websocket(settings).await;
     let socket = ws_connect(ws.addr).await;
     let (mut sink, stream) = socket.split();
@@ -626,8 +626,8 @@ async fn all_closed_by(
 #[tokio::test]
 async fn idle_http2_and_half_grpc_web_connections_are_closed_and_a_good_client_is_served() {
     let grpc = grpc_with(|s| {
-        s.grpc_idle_timeout_ms = 1_000;
-        s.grpc_keepalive_interval_ms = 300;
+        s.grpc_idle_timeout = Duration::from_millis(1_000);
+        s.grpc_keepalive_interval = Duration::from_millis(300);
         s.grpc_max_connections = 5_000;
     })
     .await;
@@ -667,7 +667,7 @@ async fn grpc_connections_over_the_caps_are_closed_at_once() {
     let grpc = grpc_with(|s| {
         s.grpc_max_connections = 6;
         s.grpc_max_connections_per_ip = 4;
-        s.grpc_idle_timeout_ms = 600_000;
+        s.grpc_idle_timeout = Duration::from_millis(600_000);
     })
     .await;
     let mut held = Vec::new();
@@ -885,8 +885,8 @@ async fn pipelined_requests_never_read_do_not_hold_a_pending_slot() {
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
     settings.http_max_pending_connections = 1;
-    settings.http_header_read_timeout_ms = 1_000;
-    settings.ws_reply_deadline_ms = 1_000;
+    settings.http_header_read_timeout = Duration::from_millis(1_000);
+    settings.ws_reply_deadline = Duration::from_millis(1_000);
     let ws = start_websocket(settings).await;
     let mut hog = tokio::net::TcpStream::connect(ws.addr)
         .await

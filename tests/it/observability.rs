@@ -245,7 +245,7 @@ async fn grpc_health_follows_redis_and_recovers_by_itself() {
     let proxy = Proxy::start(host_port(&Env::get().redis_url)).await;
     let mut settings = grpc_kafka_settings(&topic, &prefix, &unique("group"));
     settings.redis_url = format!("redis://{}/", proxy.addr);
-    settings.redis_timeout_ms = 500;
+    settings.redis_timeout = Duration::from_millis(500);
     let app = start_grpc_kafka(settings).await;
     let addr = app.addr;
     let serving = move || async move { grpc_kafka::healthcheck(addr).await.is_ok() };

@@ -302,8 +302,8 @@ async fn kafka_outage_loses_nothing_the_outbox_relays_later() {
     // Kafka unreachable: a closed port on loopback.
     let mut settings = websocket_settings(&db.url, &topic);
     settings.kafka.brokers = "127.0.0.1:9".to_owned();
-    settings.kafka_message_timeout_ms = 2000;
-    settings.shutdown_timeout_secs = 3;
+    settings.kafka_message_timeout = Duration::from_millis(2000);
+    settings.shutdown_timeout = Duration::from_secs(3);
     let app = start_websocket(settings).await;
     let mut socket = ws_connect(app.addr).await;
     for i in 1..=20 {
@@ -354,7 +354,7 @@ async fn postgres_outage_gives_unavailable_never_an_ack_and_recovers_by_itself()
     settings.database_url = format!("postgres://postgres@{}/{}", proxy.addr, db.name)
         .parse()
         .expect("url");
-    settings.database_timeout_ms = 500;
+    settings.database_timeout = Duration::from_millis(500);
     let app = start_websocket(settings).await;
     let mut socket = ws_connect(app.addr).await;
     assert!(matches!(
@@ -483,7 +483,7 @@ async fn idle_connections_are_closed() {
     let db = fresh_database().await;
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
-    settings.ws_idle_timeout_secs = 1;
+    settings.ws_idle_timeout = Duration::from_secs(1);
     let app = start_websocket(settings).await;
     let mut socket = ws_connect(app.addr).await;
     assert!(matches!(
@@ -605,7 +605,7 @@ async fn a_database_that_stops_answering_gives_unavailable_within_the_statement_
     let db = fresh_database().await;
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
-    settings.database_statement_timeout_ms = 1_000;
+    settings.database_statement_timeout = Duration::from_millis(1_000);
     let app = start_websocket(settings).await;
     let mut socket = ws_connect(app.addr).await;
     expect_ack(&mut socket, r#"{"user_id":"u1","amount":"1.00"}"#).await;
@@ -648,8 +648,8 @@ async fn only_a_valid_traceparent_is_stored_and_an_oversized_one_is_ignored() {
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
     settings.kafka.brokers = "127.0.0.1:9".to_owned();
-    settings.kafka_message_timeout_ms = 2000;
-    settings.shutdown_timeout_secs = 3;
+    settings.kafka_message_timeout = Duration::from_millis(2000);
+    settings.shutdown_timeout = Duration::from_secs(3);
     let app = start_websocket(settings).await;
     let valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let cases = [
@@ -739,7 +739,7 @@ async fn a_statement_past_its_timeout_is_cancelled_in_postgresql_too() {
     let db = fresh_database().await;
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
-    settings.database_statement_timeout_ms = 1_000;
+    settings.database_statement_timeout = Duration::from_millis(1_000);
     let ws = start_websocket(settings).await;
     let lock = lock_purchases(&db.url).await;
     let mut socket = ws_connect(ws.addr).await;
@@ -764,7 +764,7 @@ async fn readiness_and_metrics_do_not_wait_for_the_write_path_pool() {
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
     settings.database_pool_size = 2;
-    settings.database_statement_timeout_ms = 60_000;
+    settings.database_statement_timeout = Duration::from_millis(60_000);
     let ws = start_websocket(settings).await;
     let lock = lock_purchases(&db.url).await;
     // Purchases whose commits wait on the lock, holding the write path's connections.

@@ -219,7 +219,7 @@ pub async fn run(
         totals,
         log: format!("{cluster_id}:{}", spec.topic),
         batch_max: settings.consumer_batch_max as usize,
-        linger: settings.linger(),
+        linger: settings.consumer_linger,
         positions: Positions::default(),
         received: 0,
         retry,

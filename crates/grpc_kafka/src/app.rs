@@ -68,13 +68,13 @@ impl Application {
         let pool = totals::Totals::pool(
             &settings.redis_url,
             settings.redis_pool_size,
-            settings.redis_timeout(),
+            settings.redis_timeout,
         )
         .map_err(StartError::Redis)?;
         let totals = totals::Totals::new(
             pool,
             settings.redis_key_prefix.clone(),
-            settings.dedupe_horizon(),
+            settings.dedupe_horizon,
         );
         let listener = bind(settings.grpc_addr).await?;
         let metrics_listener = bind(settings.metrics_addr).await?;
@@ -156,7 +156,7 @@ impl Application {
         tracing::info!(addr = %grpc_addr, "grpc_kafka service listening");
         tasks.spawn(GRPC_SERVER, server);
 
-        let stall = settings.aggregator_stall();
+        let stall = settings.aggregator_stall;
         let failure = tokio::select! {
             () = shutdown.cancelled() => None,
             ended = tasks.first_ended() => Some(StartError::Task(ended)),
@@ -166,7 +166,7 @@ impl Application {
             tracing::error!(error = %cause_chain(error), "stopping: the service cannot run on");
         }
         // From here on NOT_SERVING for good: readiness no longer follows Redis.
-        let deadline = Instant::now() + settings.shutdown_timeout();
+        let deadline = Instant::now() + settings.shutdown_timeout;
         follower_stop.cancel();
         tasks.join(REDIS_FOLLOWER, deadline).await;
         health::set_health(&health, ServingStatus::NotServing).await;

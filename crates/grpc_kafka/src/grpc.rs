@@ -202,7 +202,7 @@ pub fn server(
         max_connections: settings.grpc_max_connections as usize,
         per_ip: (settings.grpc_max_connections_per_ip > 0)
             .then(|| service_kit::per_ip::PerIp::new(settings.grpc_max_connections_per_ip)),
-        idle_timeout: settings.grpc_idle_timeout(),
+        idle_timeout: settings.grpc_idle_timeout,
     };
     let wallet = tonic::service::interceptor::InterceptedService::new(
         WalletServiceServer::new(Wallet {
@@ -221,9 +221,9 @@ pub fn server(
     );
     let serving = server
         .concurrency_limit_per_connection(settings.grpc_concurrency_per_connection as usize)
-        .timeout(Duration::from_millis(settings.grpc_request_timeout_ms))
-        .http2_keepalive_interval(Some(settings.grpc_keepalive_interval()))
-        .http2_keepalive_timeout(Some(settings.grpc_keepalive_interval()))
+        .timeout(settings.grpc_request_timeout)
+        .http2_keepalive_interval(Some(settings.grpc_keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.grpc_keepalive_interval))
         // gRPC-Web for browser pages (HTTP/1.1), CORS limited to the configured origins.
         .accept_http1(true)
         .layer(cors(&settings.grpc_web_allowed_origins))
@@ -250,7 +250,7 @@ pub fn builder(settings: &crate::Settings) -> Result<tonic::transport::Server, S
         .tls_config(
             tonic::transport::ServerTlsConfig::new()
                 .identity(identity)
-                .timeout(settings.grpc_idle_timeout()),
+                .timeout(settings.grpc_idle_timeout),
         )
         .map_err(|e| e.to_string())
 }

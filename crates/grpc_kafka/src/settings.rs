@@ -67,26 +67,26 @@ pub struct Settings {
     pub redis_pool_size: u32,
 
     /// How long a call waits for a Redis connection before it fails.
-    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
-    pub redis_timeout_ms: u64,
+    #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value = "2000", value_parser = service_kit::millis(100..=600_000))]
+    pub redis_timeout: Duration,
 
     /// Most events applied to Redis in one script call.
     #[arg(long, env = "CONSUMER_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub consumer_batch_max: u32,
 
     /// How long a batch waits for more events after its first one.
-    #[arg(long, env = "CONSUMER_LINGER_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=60_000))]
-    pub consumer_linger_ms: u64,
+    #[arg(long = "consumer-linger-ms", env = "CONSUMER_LINGER_MS", value_name = "CONSUMER_LINGER_MS", default_value = "5", value_parser = service_kit::millis(0..=60_000))]
+    pub consumer_linger: Duration,
 
     /// How long a purchase id stays in its dedupe set after the set's last write: a copy of an
     /// event applied within this time of the original is caught (ARCHITECTURE.md, "Dedupe").
-    #[arg(long, env = "DEDUPE_HORIZON_SECS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
-    pub dedupe_horizon_secs: u64,
+    #[arg(long = "dedupe-horizon-secs", env = "DEDUPE_HORIZON_SECS", value_name = "DEDUPE_HORIZON_SECS", default_value = "604800", value_parser = service_kit::secs(1..=315_360_000))]
+    pub dedupe_horizon: Duration,
 
     /// The aggregator counts as stalled (health NOT_SERVING, process exits non-zero) when its loop
     /// has not turned for this long: a call into Redis or Kafka that hangs.
-    #[arg(long, env = "AGGREGATOR_STALL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub aggregator_stall_secs: u64,
+    #[arg(long = "aggregator-stall-secs", env = "AGGREGATOR_STALL_SECS", value_name = "AGGREGATOR_STALL_SECS", default_value = "60", value_parser = service_kit::secs(1..=86_400))]
+    pub aggregator_stall: Duration,
 
     /// Largest gRPC request accepted, in bytes; a larger one is refused (OUT_OF_RANGE).
     #[arg(long, env = "GRPC_MAX_REQUEST_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..))]
@@ -97,8 +97,8 @@ pub struct Settings {
     pub grpc_concurrency_per_connection: u32,
 
     /// Longest a gRPC call may take; past it the call ends with CANCELLED.
-    #[arg(long, env = "GRPC_REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    pub grpc_request_timeout_ms: u64,
+    #[arg(long = "grpc-request-timeout-ms", env = "GRPC_REQUEST_TIMEOUT_MS", value_name = "GRPC_REQUEST_TIMEOUT_MS", default_value = "5000", value_parser = service_kit::millis(1..=3_600_000))]
+    pub grpc_request_timeout: Duration,
 
     /// Most connections open on the gRPC port; more are closed at once.
     #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -118,13 +118,13 @@ pub struct Settings {
     /// half-sent headers, unfinished TLS handshakes, idle connections. Also the TLS handshake's
     /// limit. Must exceed GRPC_KEEPALIVE_INTERVAL_MS, so live HTTP/2 clients (which answer
     /// keep-alive PINGs) are never idle.
-    #[arg(long, env = "GRPC_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
-    pub grpc_idle_timeout_ms: u64,
+    #[arg(long = "grpc-idle-timeout-ms", env = "GRPC_IDLE_TIMEOUT_MS", value_name = "GRPC_IDLE_TIMEOUT_MS", default_value = "30000", value_parser = service_kit::millis(100..=86_400_000))]
+    pub grpc_idle_timeout: Duration,
 
     /// How often the server PINGs an HTTP/2 client from which nothing was read; a PING not
     /// answered within the same time closes the connection.
-    #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
-    pub grpc_keepalive_interval_ms: u64,
+    #[arg(long = "grpc-keepalive-interval-ms", env = "GRPC_KEEPALIVE_INTERVAL_MS", value_name = "GRPC_KEEPALIVE_INTERVAL_MS", default_value = "10000", value_parser = service_kit::millis(50..=3_600_000))]
+    pub grpc_keepalive_interval: Duration,
 
     /// Origins (e.g. http://127.0.0.1:8080, the websocket service's console page) whose browser
     /// pages may call the API over gRPC-Web, comma-separated. gRPC-Web itself is always served
@@ -138,8 +138,8 @@ pub struct Settings {
     pub grpc_reflection: bool,
 
     /// On SIGTERM, how long to wait for the current batch and in-flight calls.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3_600))]
-    pub shutdown_timeout_secs: u64,
+    #[arg(long = "shutdown-timeout-secs", env = "SHUTDOWN_TIMEOUT_SECS", value_name = "SHUTDOWN_TIMEOUT_SECS", default_value = "30", value_parser = service_kit::secs(0..=3_600))]
+    pub shutdown_timeout: Duration,
 
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
@@ -147,44 +147,17 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn redis_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis_timeout_ms)
-    }
-
-    pub fn linger(&self) -> Duration {
-        Duration::from_millis(self.consumer_linger_ms)
-    }
-
-    pub fn dedupe_horizon(&self) -> Duration {
-        Duration::from_secs(self.dedupe_horizon_secs)
-    }
-
-    pub fn aggregator_stall(&self) -> Duration {
-        Duration::from_secs(self.aggregator_stall_secs)
-    }
-
-    pub fn grpc_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.grpc_idle_timeout_ms)
-    }
-
-    pub fn grpc_keepalive_interval(&self) -> Duration {
-        Duration::from_millis(self.grpc_keepalive_interval_ms)
-    }
-
     /// Settings that are each valid but not together.
     pub fn validate(&self) -> Result<(), String> {
-        if self.grpc_keepalive_interval_ms >= self.grpc_idle_timeout_ms {
+        if self.grpc_keepalive_interval >= self.grpc_idle_timeout {
             return Err(format!(
                 "GRPC_KEEPALIVE_INTERVAL_MS ({}) must be below GRPC_IDLE_TIMEOUT_MS ({}): live \
                  clients would be closed as idle",
-                self.grpc_keepalive_interval_ms, self.grpc_idle_timeout_ms
+                self.grpc_keepalive_interval.as_millis(),
+                self.grpc_idle_timeout.as_millis()
             ));
         }
         Ok(())
-    }
-
-    pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_secs(self.shutdown_timeout_secs)
     }
 }
 

@@ -82,3 +82,24 @@ pub fn this_host(addr: std::net::SocketAddr) -> std::net::SocketAddr {
         addr
     }
 }
+
+/// A clap value parser for a duration setting given in milliseconds, within `range`: a value
+/// out of range is refused at start, naming the setting.
+pub fn millis(
+    range: impl std::ops::RangeBounds<u64>,
+) -> impl clap::builder::TypedValueParser<Value = std::time::Duration> {
+    use clap::builder::TypedValueParser;
+    clap::value_parser!(u64)
+        .range(range)
+        .map(std::time::Duration::from_millis)
+}
+
+/// [`millis`], for a setting given in seconds.
+pub fn secs(
+    range: impl std::ops::RangeBounds<u64>,
+) -> impl clap::builder::TypedValueParser<Value = std::time::Duration> {
+    use clap::builder::TypedValueParser;
+    clap::value_parser!(u64)
+        .range(range)
+        .map(std::time::Duration::from_secs)
+}

@@ -62,19 +62,18 @@ impl Application {
         let tls = tls::acceptor(&settings.tls).map_err(StartError::Tls)?;
         // Migrations on a connection of their own, without the statement timeout (an index build
         // may take longer); closed when done.
-        let migrations = db::pool(
-            settings.database_url.clone(),
-            1,
-            settings.database_timeout(),
-        );
-        db::migrate(&migrations, settings.database_wait()).await?;
+        let migrations = db::pool(settings.database_url.clone(), 1, settings.database_timeout);
+        db::migrate(&migrations, settings.database_wait).await?;
         drop(migrations);
         let pool = db::pool(
-            db::with_statement_timeout(settings.database_url.clone(), settings.statement_timeout()),
+            db::with_statement_timeout(
+                settings.database_url.clone(),
+                settings.database_statement_timeout,
+            ),
             settings.database_pool_size,
-            settings.database_timeout(),
+            settings.database_timeout,
         );
-        let producer = outbox::producer(&settings.kafka.brokers, settings.kafka_message_timeout_ms)
+        let producer = outbox::producer(&settings.kafka.brokers, settings.kafka_message_timeout)
             .map_err(StartError::Producer)?;
         let addr = settings.websocket_addr;
         let listener = TcpListener::bind(addr)
@@ -89,7 +88,7 @@ impl Application {
                 batch_max: settings.commit_batch_max as usize,
                 queue_max: settings.commit_queue_max as usize,
                 concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
-                statement_timeout: settings.statement_timeout(),
+                statement_timeout: settings.database_statement_timeout,
                 committed: committed.clone(),
                 metrics: metrics.clone(),
             },
@@ -99,7 +98,7 @@ impl Application {
             producer,
             topic_spec: settings.kafka.clone(),
             batch_max: i64::from(settings.outbox_batch_max),
-            statement_timeout: settings.statement_timeout(),
+            statement_timeout: settings.database_statement_timeout,
             committed,
             metrics: metrics.clone(),
         };
@@ -110,7 +109,7 @@ impl Application {
                 committer,
                 probe_pool: health::probe_pool(
                     settings.database_url.clone(),
-                    settings.database_timeout(),
+                    settings.database_timeout,
                 ),
                 verifier,
                 tls,
@@ -160,7 +159,7 @@ impl Application {
         let relay_stop = CancellationToken::new();
         tasks.spawn_infallible(
             OUTBOX_RELAY,
-            relay.run(relay_stop.clone(), settings.shutdown_timeout()),
+            relay.run(relay_stop.clone(), settings.shutdown_timeout),
         );
         let http = TaskTracker::new();
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");
@@ -177,7 +176,7 @@ impl Application {
             tracing::error!(task = ended.task(), error = %cause_chain(ended), "stopping: a long-lived task ended");
         }
         stopping.cancel();
-        let deadline = Instant::now() + settings.shutdown_timeout();
+        let deadline = Instant::now() + settings.shutdown_timeout;
         tasks.join(HTTP_SERVER, deadline).await;
         drain_connections(&http, &shared.websockets, deadline).await;
         // The last commit handles go with the connections: the writer finishes the queue and ends.
@@ -192,7 +191,7 @@ impl Application {
         }
         relay_stop.cancel();
         // The relay drains for up to the shutdown timeout of its own, then flushes.
-        let relay_deadline = Instant::now() + settings.shutdown_timeout() + RELAY_FLUSH_MARGIN;
+        let relay_deadline = Instant::now() + settings.shutdown_timeout + RELAY_FLUSH_MARGIN;
         tasks.join(OUTBOX_RELAY, relay_deadline).await;
         tracing::info!("websocket service stopped");
         failure.map_or(Ok(()), |ended| Err(ended.into()))

@@ -66,8 +66,8 @@ impl ConnectionConfig {
             max_in_flight: settings.ws_max_in_flight as usize,
             rate_per_sec: nonzero(settings.ws_rate_limit_per_sec),
             rate_burst: nonzero(settings.ws_rate_limit_burst),
-            idle_timeout: settings.idle_timeout(),
-            reply_deadline: Duration::from_millis(settings.ws_reply_deadline_ms),
+            idle_timeout: settings.ws_idle_timeout,
+            reply_deadline: settings.ws_reply_deadline,
             subject_rate: service_kit::per_ip::SubjectRate::new(
                 settings.ws_rate_limit_per_subject_per_sec,
             ),

@@ -30,12 +30,9 @@ async fn main() -> ExitCode {
         }
         Command::Migrate => {
             let settings = cli.settings;
-            let pool = websocket::db::pool(
-                settings.database_url.clone(),
-                2,
-                settings.database_timeout(),
-            );
-            match websocket::db::migrate(&pool, settings.database_wait()).await {
+            let pool =
+                websocket::db::pool(settings.database_url.clone(), 2, settings.database_timeout);
+            match websocket::db::migrate(&pool, settings.database_wait).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!(%error, "migration failed");

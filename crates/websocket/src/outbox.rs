@@ -296,14 +296,17 @@ impl Outgoing {
 /// its own retries), every replica acknowledging, small batches.
 pub fn producer(
     brokers: &str,
-    message_timeout_ms: u64,
+    message_timeout: Duration,
 ) -> Result<FutureProducer, rdkafka::error::KafkaError> {
     kafka_common::client_config(brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", message_timeout_ms.to_string())
+        .set(
+            "message.timeout.ms",
+            message_timeout.as_millis().to_string(),
+        )
         .create()
 }
 

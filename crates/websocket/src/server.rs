@@ -108,7 +108,7 @@ impl Shared {
             pending_slots: Arc::new(Semaphore::new(
                 settings.http_max_pending_connections as usize,
             )),
-            header_read_timeout: settings.header_read_timeout(),
+            header_read_timeout: settings.http_header_read_timeout,
             max_header_bytes: settings.http_max_header_bytes as usize,
             shutdown: parts.shutdown,
             websockets: TaskTracker::new(),
@@ -118,7 +118,7 @@ impl Shared {
             pending_per_ip: per_ip(settings.http_max_pending_per_ip),
             trusted_proxies: settings.http_trusted_proxies.clone(),
             metrics: parts.metrics,
-            statement_timeout: settings.statement_timeout(),
+            statement_timeout: settings.database_statement_timeout,
             console: crate::console::Console::new(settings.console_totals_url.as_deref()),
         }
     }

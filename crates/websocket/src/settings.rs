@@ -52,8 +52,8 @@ pub struct Settings {
     pub websocket_addr: SocketAddr,
 
     /// How long the producer retries one event before the outbox relay tries it again.
-    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=2_147_483_647))]
-    pub kafka_message_timeout_ms: u64,
+    #[arg(long = "kafka-message-timeout-ms", env = "KAFKA_MESSAGE_TIMEOUT_MS", value_name = "KAFKA_MESSAGE_TIMEOUT_MS", default_value = "30000", value_parser = service_kit::millis(1000..=2_147_483_647))]
+    pub kafka_message_timeout: Duration,
 
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
@@ -61,17 +61,17 @@ pub struct Settings {
 
     /// How long one commit (or one statement of the outbox relay) may take; a database that
     /// stops answering is then answered `unavailable` (with the purchase id) instead of never.
-    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
-    pub database_statement_timeout_ms: u64,
+    #[arg(long = "database-statement-timeout-ms", env = "DATABASE_STATEMENT_TIMEOUT_MS", value_name = "DATABASE_STATEMENT_TIMEOUT_MS", default_value = "5000", value_parser = service_kit::millis(100..=3_600_000))]
+    pub database_statement_timeout: Duration,
 
     /// At start (and in `websocket migrate`), how long to keep trying to reach PostgreSQL before
     /// giving up: a database still initialising is waited for.
-    #[arg(long, env = "DATABASE_WAIT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
-    pub database_wait_secs: u64,
+    #[arg(long = "database-wait-secs", env = "DATABASE_WAIT_SECS", value_name = "DATABASE_WAIT_SECS", default_value = "60", value_parser = service_kit::secs(0..=86_400))]
+    pub database_wait: Duration,
 
     /// How long a request waits for a PostgreSQL connection before it is answered `unavailable`.
-    #[arg(long, env = "DATABASE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
-    pub database_timeout_ms: u64,
+    #[arg(long = "database-timeout-ms", env = "DATABASE_TIMEOUT_MS", value_name = "DATABASE_TIMEOUT_MS", default_value = "3000", value_parser = service_kit::millis(100..=3_600_000))]
+    pub database_timeout: Duration,
 
     /// Most purchases committed together in one transaction (group commit).
     #[arg(long, env = "COMMIT_BATCH_MAX", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
@@ -101,17 +101,17 @@ pub struct Settings {
 
     /// A connection that sends nothing for this long, with no reply owed, is closed (counted from
     /// its last frame or reply).
-    #[arg(long, env = "WS_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
-    pub ws_idle_timeout_secs: u64,
+    #[arg(long = "ws-idle-timeout-secs", env = "WS_IDLE_TIMEOUT_SECS", value_name = "WS_IDLE_TIMEOUT_SECS", default_value = "300", value_parser = service_kit::secs(1..=604_800))]
+    pub ws_idle_timeout: Duration,
 
     /// How long one reply may wait for the client to read it; a client that does not read in
     /// time is closed (1008) and its slot freed.
-    #[arg(long, env = "WS_REPLY_DEADLINE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    pub ws_reply_deadline_ms: u64,
+    #[arg(long = "ws-reply-deadline-ms", env = "WS_REPLY_DEADLINE_MS", value_name = "WS_REPLY_DEADLINE_MS", default_value = "10000", value_parser = service_kit::millis(1..=3_600_000))]
+    pub ws_reply_deadline: Duration,
 
     /// A client that has not sent a whole HTTP request header within this time is disconnected.
-    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    pub http_header_read_timeout_ms: u64,
+    #[arg(long = "http-header-read-timeout-ms", env = "HTTP_HEADER_READ_TIMEOUT_MS", value_name = "HTTP_HEADER_READ_TIMEOUT_MS", default_value = "10000", value_parser = service_kit::millis(1..=3_600_000))]
+    pub http_header_read_timeout: Duration,
 
     /// Most bytes of one HTTP request's header section (request line and every header, the
     /// token and a traceparent included); a larger one is answered 431 and closed. 8192 at least.
@@ -168,8 +168,8 @@ pub struct Settings {
     pub ws_max_connections: u32,
 
     /// On SIGTERM, how long to wait for in-flight work and the outbox to drain.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3_600))]
-    pub shutdown_timeout_secs: u64,
+    #[arg(long = "shutdown-timeout-secs", env = "SHUTDOWN_TIMEOUT_SECS", value_name = "SHUTDOWN_TIMEOUT_SECS", default_value = "30", value_parser = service_kit::secs(0..=3_600))]
+    pub shutdown_timeout: Duration,
 
     /// Where the console page (`GET /`) reads totals: grpc_kafka's address for gRPC-Web, e.g.
     /// http://127.0.0.1:50051 (grpc_kafka must list this service's origin in
@@ -180,32 +180,6 @@ pub struct Settings {
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: service_kit::LogFormat,
-}
-
-impl Settings {
-    pub fn statement_timeout(&self) -> Duration {
-        Duration::from_millis(self.database_statement_timeout_ms)
-    }
-
-    pub fn database_wait(&self) -> Duration {
-        Duration::from_secs(self.database_wait_secs)
-    }
-
-    pub fn database_timeout(&self) -> Duration {
-        Duration::from_millis(self.database_timeout_ms)
-    }
-
-    pub fn header_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.http_header_read_timeout_ms)
-    }
-
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.ws_idle_timeout_secs)
-    }
-
-    pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_secs(self.shutdown_timeout_secs)
-    }
 }
 
 fn parse_database_url(text: &str) -> Result<tokio_postgres::Config, String> {
