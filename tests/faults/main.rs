@@ -477,7 +477,10 @@ impl Scenario {
         )
         .await;
         let records = topic_records_on(&self.kafka.brokers, &self.topic);
-        let on_topic: HashSet<Uuid> = records.iter().map(|(_, e)| e.purchase_id).collect();
+        let on_topic: HashSet<Uuid> = records
+            .iter()
+            .map(|(_, e)| e.purchase.purchase_id)
+            .collect();
         let pg_totals = self.db.totals().await;
         let mut client = grpc_client(grpc).await;
         let mut equal_users = 0;

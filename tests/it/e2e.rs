@@ -158,16 +158,20 @@ async fn thousand_purchases_over_ten_connections_add_up_exactly() {
         "every event on the topic",
         || async {
             let records = topic_records(&system.topic);
-            let ids: HashSet<Uuid> = records.iter().map(|(_, e)| e.purchase_id).collect();
+            let ids: HashSet<Uuid> = records
+                .iter()
+                .map(|(_, e)| e.purchase.purchase_id)
+                .collect();
             (ids.len() == total).then_some(records)
         },
     )
     .await;
     for (key, event) in &records {
-        assert_eq!(key, event.user_id.as_str());
+        let purchase = &event.purchase;
+        assert_eq!(key, purchase.user_id.as_str());
         assert_eq!(
-            rows[&event.purchase_id],
-            (event.user_id.to_string(), event.amount_cents)
+            rows[&purchase.purchase_id],
+            (purchase.user_id.to_string(), purchase.amount.cents())
         );
     }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use purchase::{Amount, PurchaseEvent, UserId};
+use purchase::{Amount, Purchase, PurchaseEvent, UserId};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tests::*;
 use uuid::Uuid;
@@ -17,9 +17,11 @@ fn producer() -> FutureProducer {
 
 fn event(user: &str, cents: i64) -> PurchaseEvent {
     PurchaseEvent::new(
-        Uuid::new_v4(),
-        &UserId::parse(user).expect("user"),
-        Amount::from_cents(cents).expect("amount"),
+        Purchase::new(
+            Uuid::new_v4(),
+            UserId::parse(user).expect("user"),
+            Amount::from_cents(cents).expect("amount"),
+        ),
         chrono::Utc::now(),
     )
 }
@@ -497,7 +499,7 @@ async fn a_stored_offset_below_the_log_start_counts_what_remains() {
         .await
         .expect("delete records");
     // What can still be counted: the records from offset 8 on.
-    let remaining: i64 = events[8..].iter().map(|e| e.amount_cents).sum();
+    let remaining: i64 = events[8..].iter().map(|e| e.purchase.amount.cents()).sum();
     fixture.expected.insert("head".to_owned(), (remaining, 12));
 
     let app = start_grpc_kafka(fixture.settings()).await;
@@ -512,7 +514,7 @@ async fn a_stored_offset_below_the_log_start_counts_what_remains() {
 /// still skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedupe_memory_is_bounded_by_the_horizon() {
-    use grpc_kafka::totals::{Applied, Counted, OffsetMoves, Totals};
+    use grpc_kafka::totals::{Applied, OffsetMoves, Totals};
     const USERS: usize = 1_000;
     const BATCH: usize = 1_000;
     let purchases: usize = std::env::var("DEDUPE_BENCH_PURCHASES")
@@ -525,20 +527,23 @@ async fn dedupe_memory_is_bounded_by_the_horizon() {
     let totals = Totals::new(pool, prefix.clone(), horizon);
     let log = "bench:topic";
     let now = chrono::Utc::now();
-    let event = |i: usize| Counted {
-        purchase_id: Uuid::from_u128(i as u128 + 1),
-        user_id: UserId::parse(&format!("u{}", i % USERS)).expect("user"),
-        amount_cents: 1 + (i % 997) as i64,
-        created_at: now,
+    let event = |i: usize| {
+        let purchase = Purchase::new(
+            Uuid::from_u128(i as u128 + 1),
+            UserId::parse(&format!("u{}", i % USERS)).expect("user"),
+            Amount::from_cents(1 + (i % 997) as i64).expect("amount"),
+        );
+        PurchaseEvent::new(purchase, now)
     };
     let started = std::time::Instant::now();
     for (n, start) in (0..purchases).step_by(BATCH).enumerate() {
-        let events: Vec<Counted> = (start..(start + BATCH).min(purchases)).map(event).collect();
+        let events: Vec<PurchaseEvent> =
+            (start..(start + BATCH).min(purchases)).map(event).collect();
         let (from, to) = ((n * BATCH) as i64, (n * BATCH + events.len()) as i64);
         let moves = OffsetMoves::from([(0, (from, to))]);
         let last = std::collections::BTreeMap::from([(
             0,
-            events.last().expect("event").purchase_id.as_u128(),
+            events.last().expect("event").purchase.purchase_id.as_u128(),
         )]);
         let applied = totals
             .apply(log, &moves, &last, &events)

@@ -45,8 +45,9 @@ async fn ack_means_committed_and_the_event_reaches_the_topic() {
     assert_eq!(records.len(), 1);
     let (key, event) = &records[0];
     assert_eq!(key, "123");
-    assert_eq!(event.purchase_id, purchase_id);
-    assert_eq!((event.amount_cents, event.amount.as_str()), (4999, "49.99"));
+    assert_eq!(event.purchase.purchase_id, purchase_id);
+    assert_eq!(event.purchase.amount.cents(), 4999);
+    assert_eq!(event.purchase.amount.to_string(), "49.99");
     eventually(Duration::from_secs(10), "the outbox to empty", || async {
         (db.count("SELECT COUNT(*) FROM purchase_outbox").await == 0).then_some(())
     })
@@ -332,7 +333,10 @@ async fn kafka_outage_loses_nothing_the_outbox_relays_later() {
     .await;
     app.stop().await;
     let records = topic_records(&topic);
-    let ids: std::collections::HashSet<_> = records.iter().map(|(_, e)| e.purchase_id).collect();
+    let ids: std::collections::HashSet<_> = records
+        .iter()
+        .map(|(_, e)| e.purchase.purchase_id)
+        .collect();
     let rows = db.purchases().await;
     assert_eq!(ids.len(), 20);
     assert!(
@@ -340,7 +344,10 @@ async fn kafka_outage_loses_nothing_the_outbox_relays_later() {
         "every committed purchase is on the topic"
     );
     assert_eq!(
-        records.iter().map(|(_, e)| e.amount_cents).sum::<i64>(),
+        records
+            .iter()
+            .map(|(_, e)| e.purchase.amount.cents())
+            .sum::<i64>(),
         21_000
     );
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::kafka::Source;
 use crate::positions::{Admission, Fetched, OffsetMoves, Positions};
 use crate::settings::Settings;
-use crate::totals::{Applied, Counted, Totals, TotalsError};
+use crate::totals::{Applied, Totals, TotalsError};
 
 /// How often the loop compares its positions with the offsets stored in Redis while idle or busy.
 const OFFSET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -161,7 +161,7 @@ impl Retry {
 struct Record {
     fetched: Fetched,
     /// Why a record is not a valid purchase event: its partition stalls there, nothing counts.
-    event: Result<Counted, purchase::EventError>,
+    event: Result<PurchaseEvent, purchase::EventError>,
     /// The record's `traceparent` header, kept only while spans are exported.
     traceparent: Option<String>,
 }
@@ -329,7 +329,7 @@ impl Aggregator {
 fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
     *received += 1;
     let (partition, offset) = (message.partition(), message.offset());
-    let event = PurchaseEvent::decode(message.payload().unwrap_or_default()).map(Counted::from);
+    let event = PurchaseEvent::decode(message.payload().unwrap_or_default());
     let traceparent = if telemetry::trace::exporting() {
         use rdkafka::message::{Headers, Message as _};
         message.headers().and_then(|headers| {
@@ -348,7 +348,9 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
             seq: *received,
             partition,
             offset,
-            id: event.as_ref().map_or(0, |e| e.purchase_id.as_u128()),
+            id: event
+                .as_ref()
+                .map_or(0, |e| e.purchase.purchase_id.as_u128()),
         },
         event,
         traceparent,
@@ -357,10 +359,10 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
 
 /// `purchase.apply` for a traced event: a child of the frame's span in websocket, open until
 /// the batch holding the event is applied.
-fn apply_span(event: &Counted, parent: &str, fetched: Fetched) -> tracing::Span {
+fn apply_span(event: &PurchaseEvent, parent: &str, fetched: Fetched) -> tracing::Span {
     let span = tracing::info_span!(
         "purchase.apply",
-        purchase_id = %event.purchase_id,
+        purchase_id = %event.purchase.purchase_id,
         partition = fetched.partition,
         offset = fetched.offset,
         trace_id = tracing::field::Empty
@@ -378,7 +380,7 @@ impl Aggregator {
         &mut self,
         records: Vec<Record>,
         stop: &CancellationToken,
-    ) -> Step<(Vec<Counted>, Vec<tracing::Span>)> {
+    ) -> Step<(Vec<PurchaseEvent>, Vec<tracing::Span>)> {
         let mut events = Vec::with_capacity(records.len());
         let mut spans = Vec::new();
         for record in records {
@@ -515,7 +517,7 @@ impl Aggregator {
     }
 
     /// Applies the admitted batch, retrying while Redis is unreachable.
-    async fn apply(&mut self, events: &[Counted], stop: &CancellationToken) -> Step<()> {
+    async fn apply(&mut self, events: &[PurchaseEvent], stop: &CancellationToken) -> Step<()> {
         let moves = self.positions.batch().clone();
         if moves.is_empty() {
             return Ok(());

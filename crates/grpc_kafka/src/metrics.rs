@@ -165,7 +165,7 @@ impl Metrics {
     /// One applied batch: `events` offered, `counted` of them new.
     pub fn applied(
         &self,
-        events: &[crate::totals::Counted],
+        events: &[purchase::PurchaseEvent],
         counted: u64,
         took: std::time::Duration,
     ) {

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
-use chrono::{DateTime, Utc};
 use purchase::{PurchaseEvent, UserId};
 use redis::Script;
 
@@ -47,27 +46,6 @@ impl TotalsError {
                 Some("OOM" | "READONLY" | "MISCONF" | "NOREPLICAS" | "NOTREADY")
             ),
             _ => false,
-        }
-    }
-}
-
-/// One event to count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Counted {
-    pub purchase_id: uuid::Uuid,
-    pub user_id: UserId,
-    pub amount_cents: i64,
-    /// When the purchase was committed: names the dedupe set (its hour) the id goes in.
-    pub created_at: DateTime<Utc>,
-}
-
-impl From<PurchaseEvent> for Counted {
-    fn from(event: PurchaseEvent) -> Self {
-        Self {
-            purchase_id: event.purchase_id,
-            user_id: event.user_id,
-            amount_cents: event.amount_cents,
-            created_at: event.created_at,
         }
     }
 }
@@ -226,7 +204,7 @@ impl Totals {
         log: &str,
         moves: &OffsetMoves,
         last: &BTreeMap<i32, u128>,
-        events: &[Counted],
+        events: &[PurchaseEvent],
     ) -> Result<Applied, TotalsError> {
         let mut invocation = self.script.prepare_invoke();
         invocation
@@ -247,10 +225,10 @@ impl Totals {
         }
         for event in events {
             invocation
-                .arg(event.purchase_id.as_bytes().as_slice())
-                .arg(event.user_id.as_str())
+                .arg(event.purchase.purchase_id.as_bytes().as_slice())
+                .arg(event.purchase.user_id.as_str())
                 .arg(event.created_at.timestamp().div_euclid(DEDUPE_BUCKET_SECS))
-                .arg(event.amount_cents);
+                .arg(event.purchase.amount.cents());
         }
         let mut conn = self.pool.get().await?;
         let reply: Vec<i64> = invocation.invoke_async(&mut *conn).await?;

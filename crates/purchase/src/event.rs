@@ -5,19 +5,27 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::amount::Amount;
+use crate::model::Purchase;
 use crate::user::UserId;
 
 /// One committed purchase, as published by the outbox relay and counted by the aggregator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PurchaseEvent {
-    pub purchase_id: Uuid,
-    /// Validated when decoded: an event never holds an invalid user id.
-    pub user_id: UserId,
-    pub amount_cents: i64,
-    /// The same amount as canonical decimal text, for people reading the topic.
-    pub amount: String,
-    /// When the purchase was committed, RFC 3339.
+    pub purchase: Purchase,
+    /// When the purchase was committed.
     pub created_at: DateTime<Utc>,
+}
+
+/// The event's JSON on the topic: the amount in cents and, for people reading the topic, the
+/// same amount as canonical decimal text; `created_at` in RFC 3339.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    purchase_id: Uuid,
+    /// Validated when decoded: an event never holds an invalid user id.
+    user_id: UserId,
+    amount_cents: i64,
+    amount: String,
+    created_at: DateTime<Utc>,
 }
 
 /// Why a record on the topic is not a valid purchase event.
@@ -42,39 +50,41 @@ pub struct EncodeError {
 }
 
 impl PurchaseEvent {
-    pub fn new(
-        purchase_id: Uuid,
-        user_id: &UserId,
-        amount: Amount,
-        created_at: DateTime<Utc>,
-    ) -> Self {
+    pub fn new(purchase: Purchase, created_at: DateTime<Utc>) -> Self {
         Self {
-            purchase_id,
-            user_id: user_id.clone(),
-            amount_cents: amount.cents(),
-            amount: amount.to_string(),
+            purchase,
             created_at,
         }
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        serde_json::to_vec(self).map_err(|source| EncodeError {
-            purchase_id: self.purchase_id,
+        let wire = Wire {
+            purchase_id: self.purchase.purchase_id,
+            user_id: self.purchase.user_id.clone(),
+            amount_cents: self.purchase.amount.cents(),
+            amount: self.purchase.amount.to_string(),
+            created_at: self.created_at,
+        };
+        serde_json::to_vec(&wire).map_err(|source| EncodeError {
+            purchase_id: self.purchase.purchase_id,
             source,
         })
     }
 
     /// Decodes and validates a record value: a malformed event must never reach a total.
     pub fn decode(bytes: &[u8]) -> Result<Self, EventError> {
-        let event: Self = serde_json::from_slice(bytes)?;
-        let amount = Amount::from_cents(event.amount_cents)?;
-        if amount.to_string() != event.amount {
+        let wire: Wire = serde_json::from_slice(bytes)?;
+        let amount = Amount::from_cents(wire.amount_cents)?;
+        if amount.to_string() != wire.amount {
             return Err(EventError::Mismatch {
-                amount: event.amount,
-                amount_cents: event.amount_cents,
+                amount: wire.amount,
+                amount_cents: wire.amount_cents,
             });
         }
-        Ok(event)
+        Ok(Self::new(
+            Purchase::new(wire.purchase_id, wire.user_id, amount),
+            wire.created_at,
+        ))
     }
 }
 
@@ -89,9 +99,11 @@ mod tests {
             .expect("time")
             .with_timezone(&Utc);
         let event = PurchaseEvent::new(
-            id,
-            &UserId::parse("123").expect("user"),
-            Amount::from_cents(4999).expect("amount"),
+            Purchase::new(
+                id,
+                UserId::parse("123").expect("user"),
+                Amount::from_cents(4999).expect("amount"),
+            ),
             at,
         );
         let json = String::from_utf8(event.encode().expect("encode")).expect("utf8");

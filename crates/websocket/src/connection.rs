@@ -29,7 +29,7 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use hyper_util::rt::TokioIo;
-use purchase::{Reply, parse_frame};
+use purchase::{Purchase, Reply, parse_frame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -441,9 +441,7 @@ fn handle_text(
         (tracing::Span::none(), parent.map(str::to_owned))
     };
     let purchase = NewPurchase {
-        purchase_id,
-        user_id: request.user_id,
-        amount: request.amount,
+        purchase: Purchase::new(purchase_id, request.user_id, request.amount),
         traceparent,
     };
     let committer = committer.clone();
@@ -452,14 +450,14 @@ fn handle_text(
             let result = committer.submit(purchase.clone()).await;
             match &result {
                 Ok(outcome) => tracing::debug!(
-                    purchase_id = %purchase.purchase_id,
-                    user_id = %purchase.user_id,
-                    amount_cents = purchase.amount.cents(),
+                    purchase_id = %purchase.purchase.purchase_id,
+                    user_id = %purchase.purchase.user_id,
+                    amount_cents = purchase.purchase.amount.cents(),
                     ?outcome,
                     "purchase stored"
                 ),
                 Err(error) => tracing::warn!(
-                    purchase_id = %purchase.purchase_id,
+                    purchase_id = %purchase.purchase.purchase_id,
                     %error,
                     "purchase not stored"
                 ),
@@ -614,7 +612,7 @@ mod tests {
         assert_eq!(h.queue.waiting(), MAX_IN_FLIGHT);
         // One answered: one more frame is read, in order.
         let first = h.queue.answer_next(Outcome::Committed).await;
-        assert_eq!(first.user_id.as_str(), "u0");
+        assert_eq!(first.purchase.user_id.as_str(), "u0");
         assert!(
             matches!(next(&mut h.client).await, Ok(Reply::Ack { user_id, .. }) if user_id == "u0")
         );

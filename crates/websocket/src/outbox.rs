@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
-use purchase::{Amount, PurchaseEvent, UserId};
+use purchase::{Amount, Purchase, PurchaseEvent, UserId};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -280,12 +280,14 @@ impl Outgoing {
         else {
             return Err(RowProblem::Domain(row.purchase_id));
         };
-        let payload = PurchaseEvent::new(row.purchase_id, &user, amount, row.created_at)
+        let key = user.as_str().to_owned();
+        let purchase = Purchase::new(row.purchase_id, user, amount);
+        let payload = PurchaseEvent::new(purchase, row.created_at)
             .encode()
             .map_err(|error| RowProblem::Encode(error.to_string()))?;
         Ok(Self {
             outbox_id: row.outbox_id,
-            key: user.as_str().to_owned(),
+            key,
             payload,
             traceparent: row.traceparent,
         })
@@ -351,9 +353,9 @@ mod tests {
         assert_eq!(record.key, "u-1");
         assert_eq!(record.traceparent, row("u-1", 4999).traceparent);
         let event = PurchaseEvent::decode(&record.payload).expect("decodes");
-        assert_eq!(event.purchase_id, Uuid::from_u128(42));
-        assert_eq!(event.user_id.as_str(), "u-1");
-        assert_eq!(event.amount_cents, 4999);
+        assert_eq!(event.purchase.purchase_id, Uuid::from_u128(42));
+        assert_eq!(event.purchase.user_id.as_str(), "u-1");
+        assert_eq!(event.purchase.amount.cents(), 4999);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use purchase::{Amount, UserId};
+use purchase::Purchase;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -17,12 +17,10 @@ use tokio_postgres::types::Type;
 
 use crate::db::{DbError, Pool};
 
-/// A validated purchase with its final id.
+/// A validated purchase with its final id, as submitted for commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewPurchase {
-    pub purchase_id: Uuid,
-    pub user_id: UserId,
-    pub amount: Amount,
+    pub purchase: Purchase,
     /// The W3C trace context of the frame, stored with the outbox row (None: not traced).
     pub traceparent: Option<String>,
 }
@@ -273,7 +271,8 @@ impl<'a> Unique<'a> {
             cents: Vec::with_capacity(batch.len()),
             traces: Vec::with_capacity(batch.len()),
         };
-        for (index, purchase) in batch.iter().enumerate() {
+        for (index, new) in batch.iter().enumerate() {
+            let purchase = &new.purchase;
             if let std::collections::hash_map::Entry::Vacant(entry) =
                 unique.first.entry(purchase.purchase_id)
             {
@@ -281,7 +280,7 @@ impl<'a> Unique<'a> {
                 unique.ids.push(purchase.purchase_id);
                 unique.users.push(purchase.user_id.as_str());
                 unique.cents.push(purchase.amount.cents());
-                unique.traces.push(purchase.traceparent.as_deref());
+                unique.traces.push(new.traceparent.as_deref());
             }
         }
         unique
@@ -298,14 +297,15 @@ impl<'a> Unique<'a> {
         batch
             .iter()
             .enumerate()
-            .map(|(index, purchase)| {
+            .map(|(index, new)| {
+                let purchase = &new.purchase;
                 let first_index = self.first[&purchase.purchase_id];
                 let stored = if first_index == index && inserted.contains(&purchase.purchase_id) {
                     return Outcome::Committed;
                 } else if let Some((user, cents)) = existing.get(&purchase.purchase_id) {
                     (user.as_str(), *cents)
                 } else {
-                    let original = batch[first_index];
+                    let original = &batch[first_index].purchase;
                     (original.user_id.as_str(), original.amount.cents())
                 };
                 if stored == (purchase.user_id.as_str(), purchase.amount.cents()) {
@@ -352,9 +352,11 @@ mod tests {
 
     fn purchase(id: u128, user: &str, cents: i64) -> NewPurchase {
         NewPurchase {
-            purchase_id: Uuid::from_u128(id),
-            user_id: UserId::parse(user).expect("user"),
-            amount: Amount::from_cents(cents).expect("amount"),
+            purchase: Purchase::new(
+                Uuid::from_u128(id),
+                purchase::UserId::parse(user).expect("user"),
+                purchase::Amount::from_cents(cents).expect("amount"),
+            ),
             traceparent: None,
         }
     }

@@ -58,7 +58,8 @@ pub fn binary_frame() -> Reply {
     )
 }
 
-pub fn outcome(purchase: &NewPurchase, result: &Result<Outcome, StoreError>) -> Reply {
+pub fn outcome(new: &NewPurchase, result: &Result<Outcome, StoreError>) -> Reply {
+    let purchase = &new.purchase;
     let unavailable = |message: &str| Reply::Error {
         code: ErrorCode::Unavailable,
         message: message.to_owned(),
