@@ -2,18 +2,18 @@
 //! served over gRPC.
 //!
 //! Layout:
-//! - [`app`]: the wiring: [`Application::build`] makes every component, and
-//!   [`Application::run_until_stopped`] runs the long-lived tasks under supervision;
-//! - [`settings`]: the typed settings, from flags or environment;
-//! - [`totals`]: the Redis store (totals, dedupe sets, offsets) and its one Lua script;
-//! - [`positions`]: where each partition stands, as a state machine without I/O;
-//! - [`kafka`]: the rdkafka adapter (consumer, rebalances, seeks, watermarks);
-//! - [`aggregator`]: the loop that joins them and applies each batch exactly once;
-//! - [`grpc`]: `WalletService`, the server around it (CORS, reflection, TLS, limits) and the one
+//! - `app`: the wiring: `Application::build` makes every component, and
+//!   `Application::run_until_stopped` runs the long-lived tasks under supervision;
+//! - `settings`: the typed settings, from flags or environment;
+//! - `totals`: the Redis store (totals, dedupe sets, offsets) and its one Lua script;
+//! - `positions`: where each partition stands, as a state machine without I/O;
+//! - `kafka`: the rdkafka adapter (consumer, rebalances, seeks, watermarks);
+//! - `aggregator`: the loop that joins them and applies each batch exactly once;
+//! - `grpc`: `WalletService`, the server around it (CORS, reflection, TLS, limits) and the one
 //!   mapping from errors to gRPC statuses;
-//! - [`listener`]: the gRPC port's accepting side, every connection bounded (caps, idle timeout);
-//! - [`health`]: the health status following Redis, the stall detector, the `healthcheck` command;
-//! - [`metrics`]: what `GET /metrics` on `METRICS_ADDR` shows.
+//! - `listener`: the gRPC port's accepting side, every connection bounded (caps, idle timeout);
+//! - `health`: the health status following Redis, the stall detector, the `healthcheck` command;
+//! - `metrics`: what `GET /metrics` on `METRICS_ADDR` shows.
 //!
 //! The long-lived tasks are the aggregator, the gRPC server, the metrics endpoint and the Redis
 //! follower. Any task's end, or a stalled aggregator, turns health NOT_SERVING for good and ends
@@ -22,15 +22,15 @@
 //!
 //! This service never touches PostgreSQL and never produces to Kafka.
 
-pub mod aggregator;
-pub mod app;
-pub mod grpc;
-pub mod health;
-pub mod kafka;
-pub mod listener;
-pub mod metrics;
-pub mod positions;
-pub mod settings;
+mod aggregator;
+mod app;
+mod grpc;
+mod health;
+mod kafka;
+mod listener;
+mod metrics;
+mod positions;
+mod settings;
 pub mod totals;
 
 pub use app::{Application, StartError};

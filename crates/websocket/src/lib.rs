@@ -1,21 +1,21 @@
 //! The websocket service: purchases in over WebSocket, committed to PostgreSQL, relayed to Kafka.
 //!
 //! Layout:
-//! - [`app`]: the wiring: [`Application::build`] makes every component, and
-//!   [`Application::run_until_stopped`] runs the long-lived tasks under supervision;
-//! - [`settings`]: the typed settings, from flags or environment;
-//! - [`db`]: the PostgreSQL pool and the embedded migrations;
-//! - [`store`]: group commit of purchases and their outbox rows;
-//! - [`outbox`]: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
-//! - [`server`]: HTTP accept loop, routes, `/ws` upgrades and their caps;
-//! - [`handshake`]: the upgrade's HTTP side without I/O (101, token, 401, forwarded client);
-//! - [`health`]: `/readyz` and the `healthcheck` command;
-//! - [`tls`]: the rustls acceptor;
-//! - [`console`]: the console page at `/`;
-//! - [`connection`]: one WebSocket: parse, submit, reply in order, close;
-//! - [`close_gate`]: holds a client's Close until the replies it is owed are sent;
-//! - [`wire`]: the one mapping from outcomes and errors to replies and close codes;
-//! - [`metrics`]: what `GET /metrics` shows.
+//! - `app`: the wiring: `Application::build` makes every component, and
+//!   `Application::run_until_stopped` runs the long-lived tasks under supervision;
+//! - `settings`: the typed settings, from flags or environment;
+//! - `db`: the PostgreSQL pool and the embedded migrations;
+//! - `store`: group commit of purchases and their outbox rows;
+//! - `outbox`: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
+//! - `server`: HTTP accept loop, routes, `/ws` upgrades and their caps;
+//! - `handshake`: the upgrade's HTTP side without I/O (101, token, 401, forwarded client);
+//! - `health`: `/readyz` and the `healthcheck` command;
+//! - `tls`: the rustls acceptor;
+//! - `console`: the console page at `/`;
+//! - `connection`: one WebSocket: parse, submit, reply in order, close;
+//! - `close_gate`: holds a client's Close until the replies it is owed are sent;
+//! - `wire`: the one mapping from outcomes and errors to replies and close codes;
+//! - `metrics`: what `GET /metrics` shows.
 //!
 //! The long-lived tasks are the HTTP server, the commit writer and the outbox relay; any one's
 //! end turns `/readyz` 503 and the process exits non-zero.
@@ -23,20 +23,20 @@
 //! This service never writes to Kafka outside the relay and never acknowledges a purchase that is
 //! not committed in PostgreSQL.
 
-pub mod app;
-pub mod close_gate;
-pub mod connection;
-pub mod console;
+mod app;
+mod close_gate;
+mod connection;
+mod console;
 pub mod db;
-pub mod handshake;
-pub mod health;
-pub mod metrics;
-pub mod outbox;
-pub mod server;
-pub mod settings;
-pub mod store;
-pub mod tls;
-pub mod wire;
+mod handshake;
+mod health;
+mod metrics;
+mod outbox;
+mod server;
+mod settings;
+mod store;
+mod tls;
+mod wire;
 
 pub use app::{Application, StartError};
 pub use health::healthcheck;
