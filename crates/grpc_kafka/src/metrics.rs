@@ -81,77 +81,90 @@ impl Default for Metrics {
             last_applied_age: Gauge::default(),
             last_applied_ms: AtomicI64::new(0),
         };
-        let r = &mut this.registry;
+        this.register_aggregator();
+        this.register_grpc();
+        this
+    }
+}
+
+impl Metrics {
+    /// The aggregator's metrics: what was counted, how fast, where partitions stand.
+    fn register_aggregator(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "grpc_kafka_events_applied",
             "Purchase events counted into the totals.",
-            this.events_applied.clone(),
+            self.events_applied.clone(),
         );
         r.register(
             "grpc_kafka_duplicates_skipped",
             "Events skipped because their purchase id was already counted.",
-            this.duplicates_skipped.clone(),
+            self.duplicates_skipped.clone(),
         );
         r.register_with_unit(
             "grpc_kafka_redis_apply_duration",
             "Duration of one batch's apply script in Redis.",
             Unit::Seconds,
-            this.redis_apply_duration.clone(),
+            self.redis_apply_duration.clone(),
         );
         r.register_with_unit(
             "grpc_kafka_ack_to_visible",
             "From a purchase's commit (its created_at) to its event being applied in Redis.",
             Unit::Seconds,
-            this.ack_to_visible.clone(),
+            self.ack_to_visible.clone(),
         );
         r.register(
             "grpc_kafka_consumer_lag_records",
             "Per assigned partition: high watermark minus the next offset to apply.",
-            this.consumer_lag.clone(),
+            self.consumer_lag.clone(),
         );
         r.register(
             "grpc_kafka_partition_stalled_at_offset",
             "Per stalled partition: the offset of the record that is not a valid purchase event.",
-            this.stalled_at.clone(),
+            self.stalled_at.clone(),
         );
         r.register(
             "grpc_kafka_undecodable_records",
             "Records met where a partition applies next that are not valid purchase events.",
-            this.undecodable_records.clone(),
+            self.undecodable_records.clone(),
         );
         r.register(
             "grpc_kafka_fetch_resets",
             "Records delivered below the expected offset (Kafka reset the fetch position).",
-            this.fetch_resets.clone(),
+            self.fetch_resets.clone(),
         );
         r.register_with_unit(
             "grpc_kafka_last_applied_event_age",
             "Now minus the created_at of the last applied event (0 before the first).",
             Unit::Seconds,
-            this.last_applied_age.clone(),
+            self.last_applied_age.clone(),
         );
+    }
+
+    /// The gRPC port's metrics: requests, connections, durations.
+    fn register_grpc(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "grpc_requests",
             "gRPC requests of the wallet service, by method and status code.",
-            this.grpc_requests.clone(),
+            self.grpc_requests.clone(),
         );
         r.register(
             "grpc_connections_open",
             "Connections open on the gRPC port.",
-            this.connections_open.clone(),
+            self.connections_open.clone(),
         );
         r.register(
             "grpc_connections_refused",
             "Connections to the gRPC port closed at once, by reason: connection_cap, per_ip_cap.",
-            this.connections_refused.clone(),
+            self.connections_refused.clone(),
         );
         r.register_with_unit(
             "grpc_request_duration",
             "Duration of gRPC requests of the wallet service, by method.",
             Unit::Seconds,
-            this.grpc_duration.clone(),
+            self.grpc_duration.clone(),
         );
-        this
     }
 }
 
