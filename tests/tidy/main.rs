@@ -311,3 +311,84 @@ fn every_source_file_opens_with_a_module_doc() {
         undocumented.join("\n")
     );
 }
+
+/// README's metrics table: (name without labels, type) per row.
+fn readme_metrics() -> BTreeMap<String, String> {
+    let readme = read("README.md");
+    let section = readme
+        .split("| metric | type | meaning |")
+        .nth(1)
+        .expect("README has the metrics table");
+    let mut rows = BTreeMap::new();
+    for line in section.lines().skip(2) {
+        if !line.starts_with("| `") {
+            break;
+        }
+        let cells: Vec<&str> = line.trim_matches('|').split(" | ").collect();
+        for name in backticked(cells[0]) {
+            let name = name.split('{').next().unwrap_or(name);
+            rows.insert(name.to_owned(), cells[1].trim().to_owned());
+        }
+    }
+    rows
+}
+
+/// Every metric both services render before anything happened, as a scrape shows it: (name,
+/// type). Labelled families appear only once they have a sample, so they are not here.
+fn registered_metrics() -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    for text in [
+        websocket::metrics::Metrics::default().render(),
+        grpc_kafka::metrics::Metrics::default().render(),
+    ] {
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+            found.insert(name.to_owned(), kind.to_owned());
+        }
+    }
+    found
+}
+
+#[test]
+fn readme_metrics_table_matches_the_registries() {
+    let documented = readme_metrics();
+    let registered = registered_metrics();
+    assert!(
+        registered.len() > 15,
+        "only {} metrics registered: is the pattern still right?",
+        registered.len()
+    );
+    let mut problems = Vec::new();
+    for (name, kind) in &registered {
+        match documented.get(name) {
+            None => problems.push(format!(
+                "{name} ({kind}) is registered but has no row in README's metrics table"
+            )),
+            Some(row) if row != kind => problems.push(format!(
+                "{name}: README says {row}, the registry says {kind}"
+            )),
+            Some(_) => {}
+        }
+    }
+    // A labelled family renders nothing until its first sample: a documented metric that is not
+    // rendered must at least be registered by that name (without `_total` and its unit).
+    let sources = [
+        read("crates/websocket/src/metrics.rs"),
+        read("crates/grpc_kafka/src/metrics.rs"),
+        read("crates/telemetry/src/lib.rs"),
+    ]
+    .concat();
+    for name in documented.keys() {
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        let base = base.strip_suffix("_seconds").unwrap_or(base);
+        if !registered.contains_key(name) && !sources.contains(&format!("\"{base}\"")) {
+            problems.push(format!(
+                "README documents {name}, which no service registers"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

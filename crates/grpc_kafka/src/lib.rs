@@ -28,7 +28,7 @@ mod grpc;
 mod health;
 mod kafka;
 mod listener;
-mod metrics;
+pub mod metrics;
 mod positions;
 mod settings;
 pub mod totals;

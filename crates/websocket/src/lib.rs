@@ -30,7 +30,7 @@ mod console;
 pub mod db;
 mod handshake;
 mod health;
-mod metrics;
+pub mod metrics;
 mod outbox;
 mod server;
 mod settings;
