@@ -394,26 +394,16 @@ async fn an_unfit_topic_ends_the_process_with_an_error_naming_the_problem() {
     assert!(!status.success(), "exit status {status:?}");
 }
 
-/// A Redis that stops answering without resetting the connection stalls the aggregator: health
-/// turns NOT_SERVING for the overall service and the wallet service, and the run ends with an
-/// error (the process exits non-zero).
-#[tokio::test]
-async fn a_stalled_aggregator_turns_health_not_serving_and_fails() {
-    use tonic_health::pb::health_check_response::ServingStatus;
+/// Health watches of the overall service ("") and the wallet service, opened now.
+struct HealthWatches(
+    Vec<(
+        &'static str,
+        tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    )>,
+);
+
+async fn watch_health(addr: std::net::SocketAddr) -> HealthWatches {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-    let mut fixture = Fixture::new().await;
-    let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
-    settings.aggregator_stall = Duration::from_secs(2);
-    settings.shutdown_timeout = Duration::from_secs(3);
-    let app = grpc_kafka::Application::build(settings)
-        .await
-        .expect("build");
-    let addr = app.local_addr();
-    let run = tokio::spawn(app.run_until_stopped(tokio_util::sync::CancellationToken::new()));
-    fixture.purchase("stall", 100).await;
-    await_totals(addr, &fixture.expected, Duration::from_secs(60)).await;
-
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect()
@@ -430,21 +420,64 @@ async fn a_stalled_aggregator_turns_health_not_serving_and_fails() {
             .into_inner();
         watches.push((service, stream));
     }
-    proxy.stall();
-    for (service, stream) in &mut watches {
-        let seen = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(update) = stream.message().await.expect("health stream") {
-                if update.status() == ServingStatus::NotServing {
-                    return true;
+    HealthWatches(watches)
+}
+
+impl HealthWatches {
+    /// Fails the test unless every watch reports NOT_SERVING within `within`.
+    async fn not_serving(mut self, within: Duration) {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        for (service, stream) in &mut self.0 {
+            let seen = tokio::time::timeout(within, async {
+                while let Some(update) = stream.message().await.expect("health stream") {
+                    if update.status() == ServingStatus::NotServing {
+                        return true;
+                    }
                 }
-            }
-            false
-        })
-        .await
-        .expect("NOT_SERVING within 30 s");
-        assert!(seen, "service {service:?} must report NOT_SERVING");
+                false
+            })
+            .await
+            .expect("NOT_SERVING in time");
+            assert!(seen, "service {service:?} must report NOT_SERVING");
+        }
     }
-    drop(watches);
+}
+
+/// SIGTERM's first step is NOT_SERVING, seen by a client watching health before the server
+/// stops answering; the run then ends without an error.
+#[tokio::test]
+async fn shutdown_reports_not_serving_before_the_server_stops() {
+    let fixture = Fixture::new().await;
+    let app = start_grpc_kafka(fixture.settings()).await;
+    grpc_kafka::healthcheck(app.addr).await.expect("SERVING");
+    let watches = watch_health(app.addr).await;
+    app.shutdown.cancel();
+    watches.not_serving(Duration::from_secs(30)).await;
+    app.ended(Duration::from_secs(60))
+        .await
+        .expect("a clean stop");
+}
+
+/// A Redis that stops answering without resetting the connection stalls the aggregator: health
+/// turns NOT_SERVING for the overall service and the wallet service, and the run ends with an
+/// error (the process exits non-zero).
+#[tokio::test]
+async fn a_stalled_aggregator_turns_health_not_serving_and_fails() {
+    let mut fixture = Fixture::new().await;
+    let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
+    settings.aggregator_stall = Duration::from_secs(2);
+    settings.shutdown_timeout = Duration::from_secs(3);
+    let app = grpc_kafka::Application::build(settings)
+        .await
+        .expect("build");
+    let addr = app.local_addr();
+    let run = tokio::spawn(app.run_until_stopped(tokio_util::sync::CancellationToken::new()));
+    fixture.purchase("stall", 100).await;
+    await_totals(addr, &fixture.expected, Duration::from_secs(60)).await;
+
+    let watches = watch_health(addr).await;
+    proxy.stall();
+    watches.not_serving(Duration::from_secs(30)).await;
     let outcome = tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("the run ends by itself")
