@@ -103,3 +103,29 @@ pub fn secs(
         .range(range)
         .map(std::time::Duration::from_secs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_that_ended_with_an_error_exits_non_zero() {
+        let ended = supervise::TaskEnded::Aborted { task: "relay" };
+        assert_eq!(
+            exit_code("stopped with an error", Err(ended)),
+            std::process::ExitCode::FAILURE
+        );
+        assert_eq!(
+            exit_code::<std::io::Error>("stopped with an error", Ok(())),
+            std::process::ExitCode::SUCCESS
+        );
+    }
+
+    #[test]
+    fn a_health_check_reaches_an_unspecified_address_over_loopback() {
+        let any: std::net::SocketAddr = "0.0.0.0:8080".parse().expect("addr");
+        assert_eq!(this_host(any), "127.0.0.1:8080".parse().expect("addr"));
+        let given: std::net::SocketAddr = "10.1.2.3:8080".parse().expect("addr");
+        assert_eq!(this_host(given), given);
+    }
+}
