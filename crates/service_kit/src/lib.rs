@@ -88,20 +88,22 @@ pub fn this_host(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 pub fn millis(
     range: impl std::ops::RangeBounds<u64>,
 ) -> impl clap::builder::TypedValueParser<Value = std::time::Duration> {
-    use clap::builder::TypedValueParser;
-    clap::value_parser!(u64)
-        .range(range)
-        .map(std::time::Duration::from_millis)
+    duration(range, std::time::Duration::from_millis)
 }
 
 /// [`millis`], for a setting given in seconds.
 pub fn secs(
     range: impl std::ops::RangeBounds<u64>,
 ) -> impl clap::builder::TypedValueParser<Value = std::time::Duration> {
+    duration(range, std::time::Duration::from_secs)
+}
+
+fn duration(
+    range: impl std::ops::RangeBounds<u64>,
+    unit: fn(u64) -> std::time::Duration,
+) -> impl clap::builder::TypedValueParser<Value = std::time::Duration> {
     use clap::builder::TypedValueParser;
-    clap::value_parser!(u64)
-        .range(range)
-        .map(std::time::Duration::from_secs)
+    clap::value_parser!(u64).range(range).map(unit)
 }
 
 #[cfg(test)]

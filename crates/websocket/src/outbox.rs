@@ -80,11 +80,10 @@ impl Relay {
                         // Never publish into a topic that cannot serve as the rebuild source:
                         // the purchases wait in the outbox until the topic is fixed.
                         tracing::error!(%topic, %error, "topic unfit; purchases stay in the outbox");
-                        let mut unfit = service_kit::backoff::Backoff::new(
-                            RETRY_BACKOFF_MAX,
-                            RETRY_BACKOFF_MAX,
-                        );
-                        unfit.wait(&stop).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(RETRY_BACKOFF_MAX) => {}
+                            () = stop.cancelled() => {}
+                        }
                         continue;
                     }
                 }

@@ -78,13 +78,15 @@ impl Committer {
     pub fn new(pool: Pool, config: WriterConfig) -> (Self, Writer) {
         let (jobs, receiver) = mpsc::channel(config.queue_max);
         let writer = Writer {
-            pool,
             receiver,
             batch_max: config.batch_max,
-            permits: Arc::new(Semaphore::new(config.concurrent_commits)),
-            statement_timeout: config.statement_timeout,
-            committed: config.committed,
-            metrics: config.metrics,
+            shared: Arc::new(Shared {
+                pool,
+                permits: Arc::new(Semaphore::new(config.concurrent_commits)),
+                statement_timeout: config.statement_timeout,
+                committed: config.committed,
+                metrics: config.metrics,
+            }),
         };
         (Self { jobs }, writer)
     }
@@ -110,21 +112,17 @@ impl Committer {
 
 /// Gathers queued purchases into batches and commits each batch on a task of its own.
 pub struct Writer {
-    pool: Pool,
     receiver: mpsc::Receiver<Job>,
     batch_max: usize,
-    /// Bounds concurrent transactions, so a slow database cannot take every pooled connection.
-    permits: Arc<Semaphore>,
-    /// Longest a batch's statements may take; past it the batch is answered `unavailable`.
-    statement_timeout: std::time::Duration,
-    committed: Arc<Notify>,
-    metrics: Arc<crate::metrics::Metrics>,
+    shared: Arc<Shared>,
 }
 
 /// The part of a writer its batch commits share.
 struct Shared {
     pool: Pool,
+    /// Bounds concurrent transactions, so a slow database cannot take every pooled connection.
     permits: Arc<Semaphore>,
+    /// Longest a batch's statements may take; past it the batch is answered `unavailable`.
     statement_timeout: std::time::Duration,
     committed: Arc<Notify>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -135,22 +133,10 @@ impl Writer {
     /// `commits`, which shutdown waits for.
     pub async fn run(self, commits: TaskTracker) {
         let Self {
-            pool,
             mut receiver,
             batch_max,
-            permits,
-            statement_timeout,
-            committed,
-            metrics,
+            shared: this,
         } = self;
-        let this = Arc::new(Shared {
-            pool,
-            permits,
-            statement_timeout,
-            committed,
-            metrics,
-        });
-        let tracker = commits;
         let mut batch = Vec::with_capacity(batch_max);
         while receiver.recv_many(&mut batch, batch_max).await > 0 {
             let Ok(permit) = this.permits.clone().acquire_owned().await else {
@@ -158,7 +144,7 @@ impl Writer {
             };
             let jobs = std::mem::replace(&mut batch, Vec::with_capacity(batch_max));
             let writer = this.clone();
-            tracker.spawn(async move {
+            commits.spawn(async move {
                 writer.commit(jobs).await;
                 drop(permit);
             });
