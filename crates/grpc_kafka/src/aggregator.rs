@@ -33,6 +33,10 @@ use crate::totals::{Applied, Totals, TotalsError};
 
 /// How often the loop compares its positions with the offsets stored in Redis while idle or busy.
 const OFFSET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the group consumer is asked for metadata, to notice it has lost every broker.
+const REACH_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// A group consumer that got no metadata for this long is replaced by a new one.
+const REBUILD_UNREACHABLE_AFTER: Duration = Duration::from_secs(15);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -216,6 +220,10 @@ pub async fn run(
     tracing::info!(%cluster_id, topic = %spec.topic, "consuming");
     let aggregator = Aggregator {
         source,
+        reach: Reach::new(Instant::now()),
+        brokers: spec.brokers.clone(),
+        group_id: settings.kafka_group_id.clone(),
+        topic: spec.topic.clone(),
         totals,
         log: format!("{cluster_id}:{}", spec.topic),
         batch_max: settings.consumer_batch_max as usize,
@@ -233,6 +241,12 @@ pub async fn run(
 
 struct Aggregator {
     source: Source,
+    /// Whether the group consumer still reaches Kafka; what makes it be rebuilt.
+    reach: Reach,
+    /// What a rebuilt source is created from.
+    brokers: String,
+    group_id: String,
+    topic: String,
     totals: Totals,
     /// Names this topic in this cluster for the stored offsets: `{cluster_id}:{topic}`.
     log: String,
@@ -279,6 +293,7 @@ impl Aggregator {
                     self.check(&stop).await?;
                     last_check = Instant::now();
                 }
+                self.probe_consumer().await?;
                 self.seek().await;
                 Ok(())
             };
@@ -322,6 +337,35 @@ impl Aggregator {
             }
         }
         Ok(records)
+    }
+}
+
+/// When the group consumer was last seen reaching Kafka, and when it was last asked.
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    last_reached: Instant,
+    last_probe: Instant,
+}
+
+impl Reach {
+    fn new(now: Instant) -> Self {
+        Self {
+            last_reached: now,
+            last_probe: now,
+        }
+    }
+
+    fn probe_due(&self, now: Instant) -> bool {
+        now.duration_since(self.last_probe) >= REACH_PROBE_INTERVAL
+    }
+
+    /// Records a probe's outcome; true when the consumer should be replaced.
+    fn probed(&mut self, reached: bool, now: Instant) -> bool {
+        self.last_probe = now;
+        if reached {
+            self.last_reached = now;
+        }
+        now.duration_since(self.last_reached) >= REBUILD_UNREACHABLE_AFTER
     }
 }
 
@@ -619,6 +663,41 @@ impl Aggregator {
         Ok(())
     }
 
+    /// Every [`REACH_PROBE_INTERVAL`], asks the group consumer for metadata; after
+    /// [`REBUILD_UNREACHABLE_AFTER`] without an answer, replaces the source with a new one.
+    ///
+    /// librdkafka (2.12) forgets every broker when a metadata answer lists none, which a single
+    /// briefly fenced KRaft broker gives (back from a freeze, a long GC pause), and then never
+    /// asks again: the consumer would wait outside its group for good. A new consumer starts from
+    /// `bootstrap.servers`. Nothing is lost by it: what counts is decided by the offsets in Redis,
+    /// read again on the new assignment.
+    async fn probe_consumer(&mut self) -> Step<()> {
+        if !self.reach.probe_due(Instant::now()) {
+            return Ok(());
+        }
+        let reached = self.source.consumer_reaches_kafka().await;
+        if !self.reach.probed(reached, Instant::now()) {
+            return Ok(());
+        }
+        match Source::create(&self.brokers, &self.group_id, &self.topic) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    unreachable_for = ?REBUILD_UNREACHABLE_AFTER,
+                    "the kafka consumer got no metadata from any broker; replaced by a new one"
+                );
+                self.source = fresh;
+                self.positions
+                    .rebalanced(&std::collections::BTreeSet::new());
+                self.metrics.consumer_rebuilds.inc();
+                self.reach = Reach::new(Instant::now());
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot create a new kafka consumer; keeping the old one");
+            }
+        }
+        Ok(())
+    }
+
     /// Performs the due seeks; a failed one stays due and is retried on the next turn.
     async fn seek(&mut self) {
         for (partition, target) in self.positions.due_seeks() {
@@ -630,5 +709,25 @@ impl Aggregator {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumer_is_replaced_only_after_15_s_without_metadata() {
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut reach = Reach::new(start);
+        assert!(!reach.probe_due(at(4)));
+        assert!(reach.probe_due(at(5)));
+        assert!(!reach.probed(false, at(5)));
+        assert!(!reach.probed(false, at(10)));
+        // Reached once: the 15 s count again from there.
+        assert!(!reach.probed(true, at(14)));
+        assert!(!reach.probed(false, at(28)));
+        assert!(reach.probed(false, at(29)));
     }
 }

@@ -119,6 +119,21 @@ impl Source {
         Ok(Watermarks { low, high })
     }
 
+    /// Whether the group consumer itself still gets metadata from a broker. (The watermarks and
+    /// the cluster id come from another client, which may be fine while this one is not.)
+    pub async fn consumer_reaches_kafka(&self) -> bool {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        blocking(move || {
+            consumer
+                .client()
+                .fetch_metadata(Some(&topic), CALL_TIMEOUT)
+                .map(drop)
+        })
+        .await
+        .is_ok()
+    }
+
     /// The cluster's id, `None` while Kafka does not answer.
     pub async fn cluster_id(&self) -> Option<String> {
         let metadata = self.metadata.clone();

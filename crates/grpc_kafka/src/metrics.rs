@@ -51,6 +51,7 @@ pub struct Metrics {
     pub consumer_lag: Family<Partition, Gauge>,
     /// Per stalled partition: the offset of the record that is not a valid purchase event.
     pub stalled_at: Family<Partition, Gauge>,
+    pub consumer_rebuilds: Counter,
     pub undecodable_records: Counter,
     pub fetch_resets: Counter,
     pub grpc_requests: Family<Call, Counter>,
@@ -72,6 +73,7 @@ impl Default for Metrics {
             ack_to_visible: telemetry::seconds_histogram(),
             consumer_lag: Family::default(),
             stalled_at: Family::default(),
+            consumer_rebuilds: Counter::default(),
             undecodable_records: Counter::default(),
             fetch_resets: Counter::default(),
             grpc_requests: Family::default(),
@@ -122,6 +124,11 @@ impl Metrics {
             "grpc_kafka_partition_stalled_at_offset",
             "Per stalled partition: the offset of the record that is not a valid purchase event.",
             self.stalled_at.clone(),
+        );
+        r.register(
+            "grpc_kafka_consumer_rebuilds",
+            "Times the aggregator replaced its Kafka consumer after it got no metadata for 15 s.",
+            self.consumer_rebuilds.clone(),
         );
         r.register(
             "grpc_kafka_undecodable_records",

@@ -22,6 +22,12 @@ pub fn client_config(brokers: &str) -> ClientConfig {
         .set("bootstrap.servers", brokers)
         // Fail over quickly between the addresses a broker name resolves to.
         .set("socket.connection.setup.timeout.ms", "5000")
-        .set("reconnect.backoff.max.ms", "2000");
+        .set("reconnect.backoff.max.ms", "2000")
+        // A broker that is briefly fenced (a single KRaft node back from a freeze or a long
+        // pause) answers metadata listing no brokers; librdkafka then forgets every broker it
+        // knew and, by default, goes back to `bootstrap.servers` only after 5 minutes. Both
+        // clients would sit that long with nothing to talk to.
+        .set("metadata.recovery.strategy", "rebootstrap")
+        .set("metadata.recovery.rebootstrap.trigger.ms", "5000");
     config
 }

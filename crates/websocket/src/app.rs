@@ -97,6 +97,7 @@ impl Application {
             pool,
             producer,
             topic_spec: settings.kafka.clone(),
+            message_timeout: settings.kafka_message_timeout,
             batch_max: i64::from(settings.outbox_batch_max),
             statement_timeout: settings.database_statement_timeout,
             committed,

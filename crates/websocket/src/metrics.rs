@@ -40,6 +40,7 @@ pub struct Metrics {
     pub events_relayed: Counter,
     pub produce_errors: Counter,
     pub relay_failures: Counter,
+    pub producer_rebuilds: Counter,
 }
 
 impl Default for Metrics {
@@ -57,6 +58,7 @@ impl Default for Metrics {
             events_relayed: Counter::default(),
             produce_errors: Counter::default(),
             relay_failures: Counter::default(),
+            producer_rebuilds: Counter::default(),
         };
         let r = &mut this.registry;
         r.register(
@@ -115,6 +117,11 @@ impl Default for Metrics {
             "websocket_outbox_relay_failures",
             "Relay rounds that failed (PostgreSQL, Kafka, or a row it cannot read); each is retried.",
             this.relay_failures.clone(),
+        );
+        r.register(
+            "websocket_kafka_producer_rebuilds",
+            "Times the relay replaced its Kafka producer (a fatal error, or a round Kafka acknowledged none of).",
+            this.producer_rebuilds.clone(),
         );
         this
     }

@@ -32,6 +32,8 @@ pub struct Relay {
     pub pool: Pool,
     pub producer: FutureProducer,
     pub topic_spec: kafka_common::TopicSpec,
+    /// The producer's `message.timeout.ms`; a rebuilt producer gets the same.
+    pub message_timeout: Duration,
     pub batch_max: i64,
     /// Longest any one PostgreSQL call of a round may take.
     pub statement_timeout: Duration,
@@ -48,8 +50,25 @@ enum RelayError {
     Kafka {
         failed: usize,
         total: usize,
+        /// How many of the round's events Kafka did acknowledge.
+        acknowledged: usize,
         first: String,
     },
+}
+
+impl RelayError {
+    /// A round in which Kafka acknowledged nothing it was sent: the broker is away, or the
+    /// producer is wedged (an idempotent producer can stay stuck on its old epoch and leaders
+    /// after a broker that froze comes back). Either way a fresh producer costs one reconnect.
+    fn nothing_acknowledged(&self) -> bool {
+        matches!(
+            self,
+            Self::Kafka {
+                acknowledged: 0,
+                ..
+            }
+        )
+    }
 }
 
 impl From<tokio_postgres::Error> for RelayError {
@@ -67,8 +86,8 @@ impl From<bb8::RunError<tokio_postgres::Error>> for RelayError {
 impl Relay {
     /// Relays until `stop` is cancelled, then drains the outbox until it is empty or `drain_for`
     /// has passed, and flushes the producer.
-    pub async fn run(self, stop: CancellationToken, drain_for: Duration) {
-        let topic = &self.topic_spec.topic;
+    pub async fn run(mut self, stop: CancellationToken, drain_for: Duration) {
+        let topic = self.topic_spec.topic.clone();
         let mut topic_ready = false;
         let mut backoff = service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_BACKOFF_MAX);
         while !stop.is_cancelled() {
@@ -101,12 +120,41 @@ impl Relay {
                 Err(error) => {
                     self.metrics.relay_failures.inc();
                     tracing::warn!(error = %service_kit::supervise::cause_chain(&error), "outbox relay round failed; retrying");
+                    if let Some(why) = self.producer_unfit(&error) {
+                        self.rebuild_producer(why);
+                    }
                     backoff.wait(&stop).await;
                 }
             }
         }
         if topic_ready {
             self.drain(drain_for).await;
+        }
+    }
+
+    /// Why the producer should not be used again, if it should not: librdkafka declared it dead
+    /// (a fatal error, which no retry clears), or a whole round went unacknowledged.
+    fn producer_unfit(&self, error: &RelayError) -> Option<String> {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            return Some(format!("fatal producer error {code:?}: {reason}"));
+        }
+        error
+            .nothing_acknowledged()
+            .then(|| "kafka acknowledged none of the round's events".to_owned())
+    }
+
+    /// Replaces the producer with a new one (new connections, a new idempotence identity). Every
+    /// event of the old one has been answered by then: a round waits for all of its answers.
+    fn rebuild_producer(&mut self, why: String) {
+        match producer(&self.topic_spec.brokers, self.message_timeout) {
+            Ok(fresh) => {
+                self.producer = fresh;
+                self.metrics.producer_rebuilds.inc();
+                tracing::warn!(%why, "kafka producer rebuilt");
+            }
+            Err(error) => {
+                tracing::error!(%why, %error, "cannot rebuild the kafka producer; keeping the old one");
+            }
         }
     }
 
@@ -189,6 +237,7 @@ impl Relay {
             return Err(RelayError::Kafka {
                 failed: failures.len(),
                 total: rows.len(),
+                acknowledged: delivered.len(),
                 first: first.clone(),
             });
         }
