@@ -41,7 +41,7 @@ in
       inherit cargoArtifacts;
       # The crates whose tests need no services (the domain, the carved cores of both services
       # under paused time, supervision, the key schema); the rest run in `e2e` below.
-      cargoNextestExtraArgs = "-p purchase -p wallet_websocket -p grpc_kafka -p kafka_common -p service_kit -p totals_schema -p auth";
+      cargoNextestExtraArgs = "-p purchase -p wallet_websocket -p grpc_kafka -p kafka_common -p service_kit -p totals_schema -p sequencing -p auth";
     }
   );
 
