@@ -6,7 +6,8 @@
 //! - `hostile`: the bad-input corpus, oversized frames, abrupt and non-reading clients;
 //! - `auth`: forged tokens, who may submit and read, rate limit, per-address cap, TLS;
 //! - `observability`: `/metrics` of both services against what was sent; readiness;
-//! - `supervision`: every long-lived task of both services killed in turn.
+//! - `supervision`: every long-lived task of both services killed in turn;
+//! - `rounds`: the sequence-numbered relay's PostgreSQL side (order, watermark, bookkeeping).
 //!
 //! The fault-injection suite is a binary of its own (`tests/faults`): it takes the shared services
 //! down, so it runs alone.
@@ -16,5 +17,6 @@ mod e2e;
 mod grpc_kafka;
 mod hostile;
 mod observability;
+mod rounds;
 mod supervision;
 mod websocket;

@@ -7,6 +7,8 @@
 //! - `db`: the PostgreSQL pool and the embedded migrations;
 //! - `store`: group commit of purchases and their outbox rows;
 //! - `outbox`: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
+//! - `rounds`: the sequence-numbered relay's PostgreSQL side (stream, rounds below xmin,
+//!   bookkeeping as a compare-and-set), on the `sequencing` rules; not yet used by the relay;
 //! - `server`: HTTP accept loop, routes, `/ws` upgrades and their caps;
 //! - `handshake`: the upgrade's HTTP side without I/O (101, token, 401, forwarded client);
 //! - `health`: `/readyz` and the `healthcheck` command;
@@ -32,6 +34,7 @@ mod handshake;
 mod health;
 pub mod metrics;
 mod outbox;
+pub mod rounds;
 mod server;
 mod settings;
 mod store;

@@ -1,0 +1,206 @@
+//! The sequence-numbered relay's PostgreSQL side (`websocket::rounds`) against PostgreSQL: the
+//! order of a round, the watermark, the stream's partition count, the bookkeeping's
+//! compare-and-set and rewind.
+
+use std::time::Duration;
+
+use sequencing::relay::{Cursor, Landed, RowKey, Stamped};
+use tests::{TestDb, connect_pg, eventually, fresh_database};
+use uuid::Uuid;
+use websocket::rounds::{self, RoundsError, Stream};
+
+async fn migrated() -> (TestDb, tokio_postgres::Client) {
+    let db = fresh_database().await;
+    let pool = websocket::db::pool(db.url.parse().expect("url"), 1, Duration::from_secs(5));
+    websocket::db::migrate(&pool, Duration::from_secs(5))
+        .await
+        .expect("migrations");
+    let client = connect_pg(&db.url).await.expect("connect");
+    (db, client)
+}
+
+async fn insert(client: &impl tokio_postgres::GenericClient, id: u128, user: &str) {
+    client
+        .execute(
+            "INSERT INTO purchases (purchase_id, user_id, amount_cents) VALUES ($1, $2, 100)",
+            &[&Uuid::from_u128(id), &user],
+        )
+        .await
+        .expect("insert");
+}
+
+#[tokio::test]
+async fn purchases_carry_the_id_of_the_transaction_that_wrote_them() {
+    let (_db, mut client) = migrated().await;
+    let transaction = client.transaction().await.expect("begin");
+    insert(&transaction, 2, "u-1").await;
+    insert(&transaction, 1, "u-2").await;
+    let own: String = transaction
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .expect("own id")
+        .get(0);
+    transaction.commit().await.expect("commit");
+    let ids: Vec<Option<String>> = client
+        .query("SELECT txid::text FROM purchases ORDER BY purchase_id", &[])
+        .await
+        .expect("select")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(ids, vec![Some(own.clone()), Some(own)]);
+}
+
+#[tokio::test]
+async fn a_round_takes_rows_in_transaction_order_only_below_the_oldest_running_transaction() {
+    let (db, client) = migrated().await;
+    let mut early = connect_pg(&db.url).await.expect("connect");
+    // The early transaction writes first (its id is the smaller) and stays open.
+    let running = early.transaction().await.expect("begin");
+    insert(&running, 30, "u-1").await;
+    // A later transaction writes two rows and commits.
+    insert(&client, 20, "u-2").await;
+    let mut later = connect_pg(&db.url).await.expect("connect");
+    let committed = later.transaction().await.expect("begin");
+    insert(&committed, 11, "u-3").await;
+    insert(&committed, 10, "u-3").await;
+    committed.commit().await.expect("commit");
+    let start = Cursor::start(4);
+    // While the early transaction runs, nothing after its id may be published: it could still
+    // commit a row before them in the order.
+    let taken = rounds::take_round(&client, &start, 100)
+        .await
+        .expect("round");
+    assert!(
+        taken
+            .iter()
+            .all(|row| row.key.purchase_id != 10 && row.key.purchase_id != 11),
+        "rows above a running transaction were taken: {taken:?}"
+    );
+    running
+        .commit()
+        .await
+        .expect("commit the early transaction");
+    // Other tests' transactions hold the cluster's xmin back too: wait for them to end.
+    let taken = eventually(
+        Duration::from_secs(30),
+        "all four rows below xmin",
+        || async {
+            let taken = rounds::take_round(&client, &start, 100)
+                .await
+                .expect("round");
+            (taken.len() == 4).then_some(taken)
+        },
+    )
+    .await;
+    let order: Vec<u128> = taken.iter().map(|row| row.key.purchase_id).collect();
+    // The early transaction's row, the single insert, then the two rows of one transaction by id.
+    assert_eq!(order, vec![30, 20, 10, 11]);
+    assert!(taken.windows(2).all(|pair| pair[0].key < pair[1].key));
+    // A round from a cursor inside one transaction takes the rest of it, then what follows.
+    let mut cursor = Cursor::start(4);
+    cursor.after = Some(taken[2].key);
+    let rest = rounds::take_round(&client, &cursor, 100)
+        .await
+        .expect("round");
+    assert_eq!(
+        rest.iter()
+            .map(|row| row.key.purchase_id)
+            .collect::<Vec<_>>(),
+        vec![11]
+    );
+    let limited = rounds::take_round(&client, &start, 2).await.expect("round");
+    assert_eq!(limited.len(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_keeps_its_partition_count_and_another_is_refused() {
+    let (_db, client) = migrated().await;
+    let id = Uuid::new_v4();
+    let stream = rounds::open_stream(&client, id, 4).await.expect("open");
+    assert_eq!(stream.partitions, 4);
+    assert_eq!(
+        rounds::open_stream(&client, id, 4).await.expect("again"),
+        stream
+    );
+    match rounds::open_stream(&client, id, 8).await {
+        Err(RoundsError::PartitionCount {
+            recorded: 4,
+            configured: 8,
+            ..
+        }) => {}
+        other => panic!("expected a refusal naming both counts, got {other:?}"),
+    }
+}
+
+fn round_after(from: &Cursor, rows: &[(u64, u128, &str)], first_offset: u64) -> Cursor {
+    let keyed: Vec<(RowKey, &[u8])> = rows
+        .iter()
+        .map(|(txid, purchase_id, user)| {
+            (
+                RowKey {
+                    txid: *txid,
+                    purchase_id: *purchase_id,
+                },
+                user.as_bytes(),
+            )
+        })
+        .collect();
+    let stamped: Vec<Stamped> = from.stamp(keyed);
+    let acknowledged: Vec<(Stamped, Landed)> = stamped
+        .iter()
+        .zip(first_offset..)
+        .map(|(stamp, offset)| {
+            (
+                *stamp,
+                Landed {
+                    offset,
+                    seq: stamp.seq,
+                },
+            )
+        })
+        .collect();
+    from.after_round(&acknowledged, |_, _| None)
+        .expect("a first round has nothing to read back")
+}
+
+#[tokio::test]
+async fn of_two_relays_writing_the_round_after_the_same_one_only_one_wins_and_rewind_forgets() {
+    let (_db, client) = migrated().await;
+    let stream: Stream = rounds::open_stream(&client, Uuid::new_v4(), 1)
+        .await
+        .expect("open");
+    let start = Cursor::start(1);
+    let first = round_after(&start, &[(5, 1, "u-1"), (5, 2, "u-2")], 0);
+    let other = round_after(&start, &[(5, 1, "u-1")], 0);
+    assert!(
+        rounds::record_round(&client, stream, 0, &first)
+            .await
+            .expect("record")
+    );
+    assert!(
+        !rounds::record_round(&client, stream, 0, &other)
+            .await
+            .expect("record"),
+        "a second relay recorded over the same round"
+    );
+    let stored = rounds::rounds(&client, stream).await.expect("read");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].number, 1);
+    assert_eq!(stored[0].cursor, first, "read back exactly as written");
+    assert_eq!(first.next_seq, vec![2]);
+    assert_eq!(first.last_landed, vec![Some(Landed { offset: 1, seq: 1 })]);
+    let second = first.clone();
+    assert!(
+        rounds::record_round(&client, stream, 1, &second)
+            .await
+            .expect("record")
+    );
+    assert_eq!(rounds::rewind(&client, stream, 0).await.expect("rewind"), 2);
+    assert!(
+        rounds::rounds(&client, stream)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+}
