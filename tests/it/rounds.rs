@@ -204,3 +204,78 @@ async fn of_two_relays_writing_the_round_after_the_same_one_only_one_wins_and_re
             .is_empty()
     );
 }
+
+/// Loss detection reads a record back where Kafka said it landed: there while the log holds it,
+/// gone once the topic is deleted and created again under the same name.
+#[tokio::test]
+async fn a_record_reads_back_where_it_landed_and_not_once_the_topic_is_recreated() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let brokers = tests::Env::get().kafka_brokers;
+    let topic = tests::fresh_topic(2).await;
+    let producer: FutureProducer = kafka_common::client_config(&brokers)
+        .create()
+        .expect("producer");
+    let mut landed = Vec::new();
+    for payload in ["first", "second", "third"] {
+        let record = FutureRecord::to(&topic)
+            .key("k")
+            .payload(payload)
+            .partition(1);
+        let delivered = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("acknowledged");
+        landed.push((delivered.partition, delivered.offset));
+    }
+    let reader = kafka_common::readback::Reader::new(&brokers, &topic).expect("reader");
+    let read = |partition, offset| {
+        reader
+            .payload_at(partition, offset, Duration::from_secs(10))
+            .expect("kafka answers")
+    };
+    assert_eq!(read(landed[1].0, landed[1].1), Some(b"second".to_vec()));
+    assert_eq!(read(landed[0].0, landed[0].1), Some(b"first".to_vec()));
+    assert_eq!(read(1, landed[2].1 + 1), None, "past the end");
+    assert_eq!(read(0, 0), None, "an empty partition");
+
+    let admin: AdminClient<DefaultClientContext> = kafka_common::client_config(&brokers)
+        .create()
+        .expect("admin");
+    admin
+        .delete_topics(&[&topic], &AdminOptions::new())
+        .await
+        .expect("delete request")
+        .into_iter()
+        .for_each(|result| {
+            result.expect("topic deleted");
+        });
+    let spec = kafka_common::TopicSpec {
+        brokers: brokers.clone(),
+        topic: topic.clone(),
+        partitions: 2,
+        replication_factor: 1,
+        min_insync_replicas: 1,
+    };
+    // The deletion completes in the background; creating it again succeeds once it has.
+    eventually(
+        Duration::from_secs(60),
+        "the topic created again",
+        || async { kafka_common::ensure_topic(&spec).await.ok() },
+    )
+    .await;
+    let reader = kafka_common::readback::Reader::new(&brokers, &topic).expect("reader");
+    let gone = eventually(
+        Duration::from_secs(30),
+        "the new topic's metadata",
+        || async {
+            reader
+                .payload_at(landed[1].0, landed[1].1, Duration::from_secs(5))
+                .ok()
+        },
+    )
+    .await;
+    assert_eq!(gone, None, "a record of the deleted topic read back");
+}

@@ -1,6 +1,7 @@
 //! Kafka plumbing shared by the websocket service (producer) and grpc_kafka (consumer): the
 //! client configuration both use, and the topic ([`topic`]: its settings, creation and check,
-//! the fitness rules themselves in [`fitness`], without I/O).
+//! the fitness rules themselves in [`fitness`], without I/O), and reading one record back by its
+//! offset ([`readback`], for the relay's loss detection by content).
 //!
 //! Both services create the purchase topic if it is missing, so either can start first. The topic
 //! keeps its records forever (`retention.ms=-1`): replaying it from the start is the documented way
@@ -9,6 +10,7 @@
 //! needs is refused with an error naming the setting, never silently used.
 
 pub mod fitness;
+pub mod readback;
 pub mod topic;
 
 use rdkafka::ClientConfig;
