@@ -502,3 +502,66 @@ fn a_lost_tail_after_the_horizon_counts_twice_today_and_once_by_sequence() {
         "the lost round published again"
     );
 }
+
+/// A relay that crashed between Kafka's acknowledgement and its bookkeeping publishes the round
+/// again when it restarts, which may be long after: today's dedupe set has forgotten the first
+/// copy by then; the sequence rule has no horizon.
+#[test]
+fn a_copy_published_after_the_horizon_counts_twice_today_and_once_by_sequence() {
+    let horizon = 10;
+    let mut log: Vec<(usize, u64)> = vec![(0, 100)];
+    let mut today = TodaysRules {
+        stored: 0,
+        seen: Vec::new(),
+        total: 0,
+    };
+    today.read_all(&log, 0, horizon);
+    log.push((0, 100)); // published again at t=100
+    today.read_all(&log, 100, horizon);
+    assert_eq!(today.total, 200, "today: the copy counted");
+
+    let mut world = World::new();
+    world.pg.insert(0, 100, None);
+    world.pg.commit(0);
+    world.plan(0, 5);
+    world.publish(0, &[0]);
+    world.finish(0, true); // acknowledged, then the crash before the bookkeeping row
+    let partition = crate::partitioner::partition_of(USERS[0].as_bytes(), PARTITIONS) as usize;
+    for _ in 0..2 {
+        world.read(partition);
+    }
+    assert_eq!(world.redis.totals[0], 100);
+    world.settle();
+    assert_eq!(world.kafka[partition].len(), 2, "the round published again");
+    assert_eq!(world.redis.totals[0], 100, "by sequence: the copy dropped");
+}
+
+/// Kafka loses an acknowledged record before the aggregator read it. Today the outbox row is
+/// already deleted, so the purchase is never counted; by sequence the relay's read-back finds it
+/// missing and publishes it again.
+#[test]
+fn a_record_lost_before_it_was_counted_is_lost_today_and_republished_by_sequence() {
+    let mut today = TodaysRules {
+        stored: 0,
+        seen: Vec::new(),
+        total: 0,
+    };
+    let log: Vec<(usize, u64)> = Vec::new(); // acknowledged, outbox row deleted, then lost
+    today.read_all(&log, 0, 10);
+    assert_eq!(today.total, 0, "today: the purchase is never counted");
+
+    let mut world = World::new();
+    world.pg.insert(0, 100, None);
+    world.pg.commit(0);
+    world.plan(0, 5);
+    world.publish(0, &[0]);
+    world.finish(0, false);
+    assert_eq!(world.pg.rounds.len(), 1, "the round was recorded");
+    let partition = crate::partitioner::partition_of(USERS[0].as_bytes(), PARTITIONS) as usize;
+    world.kafka[partition].clear();
+    world.settle();
+    assert_eq!(
+        world.redis.totals[0], 100,
+        "by sequence: published again and counted"
+    );
+}
