@@ -14,6 +14,18 @@ pub struct PurchaseEvent {
     pub purchase: Purchase,
     /// When the purchase was committed.
     pub created_at: DateTime<Utc>,
+    /// Set by the sequence-numbered relay (issue 19); absent on events relayed from the outbox.
+    pub sequence: Option<Sequence>,
+}
+
+/// Where an event stands in its stream: the partition the relay computed for it and that
+/// partition's sequence number. A replay stamps the same purchase with the same numbers; the
+/// aggregator counts an event only when its number is the next one expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sequence {
+    pub stream: Uuid,
+    pub partition: u32,
+    pub seq: u64,
 }
 
 /// The event's JSON on the topic: the amount in cents and, for people reading the topic, the
@@ -26,6 +38,8 @@ struct Wire {
     amount_cents: i64,
     amount: String,
     created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sequence: Option<Sequence>,
 }
 
 /// Why a record on the topic is not a valid purchase event.
@@ -54,7 +68,15 @@ impl PurchaseEvent {
         Self {
             purchase,
             created_at,
+            sequence: None,
         }
+    }
+
+    /// The event stamped with its place in a stream.
+    #[must_use]
+    pub fn with_sequence(mut self, sequence: Sequence) -> Self {
+        self.sequence = Some(sequence);
+        self
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
@@ -64,6 +86,7 @@ impl PurchaseEvent {
             amount_cents: self.purchase.amount.cents(),
             amount: self.purchase.amount.to_string(),
             created_at: self.created_at,
+            sequence: self.sequence,
         };
         serde_json::to_vec(&wire).map_err(|source| EncodeError {
             purchase_id: self.purchase.purchase_id,
@@ -81,10 +104,14 @@ impl PurchaseEvent {
                 amount_cents: wire.amount_cents,
             });
         }
-        Ok(Self::new(
+        let event = Self::new(
             Purchase::new(wire.purchase_id, wire.user_id, amount),
             wire.created_at,
-        ))
+        );
+        Ok(match wire.sequence {
+            Some(sequence) => event.with_sequence(sequence),
+            None => event,
+        })
     }
 }
 
@@ -115,6 +142,43 @@ mod tests {
             PurchaseEvent::decode(json.as_bytes()).expect("decode"),
             event
         );
+    }
+
+    #[test]
+    fn a_stamped_event_carries_its_stream_partition_and_number_and_round_trips() {
+        let at = DateTime::parse_from_rfc3339("2026-11-26T12:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let stream = Uuid::from_u128(7);
+        let event = PurchaseEvent::new(
+            Purchase::new(
+                Uuid::from_u128(1),
+                UserId::parse("u-1").expect("user"),
+                Amount::from_cents(100).expect("amount"),
+            ),
+            at,
+        )
+        .with_sequence(Sequence {
+            stream,
+            partition: 3,
+            seq: 41,
+        });
+        let json = String::from_utf8(event.encode().expect("encode")).expect("utf8");
+        assert!(
+            json.ends_with(r#","sequence":{"stream":"00000000-0000-0000-0000-000000000007","partition":3,"seq":41}}"#),
+            "{json}"
+        );
+        assert_eq!(
+            PurchaseEvent::decode(json.as_bytes()).expect("decode"),
+            event
+        );
+        for bad in [r#""partition":-1,"seq":1"#, r#""partition":1,"seq":-1"#] {
+            let broken = json.replace(r#""partition":3,"seq":41"#, bad);
+            assert!(
+                PurchaseEvent::decode(broken.as_bytes()).is_err(),
+                "{broken}"
+            );
+        }
     }
 
     #[test]

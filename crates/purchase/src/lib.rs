@@ -18,7 +18,7 @@ pub mod reply;
 pub mod user;
 
 pub use amount::{Amount, AmountError};
-pub use event::{EncodeError, EventError, PurchaseEvent};
+pub use event::{EncodeError, EventError, PurchaseEvent, Sequence};
 pub use inbound::{PurchaseRequest, Rejection, parse_frame};
 pub use model::Purchase;
 pub use reply::{ErrorCode, Reply};
