@@ -279,3 +279,136 @@ async fn a_record_reads_back_where_it_landed_and_not_once_the_topic_is_recreated
     .await;
     assert_eq!(gone, None, "a record of the deleted topic read back");
 }
+
+/// Publishes a stamped event of `user` where the stamp says, as the relay will; returns where it
+/// landed.
+async fn publish_stamped(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    stream: Uuid,
+    stamped: Stamped,
+    user: &str,
+) -> Landed {
+    use purchase::{Amount, Purchase, PurchaseEvent, Sequence, UserId};
+    let event = PurchaseEvent::new(
+        Purchase::new(
+            Uuid::from_u128(stamped.key.purchase_id),
+            UserId::parse(user).expect("user"),
+            Amount::from_cents(100).expect("amount"),
+        ),
+        chrono::Utc::now(),
+    )
+    .with_sequence(Sequence {
+        stream,
+        partition: stamped.partition,
+        seq: stamped.seq,
+    });
+    let payload = event.encode().expect("encode");
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .key(user)
+        .payload(&payload)
+        .partition(i32::try_from(stamped.partition).expect("partition"));
+    let delivered = producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .expect("acknowledged");
+    Landed {
+        offset: u64::try_from(delivered.offset).expect("offset"),
+        seq: stamped.seq,
+    }
+}
+
+/// Loss detection by content against PostgreSQL and Kafka: the rounds whose records are where
+/// they landed are kept; a round whose offset holds another stream's record is not; once the
+/// topic is recreated, none is.
+#[tokio::test]
+async fn loss_detection_keeps_the_rounds_still_in_kafka_and_rewinds_past_the_rest() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let (_db, client) = migrated().await;
+    let brokers = tests::Env::get().kafka_brokers;
+    let topic = tests::fresh_topic(2).await;
+    let stream = rounds::open_stream(&client, Uuid::new_v4(), 2)
+        .await
+        .expect("open");
+    let producer: rdkafka::producer::FutureProducer = kafka_common::client_config(&brokers)
+        .create()
+        .expect("producer");
+    let reader = kafka_common::readback::Reader::new(&brokers, &topic).expect("reader");
+    let timeout = Duration::from_secs(10);
+    let read = |partition: u32, offset: u64| {
+        rounds::seq_at(&reader, stream, partition, offset, timeout).expect("kafka answers")
+    };
+    // Three rounds of one purchase each, recorded as the relay records them.
+    let mut cursor = Cursor::start(2);
+    for (round, purchase_id) in (0..3).zip(1u128..) {
+        let key = RowKey {
+            txid: 10 + purchase_id as u64,
+            purchase_id,
+        };
+        let stamped = cursor.stamp([(key, "u-1".as_bytes())])[0];
+        let landed = if round < 2 {
+            publish_stamped(&producer, &topic, stream.id, stamped, "u-1").await
+        } else {
+            // The third round's offset holds another stream's record instead: a log rewritten
+            // under what Kafka had acknowledged.
+            let mut landed =
+                publish_stamped(&producer, &topic, Uuid::new_v4(), stamped, "u-1").await;
+            landed.seq = stamped.seq;
+            landed
+        };
+        cursor = cursor
+            .after_round(&[(stamped, landed)], read)
+            .expect("the earlier rounds read back");
+        assert!(
+            rounds::record_round(&client, stream, round, &cursor)
+                .await
+                .expect("record")
+        );
+    }
+    let recorded = rounds::rounds(&client, stream).await.expect("rounds");
+    assert_eq!(recorded.len(), 3);
+    let newest = rounds::newest_intact_round(&recorded, &reader, stream, timeout).expect("kafka");
+    assert_eq!(
+        newest, 2,
+        "the round whose offset holds another record is not intact"
+    );
+
+    let admin: AdminClient<DefaultClientContext> = kafka_common::client_config(&brokers)
+        .create()
+        .expect("admin");
+    for result in admin
+        .delete_topics(&[&topic], &AdminOptions::new())
+        .await
+        .expect("delete request")
+    {
+        result.expect("topic deleted");
+    }
+    let spec = kafka_common::TopicSpec {
+        brokers: brokers.clone(),
+        topic: topic.clone(),
+        partitions: 2,
+        replication_factor: 1,
+        min_insync_replicas: 1,
+    };
+    eventually(
+        Duration::from_secs(60),
+        "the topic created again",
+        || async { kafka_common::ensure_topic(&spec).await.ok() },
+    )
+    .await;
+    let reader = kafka_common::readback::Reader::new(&brokers, &topic).expect("reader");
+    let newest = eventually(
+        Duration::from_secs(30),
+        "the new topic's metadata",
+        || async {
+            rounds::newest_intact_round(&recorded, &reader, stream, Duration::from_secs(5)).ok()
+        },
+    )
+    .await;
+    assert_eq!(
+        newest, 0,
+        "a recreated topic keeps no round: publish from the start"
+    );
+}

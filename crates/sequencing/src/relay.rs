@@ -158,3 +158,57 @@ pub fn newest_intact(
 ) -> Option<usize> {
     rounds.iter().rposition(|cursor| cursor.intact(&mut read))
 }
+
+/// [`newest_intact`] with a read that can fail (Kafka not answering): the first failure is
+/// returned, so an unanswered read never passes for a lost record.
+pub fn try_newest_intact<E>(
+    rounds: &[Cursor],
+    mut read: impl FnMut(u32, u64) -> Result<Option<u64>, E>,
+) -> Result<Option<usize>, E> {
+    let mut failure = None;
+    let found = newest_intact(rounds, |partition, offset| {
+        if failure.is_some() {
+            return None;
+        }
+        read(partition, offset).unwrap_or_else(|error| {
+            failure = Some(error);
+            None
+        })
+    });
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(found),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn landed_at(offset: u64, seq: u64) -> Cursor {
+        let mut cursor = Cursor::start(1);
+        cursor.last_landed[0] = Some(Landed { offset, seq });
+        cursor.next_seq[0] = seq + 1;
+        cursor
+    }
+
+    #[test]
+    fn an_unanswered_read_is_an_error_never_a_lost_record() {
+        let rounds = [landed_at(0, 0), landed_at(1, 1)];
+        let found: Result<_, &str> = try_newest_intact(&rounds, |_, offset| {
+            if offset == 1 {
+                Err("timed out")
+            } else {
+                Ok(Some(0))
+            }
+        });
+        assert_eq!(found, Err("timed out"));
+        let found: Result<_, &str> =
+            try_newest_intact(&rounds, |_, offset| Ok((offset == 0).then_some(0)));
+        assert_eq!(
+            found,
+            Ok(Some(0)),
+            "the round whose record is gone is skipped"
+        );
+    }
+}

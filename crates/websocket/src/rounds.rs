@@ -239,3 +239,41 @@ pub async fn rewind(
         )
         .await?)
 }
+
+/// What Kafka holds at `offset` of `partition`, as loss detection compares it: the sequence
+/// number of the record there if it is this stream's record for this partition; `None` when
+/// there is no record, or another one (a log rewritten under the offset). Blocks its thread.
+pub fn seq_at(
+    reader: &kafka_common::readback::Reader,
+    stream: Stream,
+    partition: u32,
+    offset: u64,
+    timeout: std::time::Duration,
+) -> Result<Option<u64>, rdkafka::error::KafkaError> {
+    let (Ok(kafka_partition), Ok(kafka_offset)) = (i32::try_from(partition), i64::try_from(offset))
+    else {
+        return Ok(None);
+    };
+    let payload = reader.payload_at(kafka_partition, kafka_offset, timeout)?;
+    Ok(payload
+        .and_then(|bytes| purchase::PurchaseEvent::decode(&bytes).ok())
+        .and_then(|event| event.sequence)
+        .filter(|sequence| sequence.stream == stream.id && sequence.partition == partition)
+        .map(|sequence| sequence.seq))
+}
+
+/// Loss detection: the number of the newest round whose records are all still where Kafka said
+/// they landed (0: none is, publish again from the stream's start). A Kafka that does not answer
+/// is an error, never a loss. Blocks its thread.
+pub fn newest_intact_round(
+    rounds: &[Round],
+    reader: &kafka_common::readback::Reader,
+    stream: Stream,
+    timeout: std::time::Duration,
+) -> Result<i64, rdkafka::error::KafkaError> {
+    let cursors: Vec<Cursor> = rounds.iter().map(|round| round.cursor.clone()).collect();
+    let newest = sequencing::relay::try_newest_intact(&cursors, |partition, offset| {
+        seq_at(reader, stream, partition, offset, timeout)
+    })?;
+    Ok(newest.map_or(0, |index| rounds[index].number))
+}
