@@ -209,8 +209,6 @@ async fn of_two_relays_writing_the_round_after_the_same_one_only_one_wins_and_re
 /// gone once the topic is deleted and created again under the same name.
 #[tokio::test]
 async fn a_record_reads_back_where_it_landed_and_not_once_the_topic_is_recreated() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     let brokers = tests::Env::get().kafka_brokers;
@@ -241,31 +239,7 @@ async fn a_record_reads_back_where_it_landed_and_not_once_the_topic_is_recreated
     assert_eq!(read(1, landed[2].1 + 1), None, "past the end");
     assert_eq!(read(0, 0), None, "an empty partition");
 
-    let admin: AdminClient<DefaultClientContext> = kafka_common::client_config(&brokers)
-        .create()
-        .expect("admin");
-    admin
-        .delete_topics(&[&topic], &AdminOptions::new())
-        .await
-        .expect("delete request")
-        .into_iter()
-        .for_each(|result| {
-            result.expect("topic deleted");
-        });
-    let spec = kafka_common::TopicSpec {
-        brokers: brokers.clone(),
-        topic: topic.clone(),
-        partitions: 2,
-        replication_factor: 1,
-        min_insync_replicas: 1,
-    };
-    // The deletion completes in the background; creating it again succeeds once it has.
-    eventually(
-        Duration::from_secs(60),
-        "the topic created again",
-        || async { kafka_common::ensure_topic(&spec).await.ok() },
-    )
-    .await;
+    recreate_topic(&brokers, &topic, 2).await;
     let reader = kafka_common::readback::Reader::new(&brokers, &topic).expect("reader");
     let gone = eventually(
         Duration::from_secs(30),
@@ -323,9 +297,6 @@ async fn publish_stamped(
 /// topic is recreated, none is.
 #[tokio::test]
 async fn loss_detection_keeps_the_rounds_still_in_kafka_and_rewinds_past_the_rest() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-
     let (_db, client) = migrated().await;
     let brokers = tests::Env::get().kafka_brokers;
     let topic = tests::fresh_topic(2).await;
@@ -375,29 +346,7 @@ async fn loss_detection_keeps_the_rounds_still_in_kafka_and_rewinds_past_the_res
         "the round whose offset holds another record is not intact"
     );
 
-    let admin: AdminClient<DefaultClientContext> = kafka_common::client_config(&brokers)
-        .create()
-        .expect("admin");
-    for result in admin
-        .delete_topics(&[&topic], &AdminOptions::new())
-        .await
-        .expect("delete request")
-    {
-        result.expect("topic deleted");
-    }
-    let spec = kafka_common::TopicSpec {
-        brokers: brokers.clone(),
-        topic: topic.clone(),
-        partitions: 2,
-        replication_factor: 1,
-        min_insync_replicas: 1,
-    };
-    eventually(
-        Duration::from_secs(60),
-        "the topic created again",
-        || async { kafka_common::ensure_topic(&spec).await.ok() },
-    )
-    .await;
+    recreate_topic(&brokers, &topic, 2).await;
     let reader = kafka_common::readback::Reader::new(&brokers, &topic).expect("reader");
     let newest = eventually(
         Duration::from_secs(30),
@@ -411,4 +360,35 @@ async fn loss_detection_keeps_the_rounds_still_in_kafka_and_rewinds_past_the_res
         newest, 0,
         "a recreated topic keeps no round: publish from the start"
     );
+}
+
+/// Deletes the topic and creates it again under the same name, empty.
+async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let admin: AdminClient<DefaultClientContext> = kafka_common::client_config(brokers)
+        .create()
+        .expect("admin");
+    for result in admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete request")
+    {
+        result.expect("topic deleted");
+    }
+    let spec = kafka_common::TopicSpec {
+        brokers: brokers.to_owned(),
+        topic: topic.to_owned(),
+        partitions,
+        replication_factor: 1,
+        min_insync_replicas: 1,
+    };
+    // The deletion completes in the background; creating it again succeeds once it has.
+    eventually(
+        Duration::from_secs(60),
+        "the topic created again",
+        || async { kafka_common::ensure_topic(&spec).await.ok() },
+    )
+    .await;
 }

@@ -445,6 +445,14 @@ struct TodaysRules {
 }
 
 impl TodaysRules {
+    fn new() -> Self {
+        Self {
+            stored: 0,
+            seen: Vec::new(),
+            total: 0,
+        }
+    }
+
     fn read_all(&mut self, log: &[(usize, u64)], now: u64, horizon: u64) {
         if self.stored > log.len() {
             self.stored = 0;
@@ -469,11 +477,7 @@ fn a_lost_tail_after_the_horizon_counts_twice_today_and_once_by_sequence() {
     let horizon = 10;
     // Today: three purchases of one user, 100 cents each, at offsets 0..3, counted at t=0.
     let mut log: Vec<(usize, u64)> = (0..3).map(|id| (id, 100)).collect();
-    let mut today = TodaysRules {
-        stored: 0,
-        seen: Vec::new(),
-        total: 0,
-    };
+    let mut today = TodaysRules::new();
     today.read_all(&log, 0, horizon);
     assert_eq!(today.total, 300);
     // Past the horizon the broker loses its last record; nothing republishes it.
@@ -510,23 +514,14 @@ fn a_lost_tail_after_the_horizon_counts_twice_today_and_once_by_sequence() {
 fn a_copy_published_after_the_horizon_counts_twice_today_and_once_by_sequence() {
     let horizon = 10;
     let mut log: Vec<(usize, u64)> = vec![(0, 100)];
-    let mut today = TodaysRules {
-        stored: 0,
-        seen: Vec::new(),
-        total: 0,
-    };
+    let mut today = TodaysRules::new();
     today.read_all(&log, 0, horizon);
     log.push((0, 100)); // published again at t=100
     today.read_all(&log, 100, horizon);
     assert_eq!(today.total, 200, "today: the copy counted");
 
-    let mut world = World::new();
-    world.pg.insert(0, 100, None);
-    world.pg.commit(0);
-    world.plan(0, 5);
-    world.publish(0, &[0]);
-    world.finish(0, true); // acknowledged, then the crash before the bookkeeping row
-    let partition = crate::partitioner::partition_of(USERS[0].as_bytes(), PARTITIONS) as usize;
+    // Acknowledged, then the crash before the bookkeeping row.
+    let (mut world, partition) = one_purchase_relayed(true);
     for _ in 0..2 {
         world.read(partition);
     }
@@ -541,27 +536,30 @@ fn a_copy_published_after_the_horizon_counts_twice_today_and_once_by_sequence() 
 /// missing and publishes it again.
 #[test]
 fn a_record_lost_before_it_was_counted_is_lost_today_and_republished_by_sequence() {
-    let mut today = TodaysRules {
-        stored: 0,
-        seen: Vec::new(),
-        total: 0,
-    };
+    let mut today = TodaysRules::new();
     let log: Vec<(usize, u64)> = Vec::new(); // acknowledged, outbox row deleted, then lost
     today.read_all(&log, 0, 10);
     assert_eq!(today.total, 0, "today: the purchase is never counted");
 
-    let mut world = World::new();
-    world.pg.insert(0, 100, None);
-    world.pg.commit(0);
-    world.plan(0, 5);
-    world.publish(0, &[0]);
-    world.finish(0, false);
+    let (mut world, partition) = one_purchase_relayed(false);
     assert_eq!(world.pg.rounds.len(), 1, "the round was recorded");
-    let partition = crate::partitioner::partition_of(USERS[0].as_bytes(), PARTITIONS) as usize;
     world.kafka[partition].clear();
     world.settle();
     assert_eq!(
         world.redis.totals[0], 100,
         "by sequence: published again and counted"
     );
+}
+
+/// One purchase of 100 cents for the first user, committed and published in one acknowledged
+/// round, the relay crashing before its bookkeeping row or not; and the purchase's partition.
+fn one_purchase_relayed(crash: bool) -> (World, usize) {
+    let mut world = World::new();
+    world.pg.insert(0, 100, None);
+    world.pg.commit(0);
+    world.plan(0, 5);
+    world.publish(0, &[0]);
+    world.finish(0, crash);
+    let partition = crate::partitioner::partition_of(USERS[0].as_bytes(), PARTITIONS) as usize;
+    (world, partition)
 }
