@@ -664,28 +664,38 @@ impl Aggregator {
     }
 
     /// Every [`REACH_PROBE_INTERVAL`], asks the group consumer for metadata; after
-    /// [`REBUILD_UNREACHABLE_AFTER`] without an answer, replaces the source with a new one.
+    /// [`REBUILD_UNREACHABLE_AFTER`] without an answer, while a client made now does get one,
+    /// replaces the source with a new one.
     ///
     /// librdkafka (2.12) forgets every broker when a metadata answer lists none, which a single
     /// briefly fenced KRaft broker gives (back from a freeze, a long GC pause), and then never
     /// asks again: the consumer would wait outside its group for good. A new consumer starts from
     /// `bootstrap.servers`. Nothing is lost by it: what counts is decided by the offsets in Redis,
-    /// read again on the new assignment.
+    /// read again on the new assignment. While Kafka itself is away nothing is replaced.
     async fn probe_consumer(&mut self) -> Step<()> {
         if !self.reach.probe_due(Instant::now()) {
             return Ok(());
         }
         let reached = self.source.consumer_reaches_kafka().await;
+        self.heartbeat.beat();
         if !self.reach.probed(reached, Instant::now()) {
             return Ok(());
+        }
+        let kafka_answers = Source::kafka_answers_a_new_client(&self.brokers, &self.topic).await;
+        self.heartbeat.beat();
+        if !kafka_answers {
+            return Ok(()); // Kafka is away, not only this consumer's view of it
         }
         match Source::create(&self.brokers, &self.group_id, &self.topic) {
             Ok(fresh) => {
                 tracing::warn!(
                     unreachable_for = ?REBUILD_UNREACHABLE_AFTER,
-                    "the kafka consumer got no metadata from any broker; replaced by a new one"
+                    "the kafka consumer got no metadata from any broker while a new client \
+                     did; replaced by a new one"
                 );
-                self.source = fresh;
+                let old = std::mem::replace(&mut self.source, fresh);
+                // Closing a consumer may wait on its group's coordinator: never on this loop.
+                drop(tokio::task::spawn_blocking(move || drop(old)));
                 self.positions
                     .rebalanced(&std::collections::BTreeSet::new());
                 self.metrics.consumer_rebuilds.inc();

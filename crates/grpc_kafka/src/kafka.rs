@@ -134,6 +134,19 @@ impl Source {
         .is_ok()
     }
 
+    /// Whether a client made now gets metadata: tells a consumer that lost its brokers from a
+    /// Kafka that is away. The client is created and dropped off the async workers.
+    pub async fn kafka_answers_a_new_client(brokers: &str, topic: &str) -> bool {
+        let config = kafka_common::client_config(brokers);
+        let topic = topic.to_owned();
+        blocking(move || {
+            let probe: BaseConsumer = config.create()?;
+            probe.fetch_metadata(Some(&topic), CALL_TIMEOUT).map(drop)
+        })
+        .await
+        .is_ok()
+    }
+
     /// The cluster's id, `None` while Kafka does not answer.
     pub async fn cluster_id(&self) -> Option<String> {
         let metadata = self.metadata.clone();

@@ -148,7 +148,10 @@ impl Relay {
     fn rebuild_producer(&mut self, why: String) {
         match producer(&self.topic_spec.brokers, self.message_timeout) {
             Ok(fresh) => {
-                self.producer = fresh;
+                let old = std::mem::replace(&mut self.producer, fresh);
+                // Every event of the old producer was answered; its teardown still talks to
+                // the brokers: never on an async worker.
+                drop(tokio::task::spawn_blocking(move || drop(old)));
                 self.metrics.producer_rebuilds.inc();
                 tracing::warn!(%why, "kafka producer rebuilt");
             }
