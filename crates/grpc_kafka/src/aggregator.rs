@@ -221,9 +221,6 @@ pub async fn run(
     let aggregator = Aggregator {
         source,
         reach: Reach::new(Instant::now()),
-        brokers: spec.brokers.clone(),
-        group_id: settings.kafka_group_id.clone(),
-        topic: spec.topic.clone(),
         totals,
         log: format!("{cluster_id}:{}", spec.topic),
         batch_max: settings.consumer_batch_max as usize,
@@ -243,10 +240,6 @@ struct Aggregator {
     source: Source,
     /// Whether the group consumer still reaches Kafka; what makes it be rebuilt.
     reach: Reach,
-    /// What a rebuilt source is created from.
-    brokers: String,
-    group_id: String,
-    topic: String,
     totals: Totals,
     /// Names this topic in this cluster for the stored offsets: `{cluster_id}:{topic}`.
     log: String,
@@ -681,12 +674,12 @@ impl Aggregator {
         if !self.reach.probed(reached, Instant::now()) {
             return Ok(());
         }
-        let kafka_answers = Source::kafka_answers_a_new_client(&self.brokers, &self.topic).await;
+        let kafka_answers = self.source.kafka_answers_a_new_client().await;
         self.heartbeat.beat();
         if !kafka_answers {
             return Ok(()); // Kafka is away, not only this consumer's view of it
         }
-        match Source::create(&self.brokers, &self.group_id, &self.topic) {
+        match self.source.renewed() {
             Ok(fresh) => {
                 tracing::warn!(
                     unreachable_for = ?REBUILD_UNREACHABLE_AFTER,

@@ -58,6 +58,9 @@ pub struct Source {
     /// A group-less client for watermarks, so asking them never touches the group's state.
     metadata: Arc<BaseConsumer>,
     topic: String,
+    /// What [`Source::renewed`] creates the next source from.
+    brokers: String,
+    group_id: String,
 }
 
 impl Source {
@@ -82,7 +85,14 @@ impl Source {
             consumer: Arc::new(consumer),
             metadata: Arc::new(metadata),
             topic: topic.to_owned(),
+            brokers: brokers.to_owned(),
+            group_id: group_id.to_owned(),
         })
+    }
+
+    /// A new source of the same topic and group: new clients, starting from `bootstrap.servers`.
+    pub fn renewed(&self) -> Result<Self, KafkaError> {
+        Self::create(&self.brokers, &self.group_id, &self.topic)
     }
 
     /// The next record. Waiting for one never blocks a worker, but a rebalance is handled
@@ -136,9 +146,9 @@ impl Source {
 
     /// Whether a client made now gets metadata: tells a consumer that lost its brokers from a
     /// Kafka that is away. The client is created and dropped off the async workers.
-    pub async fn kafka_answers_a_new_client(brokers: &str, topic: &str) -> bool {
-        let config = kafka_common::client_config(brokers);
-        let topic = topic.to_owned();
+    pub async fn kafka_answers_a_new_client(&self) -> bool {
+        let config = kafka_common::client_config(&self.brokers);
+        let topic = self.topic.clone();
         blocking(move || {
             let probe: BaseConsumer = config.create()?;
             probe.fetch_metadata(Some(&topic), CALL_TIMEOUT).map(drop)
