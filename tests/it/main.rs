@@ -18,5 +18,6 @@ mod grpc_kafka;
 mod hostile;
 mod observability;
 mod rounds;
+mod stream;
 mod supervision;
 mod websocket;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sequencing::relay::{Cursor, Landed, RowKey, Stamped};
-use tests::{TestDb, connect_pg, eventually, fresh_database};
+use tests::{TestDb, connect_pg, eventually, fresh_database, recreate_topic};
 use uuid::Uuid;
 use websocket::rounds::{self, RoundsError, Stream};
 
@@ -360,35 +360,4 @@ async fn loss_detection_keeps_the_rounds_still_in_kafka_and_rewinds_past_the_res
         newest, 0,
         "a recreated topic keeps no round: publish from the start"
     );
-}
-
-/// Deletes the topic and creates it again under the same name, empty.
-async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-
-    let admin: AdminClient<DefaultClientContext> = kafka_common::client_config(brokers)
-        .create()
-        .expect("admin");
-    for result in admin
-        .delete_topics(&[topic], &AdminOptions::new())
-        .await
-        .expect("delete request")
-    {
-        result.expect("topic deleted");
-    }
-    let spec = kafka_common::TopicSpec {
-        brokers: brokers.to_owned(),
-        topic: topic.to_owned(),
-        partitions,
-        replication_factor: 1,
-        min_insync_replicas: 1,
-    };
-    // The deletion completes in the background; creating it again succeeds once it has.
-    eventually(
-        Duration::from_secs(60),
-        "the topic created again",
-        || async { kafka_common::ensure_topic(&spec).await.ok() },
-    )
-    .await;
 }

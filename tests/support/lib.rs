@@ -189,6 +189,29 @@ pub fn topic_records(topic: &str) -> Vec<(String, PurchaseEvent)> {
 
 /// [`topic_records`] of a topic on other brokers (a cluster of the test's own).
 pub fn topic_records_on(brokers: &str, topic: &str) -> Vec<(String, PurchaseEvent)> {
+    read_topic(brokers, topic)
+        .into_iter()
+        .map(|record| (record.key, record.event))
+        .collect()
+}
+
+/// One record of a topic, where it is.
+pub struct Placed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub event: PurchaseEvent,
+}
+
+/// Every record on `topic` with where it is, in each partition's order, partitions in order.
+pub fn topic_placed(topic: &str) -> Vec<Placed> {
+    let mut records = read_topic(&Env::get().kafka_brokers, topic);
+    records.sort_by_key(|record| (record.partition, record.offset));
+    records
+}
+
+/// Every record of `topic`, read from the start up to the high watermarks at the time of the call.
+fn read_topic(brokers: &str, topic: &str) -> Vec<Placed> {
     let consumer: BaseConsumer = kafka_common::client_config(brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
@@ -233,9 +256,45 @@ pub fn topic_records_on(brokers: &str, topic: &str) -> Vec<(String, PurchaseEven
         let key = String::from_utf8(message.key().unwrap_or_default().to_vec()).expect("utf8 key");
         let event =
             PurchaseEvent::decode(message.payload().unwrap_or_default()).expect("valid event");
-        records.push((key, event));
+        records.push(Placed {
+            partition: message.partition(),
+            offset: message.offset(),
+            key,
+            event,
+        });
     }
     records
+}
+
+/// Deletes the topic and creates it again under the same name, empty.
+pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let admin: AdminClient<DefaultClientContext> = kafka_common::client_config(brokers)
+        .create()
+        .expect("admin");
+    for result in admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete request")
+    {
+        result.expect("topic deleted");
+    }
+    let spec = kafka_common::TopicSpec {
+        brokers: brokers.to_owned(),
+        topic: topic.to_owned(),
+        partitions,
+        replication_factor: 1,
+        min_insync_replicas: 1,
+    };
+    // The deletion completes in the background; creating it again succeeds once it has.
+    eventually(
+        Duration::from_secs(60),
+        "the topic created again",
+        || async { kafka_common::ensure_topic(&spec).await.ok() },
+    )
+    .await;
 }
 
 // ------------------------------------------------------------------------------------ services

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::settings::Settings;
-use crate::{db, health, metrics, outbox, server, store, tls};
+use crate::{db, health, metrics, outbox, server, store, stream_relay, tls};
 use service_kit::supervise::{KillSwitch, TaskEnded, Tasks, cause_chain};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 const HTTP_SERVER: &str = "http server";
 const COMMIT_WRITER: &str = "commit writer";
 const OUTBOX_RELAY: &str = "outbox relay";
+const STREAM_RELAY: &str = "stream relay";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -49,6 +50,8 @@ pub struct Application {
     shared: Arc<server::Shared>,
     writer: store::Writer,
     relay: outbox::Relay,
+    /// With `STREAM_TOPIC`: the relay of the sequence-stamped stream.
+    stream_relay: Option<stream_relay::StreamRelay>,
     /// Cancelled when the service starts stopping: `/readyz` turns 503, accepting stops.
     stopping: CancellationToken,
     kill_switch: KillSwitch,
@@ -81,6 +84,7 @@ impl Application {
             .map_err(|source| StartError::Bind { addr, source })?;
 
         let committed = Arc::new(Notify::new());
+        let stream_committed = Arc::new(Notify::new());
         let metrics = Arc::new(metrics::Metrics::default());
         let (committer, writer) = store::Committer::new(
             pool.clone(),
@@ -89,10 +93,28 @@ impl Application {
                 queue_max: settings.commit_queue_max as usize,
                 concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
                 statement_timeout: settings.database_statement_timeout,
-                committed: committed.clone(),
+                committed: vec![committed.clone(), stream_committed.clone()],
                 metrics: metrics.clone(),
             },
         );
+        let stream_relay = match &settings.stream_topic {
+            None => None,
+            Some(topic) => Some(stream_relay::StreamRelay {
+                pool: pool.clone(),
+                producer: outbox::producer(&settings.kafka.brokers, settings.kafka_message_timeout)
+                    .map_err(StartError::Producer)?,
+                topic_spec: kafka_common::TopicSpec {
+                    topic: topic.clone(),
+                    ..settings.kafka.clone()
+                },
+                stream_id: settings.stream_id,
+                message_timeout: settings.kafka_message_timeout,
+                batch_max: i64::from(settings.outbox_batch_max),
+                statement_timeout: settings.database_statement_timeout,
+                committed: stream_committed,
+                metrics: metrics.clone(),
+            }),
+        };
         let relay = outbox::Relay {
             pool,
             producer,
@@ -124,6 +146,7 @@ impl Application {
             shared,
             writer,
             relay,
+            stream_relay,
             stopping,
             kill_switch: KillSwitch::default(),
         })
@@ -151,6 +174,7 @@ impl Application {
             shared,
             writer,
             relay,
+            stream_relay,
             stopping,
             kill_switch,
         } = self;
@@ -162,6 +186,13 @@ impl Application {
             OUTBOX_RELAY,
             relay.run(relay_stop.clone(), settings.shutdown_timeout),
         );
+        let streaming = stream_relay.is_some();
+        if let Some(stream_relay) = stream_relay {
+            tasks.spawn(
+                STREAM_RELAY,
+                stream_relay.run(relay_stop.clone(), settings.shutdown_timeout),
+            );
+        }
         let http = TaskTracker::new();
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "websocket service listening");
         tasks.spawn_infallible(
@@ -194,6 +225,9 @@ impl Application {
         // The relay drains for up to the shutdown timeout of its own, then flushes.
         let relay_deadline = Instant::now() + settings.shutdown_timeout + RELAY_FLUSH_MARGIN;
         tasks.join(OUTBOX_RELAY, relay_deadline).await;
+        if streaming {
+            tasks.join(STREAM_RELAY, relay_deadline).await;
+        }
         tracing::info!("websocket service stopped");
         failure.map_or(Ok(()), |ended| Err(ended.into()))
     }

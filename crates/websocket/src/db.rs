@@ -92,11 +92,40 @@ pub async fn migrate(pool: &Pool, wait: Duration) -> Result<(), DbError> {
     conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
     let report = embedded::migrations::runner().run_async(&mut *conn).await;
+    let indexed = match &report {
+        Ok(_) => stream_order_index(&conn).await,
+        Err(_) => Ok(()),
+    };
     conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
     for migration in report?.applied_migrations() {
         tracing::info!(migration = %migration, "applied migration");
     }
+    indexed
+}
+
+/// The index the stream relay's rounds read in: `(txid, purchase_id)`. Built `CONCURRENTLY` (no
+/// lock on writers while it builds), which cannot run inside a transaction, so outside the
+/// migration tool's (it runs every migration in one). A build that failed half-way leaves an
+/// invalid index behind; it is dropped and built again.
+async fn stream_order_index(conn: &tokio_postgres::Client) -> Result<(), DbError> {
+    let invalid = conn
+        .query_opt(
+            "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = 'purchases_stream_order' AND NOT i.indisvalid",
+            &[],
+        )
+        .await?;
+    if invalid.is_some() {
+        tracing::warn!("dropping the invalid index purchases_stream_order left by a failed build");
+        conn.batch_execute("DROP INDEX CONCURRENTLY IF EXISTS purchases_stream_order")
+            .await?;
+    }
+    conn.batch_execute(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS purchases_stream_order \
+         ON purchases (txid, purchase_id)",
+    )
+    .await?;
     Ok(())
 }
 

@@ -7,8 +7,10 @@
 //! - `db`: the PostgreSQL pool and the embedded migrations;
 //! - `store`: group commit of purchases and their outbox rows;
 //! - `outbox`: the relay that publishes outbox rows to Kafka and deletes them once acknowledged;
-//! - `rounds`: the sequence-numbered relay's PostgreSQL side (stream, rounds below xmin,
-//!   bookkeeping as a compare-and-set), on the `sequencing` rules; not yet used by the relay;
+//! - `rounds`: the stream relay's PostgreSQL side (stream, rounds below xmin, bookkeeping as a
+//!   compare-and-set), on the `sequencing` rules;
+//! - `stream_relay`: with `STREAM_TOPIC`, publishes every purchase from the `purchases` table,
+//!   sequence-stamped, and detects Kafka's losses by reading records back;
 //! - `server`: HTTP accept loop, routes, `/ws` upgrades and their caps;
 //! - `handshake`: the upgrade's HTTP side without I/O (101, token, 401, forwarded client);
 //! - `health`: `/readyz` and the `healthcheck` command;
@@ -38,6 +40,7 @@ pub mod rounds;
 mod server;
 mod settings;
 mod store;
+mod stream_relay;
 mod tls;
 mod wire;
 

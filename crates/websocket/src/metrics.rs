@@ -41,6 +41,10 @@ pub struct Metrics {
     pub produce_errors: Counter,
     pub relay_failures: Counter,
     pub producer_rebuilds: Counter,
+    pub stream_rounds: Counter,
+    pub stream_events: Counter,
+    pub stream_failures: Counter,
+    pub stream_rewinds: Counter,
 }
 
 impl Default for Metrics {
@@ -59,6 +63,10 @@ impl Default for Metrics {
             produce_errors: Counter::default(),
             relay_failures: Counter::default(),
             producer_rebuilds: Counter::default(),
+            stream_rounds: Counter::default(),
+            stream_events: Counter::default(),
+            stream_failures: Counter::default(),
+            stream_rewinds: Counter::default(),
         };
         let r = &mut this.registry;
         r.register(
@@ -122,6 +130,26 @@ impl Default for Metrics {
             "websocket_kafka_producer_rebuilds",
             "Times the relay replaced its Kafka producer (a fatal error, or a round Kafka acknowledged none of).",
             this.producer_rebuilds.clone(),
+        );
+        r.register(
+            "websocket_stream_rounds",
+            "Stream relay rounds Kafka acknowledged and the bookkeeping recorded (STREAM_TOPIC).",
+            this.stream_rounds.clone(),
+        );
+        r.register(
+            "websocket_stream_events",
+            "Sequence-stamped events published by recorded stream relay rounds.",
+            this.stream_events.clone(),
+        );
+        r.register(
+            "websocket_stream_relay_failures",
+            "Stream relay rounds or loss detections that failed; each is retried after a read-back.",
+            this.stream_failures.clone(),
+        );
+        r.register(
+            "websocket_stream_rewinds",
+            "Times loss detection found records Kafka had acknowledged gone and published them again.",
+            this.stream_rewinds.clone(),
         );
         this
     }

@@ -141,42 +141,72 @@ pub async fn rounds(
             &[&stream.id],
         )
         .await?;
-    rows.iter()
-        .map(|row| {
-            let number: i64 = row.try_get(0)?;
-            let malformed = |why| RoundsError::Malformed {
-                stream: stream.id,
-                round: number,
-                why,
-            };
-            let txid: String = row.try_get(1)?;
-            let purchase: Uuid = row.try_get(2)?;
-            let next: Vec<i64> = row.try_get(3)?;
-            let offsets: Vec<i64> = row.try_get(4)?;
-            let seqs: Vec<i64> = row.try_get(5)?;
-            if next.len() != stream.partitions as usize {
-                return Err(malformed("its partition count differs from the stream's"));
-            }
-            let unsigned =
-                |value: i64| u64::try_from(value).map_err(|_| malformed("a negative number"));
-            let mut cursor = Cursor::start(stream.partitions);
-            cursor.after = Some(RowKey {
-                txid: txid.parse().map_err(|_| malformed("its transaction id"))?,
-                purchase_id: purchase.as_u128(),
-            });
-            for (slot, value) in next.iter().enumerate() {
-                cursor.next_seq[slot] = unsigned(*value)?;
-                cursor.last_landed[slot] = match offsets[slot] {
-                    -1 => None,
-                    offset => Some(Landed {
-                        offset: unsigned(offset)?,
-                        seq: unsigned(seqs[slot])?,
-                    }),
-                };
-            }
-            Ok(Round { number, cursor })
-        })
-        .collect()
+    rows.iter().map(|row| read_round(stream, row)).collect()
+}
+
+/// The newest bookkeeping row of the stream: where the next round starts. `None` at the start.
+pub async fn latest_round(
+    client: &impl GenericClient,
+    stream: Stream,
+) -> Result<Option<Round>, RoundsError> {
+    let row = client
+        .query_opt(
+            "SELECT round, after_txid::text, after_purchase, next_seq, last_offset, last_seq \
+             FROM relay_rounds WHERE stream_id = $1 ORDER BY round DESC LIMIT 1",
+            &[&stream.id],
+        )
+        .await?;
+    row.map(|row| read_round(stream, &row)).transpose()
+}
+
+/// Forgets bookkeeping rows older than the newest `keep`: loss detection walks back at most that
+/// far (a loss older than that republishes from the stream's start, which counts nothing twice).
+pub async fn prune(
+    client: &impl GenericClient,
+    stream: Stream,
+    newest: i64,
+    keep: i64,
+) -> Result<u64, RoundsError> {
+    Ok(client
+        .execute(
+            "DELETE FROM relay_rounds WHERE stream_id = $1 AND round <= $2",
+            &[&stream.id, &(newest - keep)],
+        )
+        .await?)
+}
+
+fn read_round(stream: Stream, row: &tokio_postgres::Row) -> Result<Round, RoundsError> {
+    let number: i64 = row.try_get(0)?;
+    let malformed = |why| RoundsError::Malformed {
+        stream: stream.id,
+        round: number,
+        why,
+    };
+    let txid: String = row.try_get(1)?;
+    let purchase: Uuid = row.try_get(2)?;
+    let next: Vec<i64> = row.try_get(3)?;
+    let offsets: Vec<i64> = row.try_get(4)?;
+    let seqs: Vec<i64> = row.try_get(5)?;
+    if next.len() != stream.partitions as usize {
+        return Err(malformed("its partition count differs from the stream's"));
+    }
+    let unsigned = |value: i64| u64::try_from(value).map_err(|_| malformed("a negative number"));
+    let mut cursor = Cursor::start(stream.partitions);
+    cursor.after = Some(RowKey {
+        txid: txid.parse().map_err(|_| malformed("its transaction id"))?,
+        purchase_id: purchase.as_u128(),
+    });
+    for (slot, value) in next.iter().enumerate() {
+        cursor.next_seq[slot] = unsigned(*value)?;
+        cursor.last_landed[slot] = match offsets[slot] {
+            -1 => None,
+            offset => Some(Landed {
+                offset: unsigned(offset)?,
+                seq: unsigned(seqs[slot])?,
+            }),
+        };
+    }
+    Ok(Round { number, cursor })
 }
 
 /// Writes round `from + 1` with the cursor after it; `false` when another relay wrote it first

@@ -85,6 +85,22 @@ pub struct Settings {
     #[arg(long, env = "OUTBOX_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub outbox_batch_max: u32,
 
+    /// Topic of the sequence-stamped purchase stream (issue 19's relay from the purchases table;
+    /// MIGRATION.md). Set: every purchase is also published there, in PostgreSQL's order, each
+    /// event carrying its stream, partition and sequence number. Unset: no stream relay runs.
+    /// Created like KAFKA_TOPIC (its partitions, replication and min.insync.replicas).
+    #[arg(long, env = "STREAM_TOPIC")]
+    pub stream_topic: Option<String>,
+
+    /// Id of the stream the relay publishes (its partition count is recorded with it the first
+    /// time, and another one is refused). A new id opens a new stream segment.
+    #[arg(
+        long,
+        env = "STREAM_ID",
+        default_value = "7a1e7000-0000-4000-8000-000000000001"
+    )]
+    pub stream_id: uuid::Uuid,
+
     /// Largest WebSocket frame or message in bytes; a larger one closes the connection with 1009.
     #[arg(long, env = "WS_MAX_FRAME_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(64..))]
     pub ws_max_frame_bytes: u32,

@@ -67,8 +67,8 @@ pub struct WriterConfig {
     /// Transactions at once, so a slow database cannot take every pooled connection.
     pub concurrent_commits: usize,
     pub statement_timeout: std::time::Duration,
-    /// Notified after each commit that wrote outbox rows.
-    pub committed: Arc<Notify>,
+    /// Each notified after each commit that wrote purchases: one per relay.
+    pub committed: Vec<Arc<Notify>>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -124,7 +124,7 @@ struct Shared {
     permits: Arc<Semaphore>,
     /// Longest a batch's statements may take; past it the batch is answered `unavailable`.
     statement_timeout: std::time::Duration,
-    committed: Arc<Notify>,
+    committed: Vec<Arc<Notify>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -163,7 +163,9 @@ impl Shared {
             Ok(outcomes) => {
                 self.metrics.committed(size, started.elapsed());
                 if outcomes.contains(&Outcome::Committed) {
-                    self.committed.notify_one();
+                    for relay in &self.committed {
+                        relay.notify_one();
+                    }
                 }
                 tracing::debug!(size, "committed batch");
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {

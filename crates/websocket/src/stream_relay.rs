@@ -1,0 +1,500 @@
+//! The stream relay (issue 19): publishes every purchase from the `purchases` table itself, in
+//! PostgreSQL's total order, each event stamped with its partition and that partition's next
+//! sequence number, so the aggregator can count by sequence alone with no dedupe horizon.
+//!
+//! A round reads the rows after the cursor below the snapshot's xmin (`rounds::take_round`), stamps
+//! them (`sequencing::relay::Cursor::stamp`), produces each to the partition it computed, waits
+//! for every acknowledgement, and only then writes the round's bookkeeping row as a
+//! compare-and-set over the round it started from (`rounds::record_round`). No transaction is held
+//! while Kafka answers. A crash between Kafka's acknowledgement and the bookkeeping write replays
+//! the round with the same numbers: copies, which the aggregator drops.
+//!
+//! Loss detection by content runs at start, after any failed round and every
+//! [`CHECK_INTERVAL`]: the last record each round says it landed is read back, and the bookkeeping
+//! is rewound to the newest round whose records are all still there; the rounds after it are
+//! published again with the same numbers. A Kafka that does not answer is an error, never a loss.
+//!
+//! Refused, and the task ends (the process exits non-zero): a stream recorded with another
+//! partition count than configured, or a topic with another partition count than the stream's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use purchase::{Amount, Purchase, PurchaseEvent, Sequence, UserId};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sequencing::relay::{Cursor, Landed, Refusal, Stamped};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::Pool;
+use crate::rounds::{self, RoundRow, RoundsError, Stream};
+
+/// How often the relay looks for rows without a local commit (another replica's, or rows whose
+/// transaction was still running below them).
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How often loss detection runs while every round succeeds.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// Bookkeeping rows kept: how far back loss detection can rewind before it republishes the
+/// whole stream (which counts nothing twice either).
+const ROUNDS_KEPT: i64 = 10_000;
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+pub struct StreamRelay {
+    pub pool: Pool,
+    pub producer: FutureProducer,
+    /// The stream's topic (`STREAM_TOPIC`), created like the purchase topic when missing.
+    pub topic_spec: kafka_common::TopicSpec,
+    pub stream_id: Uuid,
+    pub message_timeout: Duration,
+    pub batch_max: i64,
+    /// Longest any one PostgreSQL call of a round may take.
+    pub statement_timeout: Duration,
+    /// Notified by the committer after each commit.
+    pub committed: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Why the stream relay stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamRelayError {
+    #[error(transparent)]
+    Refused(RoundsError),
+    #[error(
+        "topic {topic} has {actual} partitions and stream {stream} spreads purchases over \
+         {recorded}: refused (recreate the topic with {recorded}, or open a new stream segment)"
+    )]
+    TopicPartitions {
+        topic: String,
+        stream: Uuid,
+        actual: usize,
+        recorded: u32,
+    },
+}
+
+/// Why one round (or one loss detection) did not finish; each is retried.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Rounds(#[from] RoundsError),
+    #[error("cannot reach PostgreSQL: {0}")]
+    Connect(#[from] bb8::RunError<tokio_postgres::Error>),
+    #[error("PostgreSQL did not answer {what} within {limit:?}")]
+    Timeout { what: &'static str, limit: Duration },
+    #[error("{failed} of {total} events were not acknowledged by kafka: {first}")]
+    Kafka {
+        failed: usize,
+        total: usize,
+        acknowledged: usize,
+        first: String,
+    },
+    #[error("purchase {0} breaks the domain rules; the stream stops before it")]
+    Domain(Uuid),
+    #[error("cannot encode purchase {id}: {why}")]
+    Encode { id: Uuid, why: String },
+    #[error(
+        "partition {partition} took a record at offset {offset}, at or below {known} acknowledged \
+         before: the partition lost records"
+    )]
+    LogWentBack {
+        partition: u32,
+        offset: u64,
+        known: u64,
+    },
+    #[error("records acknowledged by an earlier round are no longer in kafka")]
+    Lost,
+    #[error("kafka did not answer the read-back: {0}")]
+    Readback(#[source] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Fatal(StreamRelayError),
+}
+
+impl StreamRelay {
+    /// Relays until `stop` is cancelled, then publishes what is left for up to `drain_for`.
+    pub async fn run(
+        mut self,
+        stop: CancellationToken,
+        drain_for: Duration,
+    ) -> Result<(), StreamRelayError> {
+        let topic = self.topic_spec.topic.clone();
+        let mut backoff = service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX);
+        loop {
+            match kafka_common::ensure_topic_until_ready(&self.topic_spec, &stop, || {}).await {
+                Ok(true) => break,
+                Ok(false) => return Ok(()),
+                Err(error) => {
+                    tracing::error!(%topic, %error, "stream topic unfit; nothing is published to it");
+                    if !backoff.wait(&stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let partitions = u32::try_from(self.topic_spec.partitions).unwrap_or(1);
+        let stream = loop {
+            match self.open(partitions).await {
+                Ok(stream) => break stream,
+                Err(RoundError::Fatal(error)) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot open the stream yet; retrying");
+                    if !backoff.wait(&stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        tracing::info!(stream = %stream.id, partitions, %topic, "stream relay started");
+        let reader = Arc::new(
+            kafka_common::readback::Reader::new(&self.topic_spec.brokers, &topic)
+                .map_err(|error| {
+                    tracing::error!(%error, "cannot create the read-back client");
+                    error
+                })
+                .ok(),
+        );
+        let mut check_due = Instant::now();
+        while !stop.is_cancelled() {
+            if Instant::now() >= check_due {
+                match self.detect_loss(stream, &reader).await {
+                    Ok(()) => check_due = Instant::now() + CHECK_INTERVAL,
+                    Err(RoundError::Fatal(error)) => return Err(error),
+                    Err(error) => {
+                        self.metrics.stream_failures.inc();
+                        tracing::warn!(%error, "stream loss detection failed; retrying");
+                        backoff.wait(&stop).await;
+                        continue;
+                    }
+                }
+            }
+            match self.round(stream).await {
+                Ok(sent) if sent as i64 == self.batch_max => backoff.reset(),
+                Ok(_) => {
+                    backoff.reset();
+                    tokio::select! {
+                        () = self.committed.notified() => {}
+                        () = tokio::time::sleep(POLL_INTERVAL) => {}
+                        () = stop.cancelled() => {}
+                    }
+                }
+                Err(RoundError::Fatal(error)) => return Err(error),
+                Err(error) => {
+                    self.metrics.stream_failures.inc();
+                    tracing::warn!(error = %service_kit::supervise::cause_chain(&error), "stream relay round failed; checking kafka before the next");
+                    // Whatever failed, what Kafka holds is read back before the next round.
+                    check_due = Instant::now();
+                    if let Some(why) = self.producer_unfit(&error) {
+                        self.rebuild_producer(why);
+                    }
+                    backoff.wait(&stop).await;
+                }
+            }
+        }
+        self.drain(stream, drain_for).await;
+        Ok(())
+    }
+
+    /// Opens the stream (refused with another partition count) and checks the topic has the
+    /// stream's partition count.
+    async fn open(&self, partitions: u32) -> Result<Stream, RoundError> {
+        let conn = self.pool.get().await?;
+        let stream = self
+            .within(
+                "the stream's opening",
+                rounds::open_stream(&*conn, self.stream_id, partitions),
+            )
+            .await
+            .map_err(|error| match error {
+                RoundError::Rounds(refused @ RoundsError::PartitionCount { .. }) => {
+                    RoundError::Fatal(StreamRelayError::Refused(refused))
+                }
+                other => other,
+            })?;
+        self.check_topic(stream).await?;
+        Ok(stream)
+    }
+
+    /// The topic must have the stream's partition count: a record's partition is computed from
+    /// it, and another count would send a user's purchases to two partitions.
+    async fn check_topic(&self, stream: Stream) -> Result<(), RoundError> {
+        let producer = self.producer.clone();
+        let topic = self.topic_spec.topic.clone();
+        let timeout = self.message_timeout.min(Duration::from_secs(10));
+        let actual = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .iter()
+                        .find(|found| found.name() == topic)
+                        .map_or(0, |found| found.partitions().len())
+                })
+        })
+        .await
+        .map_err(|_| RoundError::Readback(rdkafka::error::KafkaError::Canceled))?
+        .map_err(RoundError::Readback)?;
+        if actual == stream.partitions as usize {
+            return Ok(());
+        }
+        if actual == 0 {
+            return Err(RoundError::Readback(
+                rdkafka::error::KafkaError::MetadataFetch(
+                    rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                ),
+            ));
+        }
+        Err(RoundError::Fatal(StreamRelayError::TopicPartitions {
+            topic: self.topic_spec.topic.clone(),
+            stream: stream.id,
+            actual,
+            recorded: stream.partitions,
+        }))
+    }
+
+    async fn within<T>(
+        &self,
+        what: &'static str,
+        call: impl Future<Output = Result<T, RoundsError>>,
+    ) -> Result<T, RoundError> {
+        let limit = self.statement_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RoundError::Timeout { what, limit }),
+        }
+    }
+
+    /// One round: returns how many events Kafka acknowledged and the bookkeeping recorded.
+    async fn round(&self, stream: Stream) -> Result<usize, RoundError> {
+        let conn = self.pool.get().await?;
+        let latest = self
+            .within("the latest round", rounds::latest_round(&*conn, stream))
+            .await?;
+        let (number, cursor) = latest.map_or_else(
+            || (0, Cursor::start(stream.partitions)),
+            |round| (round.number, round.cursor),
+        );
+        let rows = self
+            .within(
+                "the round's rows",
+                rounds::take_round(&*conn, &cursor, self.batch_max),
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        // No connection is held while Kafka answers.
+        drop(conn);
+        let stamped = cursor.stamp(rows.iter().map(|row| (row.key, row.user_id.as_bytes())));
+        let landed = self.publish(stream, &rows, &stamped).await?;
+        let pairs: Vec<(Stamped, Landed)> = stamped.into_iter().zip(landed).collect();
+        // What earlier rounds landed is checked by loss detection, not on every round: here only
+        // that no record of this round landed at or below one acknowledged before.
+        let unchanged = |partition: u32, offset: u64| {
+            cursor.last_landed[partition as usize]
+                .filter(|landed| landed.offset == offset)
+                .map(|landed| landed.seq)
+        };
+        let next = cursor
+            .after_round(&pairs, unchanged)
+            .map_err(|refusal| match refusal {
+                Refusal::LogWentBack {
+                    partition,
+                    offset,
+                    known,
+                } => RoundError::LogWentBack {
+                    partition,
+                    offset,
+                    known,
+                },
+                Refusal::Lost => RoundError::Lost,
+            })?;
+        let conn = self.pool.get().await?;
+        let won = self
+            .within(
+                "the round's bookkeeping",
+                rounds::record_round(&*conn, stream, number, &next),
+            )
+            .await?;
+        if won {
+            self.metrics.stream_rounds.inc();
+            self.metrics.stream_events.inc_by(pairs.len() as u64);
+            if (number + 1) % 1_000 == 0 {
+                self.within(
+                    "the pruning of old rounds",
+                    rounds::prune(&*conn, stream, number + 1, ROUNDS_KEPT),
+                )
+                .await?;
+            }
+        } else {
+            // Another relay recorded this round first: what this one published are copies.
+            tracing::info!(
+                round = number + 1,
+                "another relay recorded this round first"
+            );
+        }
+        Ok(pairs.len())
+    }
+
+    /// Produces each stamped row to its partition and waits for every answer: where each
+    /// landed, in the rows' order, or the round's failure.
+    async fn publish(
+        &self,
+        stream: Stream,
+        rows: &[RoundRow],
+        stamped: &[Stamped],
+    ) -> Result<Vec<Landed>, RoundError> {
+        let mut payloads = Vec::with_capacity(rows.len());
+        for (row, stamp) in rows.iter().zip(stamped) {
+            payloads.push(event_of(stream, row, stamp)?);
+        }
+        let mut pending = Vec::with_capacity(rows.len());
+        let mut failures = Vec::new();
+        for ((row, stamp), payload) in rows.iter().zip(stamped).zip(&payloads) {
+            let record = FutureRecord::to(&self.topic_spec.topic)
+                .partition(i32::try_from(stamp.partition).unwrap_or(i32::MAX))
+                .key(row.user_id.as_str())
+                .payload(payload);
+            match self.producer.send_result(record) {
+                Ok(delivery) => pending.push(delivery),
+                Err((error, _record)) => failures.push(error.to_string()),
+            }
+        }
+        let mut landed = Vec::with_capacity(rows.len());
+        for (answer, stamp) in join_all(pending).await.into_iter().zip(stamped) {
+            match answer {
+                Ok(Ok(delivery)) => landed.push(Landed {
+                    offset: u64::try_from(delivery.offset).unwrap_or(0),
+                    seq: stamp.seq,
+                }),
+                Ok(Err((error, _message))) => failures.push(error.to_string()),
+                Err(_canceled) => failures.push("producer dropped the event".to_owned()),
+            }
+        }
+        if let Some(first) = failures.first() {
+            self.metrics.produce_errors.inc_by(failures.len() as u64);
+            return Err(RoundError::Kafka {
+                failed: failures.len(),
+                total: rows.len(),
+                acknowledged: landed.len(),
+                first: first.clone(),
+            });
+        }
+        Ok(landed)
+    }
+
+    /// Loss detection by content: rewinds the bookkeeping to the newest round whose records are
+    /// all still where Kafka said they landed.
+    async fn detect_loss(
+        &self,
+        stream: Stream,
+        reader: &Arc<Option<kafka_common::readback::Reader>>,
+    ) -> Result<(), RoundError> {
+        self.check_topic(stream).await?;
+        let conn = self.pool.get().await?;
+        let all = self
+            .within("the stream's rounds", rounds::rounds(&*conn, stream))
+            .await?;
+        let Some(latest) = all.last().map(|round| round.number) else {
+            return Ok(());
+        };
+        let reader = reader.clone();
+        let timeout = self.message_timeout.min(Duration::from_secs(10));
+        let intact = tokio::task::spawn_blocking(move || match reader.as_ref() {
+            Some(reader) => rounds::newest_intact_round(&all, reader, stream, timeout),
+            None => Err(rdkafka::error::KafkaError::ClientCreation(
+                "no read-back client".to_owned(),
+            )),
+        })
+        .await
+        .map_err(|_| RoundError::Readback(rdkafka::error::KafkaError::Canceled))?
+        .map_err(RoundError::Readback)?;
+        if intact == latest {
+            return Ok(());
+        }
+        let oldest = intact + 1;
+        tracing::error!(
+            stream = %stream.id,
+            rounds = %format!("{oldest}..={latest}"),
+            "kafka lost records it acknowledged; publishing them again with the same numbers"
+        );
+        self.within("the rewind", rounds::rewind(&*conn, stream, intact))
+            .await?;
+        self.metrics.stream_rewinds.inc();
+        Ok(())
+    }
+
+    /// Why the producer should not be used again, if it should not.
+    fn producer_unfit(&self, error: &RoundError) -> Option<String> {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            return Some(format!("fatal producer error {code:?}: {reason}"));
+        }
+        matches!(
+            error,
+            RoundError::Kafka {
+                acknowledged: 0,
+                ..
+            }
+        )
+        .then(|| "kafka acknowledged none of the round's events".to_owned())
+    }
+
+    fn rebuild_producer(&mut self, why: String) {
+        match crate::outbox::producer(&self.topic_spec.brokers, self.message_timeout) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.producer, fresh);
+                drop(tokio::task::spawn_blocking(move || drop(old)));
+                self.metrics.producer_rebuilds.inc();
+                tracing::warn!(%why, "stream relay's kafka producer rebuilt");
+            }
+            Err(error) => {
+                tracing::error!(%why, %error, "cannot rebuild the kafka producer; keeping the old one");
+            }
+        }
+    }
+
+    /// On shutdown: rounds until nothing is left or `drain_for` has passed.
+    async fn drain(&self, stream: Stream, drain_for: Duration) {
+        let deadline = Instant::now() + drain_for;
+        loop {
+            match tokio::time::timeout_at(deadline, self.round(stream)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "stream drain round failed; the next start publishes the rest");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("stream drain timed out; the next start publishes the rest");
+                    break;
+                }
+            }
+        }
+        tracing::info!("stream relay stopped");
+    }
+}
+
+/// The stamped event of one row.
+fn event_of(stream: Stream, row: &RoundRow, stamp: &Stamped) -> Result<Vec<u8>, RoundError> {
+    let id = Uuid::from_u128(row.key.purchase_id);
+    let (Ok(user), Ok(amount)) = (
+        UserId::parse(&row.user_id),
+        Amount::from_cents(row.amount_cents),
+    ) else {
+        return Err(RoundError::Domain(id));
+    };
+    PurchaseEvent::new(Purchase::new(id, user, amount), row.created_at)
+        .with_sequence(Sequence {
+            stream: stream.id,
+            partition: stamp.partition,
+            seq: stamp.seq,
+        })
+        .encode()
+        .map_err(|error| RoundError::Encode {
+            id,
+            why: error.to_string(),
+        })
+}

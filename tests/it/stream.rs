@@ -1,0 +1,246 @@
+//! The stream relay (`STREAM_TOPIC`) against the real PostgreSQL and Kafka: every purchase
+//! published from the `purchases` table with its partition and a dense per-partition sequence,
+//! a lost bookkeeping write or a recreated topic answered by publishing again with the same
+//! numbers, and a partition count other than the stream's refused.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use sequencing::partitioner::partition_of;
+use tests::{
+    Placed, TestDb, eventually, expect_ack, fresh_database, fresh_topic, recreate_topic,
+    start_websocket, topic_placed, unique, websocket_settings, ws_connect,
+};
+use uuid::Uuid;
+
+const PARTITIONS: u32 = 4;
+
+fn settings(
+    db: &TestDb,
+    outbox_topic: &str,
+    stream_topic: &str,
+    stream: Uuid,
+) -> websocket::Settings {
+    let mut settings = websocket_settings(&db.url, outbox_topic);
+    settings.stream_topic = Some(stream_topic.to_owned());
+    settings.stream_id = stream;
+    settings
+}
+
+/// Sends `count` purchases of 7 users over one connection; returns the acked ids.
+async fn send(addr: std::net::SocketAddr, first: usize, count: usize) -> Vec<Uuid> {
+    let mut socket = ws_connect(addr).await;
+    let mut acked = Vec::with_capacity(count);
+    for n in first..first + count {
+        let frame = format!(
+            r#"{{"user_id": "user-{}", "amount": 1.{:02}}}"#,
+            n % 7,
+            n % 100
+        );
+        acked.push(expect_ack(&mut socket, &frame).await.purchase_id);
+    }
+    acked
+}
+
+/// Waits until the stream topic holds at least `distinct` different purchases; returns its
+/// records.
+async fn await_distinct(topic: &str, distinct: usize) -> Vec<Placed> {
+    let topic = topic.to_owned();
+    eventually(
+        Duration::from_secs(120),
+        &format!("{distinct} purchases on the stream topic"),
+        || {
+            let topic = topic.clone();
+            async move {
+                let records = tokio::task::spawn_blocking(move || topic_placed(&topic))
+                    .await
+                    .expect("reader");
+                let ids: HashSet<Uuid> = records
+                    .iter()
+                    .map(|record| record.event.purchase.purchase_id)
+                    .collect();
+                (ids.len() >= distinct).then_some(records)
+            }
+        },
+    )
+    .await
+}
+
+/// The stamps of the stream's records: each purchase's one (partition, seq), checked against
+/// where the record is and against every copy of it; and each partition's numbers dense from 0.
+fn stamps(records: &[Placed], stream: Uuid) -> HashMap<Uuid, (u32, u64)> {
+    let mut stamps = HashMap::new();
+    let mut numbers: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+    for record in records {
+        let id = record.event.purchase.purchase_id;
+        let sequence = record
+            .event
+            .sequence
+            .unwrap_or_else(|| panic!("purchase {id} on the stream topic carries no sequence"));
+        assert_eq!(
+            sequence.stream, stream,
+            "purchase {id}: another stream's id"
+        );
+        assert_eq!(
+            i64::from(sequence.partition),
+            i64::from(record.partition),
+            "purchase {id}: stamped for another partition than it landed in"
+        );
+        assert_eq!(
+            sequence.partition,
+            partition_of(record.key.as_bytes(), PARTITIONS),
+            "purchase {id}: not the partition murmur2 gives its user"
+        );
+        let stamp = (sequence.partition, sequence.seq);
+        let first = *stamps.entry(id).or_insert(stamp);
+        assert_eq!(first, stamp, "purchase {id}: a copy carries other numbers");
+        numbers
+            .entry(sequence.partition)
+            .or_default()
+            .insert(sequence.seq);
+    }
+    for (partition, seqs) in &numbers {
+        let dense: HashSet<u64> = (0..seqs.len() as u64).collect();
+        assert_eq!(
+            seqs, &dense,
+            "partition {partition}: the numbers are not dense from 0"
+        );
+    }
+    let distinct: HashSet<(u32, u64)> = stamps.values().copied().collect();
+    assert_eq!(distinct.len(), stamps.len(), "two purchases share a stamp");
+    stamps
+}
+
+#[tokio::test]
+async fn the_stream_relay_publishes_every_purchase_once_in_postgresql_order_with_dense_numbers() {
+    let db = fresh_database().await;
+    let (outbox_topic, stream_topic, stream) =
+        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let acked = send(service.addr, 0, 200).await;
+    let records = await_distinct(&stream_topic, acked.len()).await;
+    assert_eq!(records.len(), acked.len(), "a purchase was published twice");
+    let stamps = stamps(&records, stream);
+    let published: HashSet<Uuid> = stamps.keys().copied().collect();
+    assert_eq!(published, acked.iter().copied().collect::<HashSet<_>>());
+    // Each partition holds its purchases in PostgreSQL's order, (txid, purchase_id).
+    let client = tests::connect_pg(&db.url).await.expect("connect");
+    let ordered: Vec<Uuid> = client
+        .query(
+            "SELECT purchase_id FROM purchases ORDER BY txid, purchase_id",
+            &[],
+        )
+        .await
+        .expect("select")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for partition in 0..PARTITIONS {
+        let expected: Vec<Uuid> = ordered
+            .iter()
+            .filter(|id| stamps[*id].0 == partition)
+            .copied()
+            .collect();
+        let on_topic: Vec<Uuid> = records
+            .iter()
+            .filter(|record| record.partition == partition as i32)
+            .map(|record| record.event.purchase.purchase_id)
+            .collect();
+        assert_eq!(
+            on_topic, expected,
+            "partition {partition}: not in (txid, purchase_id) order"
+        );
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_round_acknowledged_but_not_recorded_is_published_again_with_the_same_numbers() {
+    let db = fresh_database().await;
+    let (outbox_topic, stream_topic, stream) =
+        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let first = send(service.addr, 0, 60).await;
+    let before = stamps(&await_distinct(&stream_topic, first.len()).await, stream);
+    service.stop().await;
+    // The relay died after Kafka's acknowledgement of its last round and before that round's
+    // bookkeeping was written: the bookkeeping ends one round earlier.
+    let client = tests::connect_pg(&db.url).await.expect("connect");
+    let forgotten = client
+        .execute(
+            "DELETE FROM relay_rounds WHERE stream_id = $1 AND round = \
+             (SELECT max(round) FROM relay_rounds WHERE stream_id = $1)",
+            &[&stream],
+        )
+        .await
+        .expect("delete");
+    assert_eq!(forgotten, 1, "the relay recorded no round");
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let second = send(service.addr, 60, 20).await;
+    let records = await_distinct(&stream_topic, first.len() + second.len()).await;
+    assert!(
+        records.len() > first.len() + second.len(),
+        "the unrecorded round was not published again"
+    );
+    let after = stamps(&records, stream);
+    for (id, stamp) in &before {
+        assert_eq!(after[id], *stamp, "purchase {id} was renumbered");
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_topic_recreated_under_the_relay_gets_every_purchase_again_with_the_same_numbers() {
+    let db = fresh_database().await;
+    let (outbox_topic, stream_topic, stream) =
+        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let first = send(service.addr, 0, 40).await;
+    let before = stamps(&await_distinct(&stream_topic, first.len()).await, stream);
+    recreate_topic(&tests::Env::get().kafka_brokers, &stream_topic, 4).await;
+    let second = send(service.addr, 40, 10).await;
+    let records = await_distinct(&stream_topic, first.len() + second.len()).await;
+    let after = stamps(&records, stream);
+    for (id, stamp) in &before {
+        assert_eq!(after[id], *stamp, "purchase {id} was renumbered");
+    }
+    let rewinds = tests::scrape(service.metrics).await;
+    assert!(
+        tests::sample(&rewinds, "websocket_stream_rewinds_total", &[]) >= 1.0,
+        "the loss was not counted"
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_partition_count_other_than_the_streams_is_refused() {
+    let db = fresh_database().await;
+    let (outbox_topic, stream_topic, stream) =
+        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    send(service.addr, 0, 5).await;
+    await_distinct(&stream_topic, 5).await;
+    service.stop().await;
+
+    // The same stream configured with 8 partitions.
+    let mut eight = settings(&db, &outbox_topic, &unique("stream"), stream);
+    eight.kafka.partitions = 8;
+    let refused = start_websocket(eight)
+        .await
+        .ended(Duration::from_secs(60))
+        .await
+        .expect_err("a stream of 4 partitions relayed with 8");
+    assert!(
+        refused.contains("over 4 partitions and this relay is configured with 8"),
+        "{refused}"
+    );
+
+    // A new stream of 4 partitions whose topic has 2.
+    let two = fresh_topic(2).await;
+    let refused = start_websocket(settings(&db, &outbox_topic, &two, Uuid::new_v4()))
+        .await
+        .ended(Duration::from_secs(60))
+        .await
+        .expect_err("a stream of 4 partitions published to a topic of 2");
+    assert!(refused.contains("has 2 partitions"), "{refused}");
+}
