@@ -557,7 +557,12 @@ async fn dedupe_memory_is_bounded_by_the_horizon() {
     let prefix = format!("{}:", unique("dedupe"));
     let horizon = Duration::from_secs(3);
     let pool = Totals::pool(&Env::get().redis_url, 2, Duration::from_secs(5)).expect("pool");
-    let totals = Totals::new(pool, prefix.clone(), horizon);
+    let totals = Totals::new(
+        pool,
+        prefix.clone(),
+        horizon,
+        grpc_kafka::totals::Layout::Offsets,
+    );
     let log = "bench:topic";
     let now = chrono::Utc::now();
     let event = |i: usize| {

@@ -87,22 +87,22 @@ impl Heartbeat {
 }
 
 /// Why a step of the loop did not finish.
-enum Halt {
+pub(crate) enum Halt {
     Stopping,
     Fatal(AggregatorError),
 }
 
-type Step<T> = Result<T, Halt>;
+pub(crate) type Step<T> = Result<T, Halt>;
 
 /// One retry policy for the whole loop: exponential backoff, reset after a success, cut short by
 /// the stop token, beating the heartbeat while it waits.
-struct Retry {
+pub(crate) struct Retry {
     backoff: service_kit::backoff::Backoff,
     heartbeat: Heartbeat,
 }
 
 impl Retry {
-    fn new(heartbeat: Heartbeat) -> Self {
+    pub(crate) fn new(heartbeat: Heartbeat) -> Self {
         Self {
             backoff: service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX),
             heartbeat,
@@ -113,7 +113,7 @@ impl Retry {
         self.backoff.reset();
     }
 
-    async fn wait(&mut self, stop: &CancellationToken) -> Step<()> {
+    pub(crate) async fn wait(&mut self, stop: &CancellationToken) -> Step<()> {
         self.heartbeat.beat();
         if !self.backoff.wait(stop).await {
             return Err(Halt::Stopping);
@@ -124,7 +124,12 @@ impl Retry {
 
     /// Runs a Redis operation until it succeeds; a corrupt value is fatal, anything else is
     /// retried (Redis down, a timeout).
-    async fn redis<T, F, Fut>(&mut self, what: &str, stop: &CancellationToken, mut op: F) -> Step<T>
+    pub(crate) async fn redis<T, F, Fut>(
+        &mut self,
+        what: &str,
+        stop: &CancellationToken,
+        mut op: F,
+    ) -> Step<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, TotalsError>>,
@@ -181,31 +186,17 @@ pub async fn run(
 ) -> Result<(), AggregatorError> {
     let mut retry = Retry::new(heartbeat.clone());
     let spec = &settings.kafka;
-    // The topic may not exist yet on a fresh cluster: create it, retrying until Kafka answers.
-    let beat = || retry.heartbeat.beat();
-    match kafka_common::ensure_topic_until_ready(spec, &stop, beat).await {
-        Ok(true) => {}
-        Ok(false) => return Ok(()),
-        Err(source) => {
-            return Err(AggregatorError::Topic {
-                topic: spec.topic.clone(),
-                source,
-            });
-        }
-    }
-    // Never count into a Redis that may evict: refused before anything is consumed.
-    let refused = retry
-        .redis("read redis's maxmemory-policy", &stop, || {
-            totals.refuse_eviction()
-        })
+    let Some(source) = prepare(settings, &totals, &mut retry, &stop).await? else {
+        return Ok(());
+    };
+    if settings.count_by == crate::settings::CountBy::Sequence {
+        let partitions = u32::try_from(spec.partitions).unwrap_or(1);
+        return crate::sequenced::Sequenced::new(
+            source, totals, settings, partitions, retry, heartbeat, metrics,
+        )
+        .consume(stop)
         .await;
-    match refused {
-        Ok(()) => {}
-        Err(Halt::Stopping) => return Ok(()),
-        Err(Halt::Fatal(error)) => return Err(error),
     }
-    let source = Source::create(&spec.brokers, &settings.kafka_group_id, &spec.topic)
-        .map_err(AggregatorError::Consumer)?;
     // Offsets are stored per cluster and topic, so a topic of the same name in another cluster
     // never inherits them.
     let cluster_id = loop {
@@ -234,6 +225,43 @@ pub async fn run(
         kafka_error: false,
     };
     aggregator.consume(stop).await
+}
+
+/// What both ways of counting do first: the topic exists and fits the rebuild path, Redis does
+/// not evict, the group consumer is made. `None` when stopped meanwhile.
+async fn prepare(
+    settings: &Settings,
+    totals: &Totals,
+    retry: &mut Retry,
+    stop: &CancellationToken,
+) -> Result<Option<Source>, AggregatorError> {
+    let spec = &settings.kafka;
+    // The topic may not exist yet on a fresh cluster: create it, retrying until Kafka answers.
+    let beat = || retry.heartbeat.beat();
+    match kafka_common::ensure_topic_until_ready(spec, stop, beat).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(source) => {
+            return Err(AggregatorError::Topic {
+                topic: spec.topic.clone(),
+                source,
+            });
+        }
+    }
+    // Never count into a Redis that may evict: refused before anything is consumed.
+    let refused = retry
+        .redis("read redis's maxmemory-policy", stop, || {
+            totals.refuse_eviction()
+        })
+        .await;
+    match refused {
+        Ok(()) => {}
+        Err(Halt::Stopping) => return Ok(None),
+        Err(Halt::Fatal(error)) => return Err(error),
+    }
+    Source::create(&spec.brokers, &settings.kafka_group_id, &spec.topic)
+        .map(Some)
+        .map_err(AggregatorError::Consumer)
 }
 
 struct Aggregator {
@@ -335,13 +363,13 @@ impl Aggregator {
 
 /// When the group consumer was last seen reaching Kafka, and when it was last asked.
 #[derive(Debug, Clone, Copy)]
-struct Reach {
+pub(crate) struct Reach {
     last_reached: Instant,
     last_probe: Instant,
 }
 
 impl Reach {
-    fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self {
             last_reached: now,
             last_probe: now,
@@ -571,7 +599,8 @@ impl Aggregator {
         match applied {
             Ok(Applied::Counted(counted)) => {
                 tracing::debug!(events = events.len(), counted, "applied batch");
-                self.metrics.applied(events, counted, started.elapsed());
+                self.metrics
+                    .applied(events.iter(), counted, started.elapsed());
                 self.positions.applied();
                 Ok(())
             }
@@ -656,47 +685,18 @@ impl Aggregator {
         Ok(())
     }
 
-    /// Every [`REACH_PROBE_INTERVAL`], asks the group consumer for metadata; after
-    /// [`REBUILD_UNREACHABLE_AFTER`] without an answer, while a client made now does get one,
-    /// replaces the source with a new one.
-    ///
-    /// librdkafka (2.12) forgets every broker when a metadata answer lists none, which a single
-    /// briefly fenced KRaft broker gives (back from a freeze, a long GC pause), and then never
-    /// asks again: the consumer would wait outside its group for good. A new consumer starts from
-    /// `bootstrap.servers`. Nothing is lost by it: what counts is decided by the offsets in Redis,
-    /// read again on the new assignment. While Kafka itself is away nothing is replaced.
+    /// [`renew_if_unreachable`]; a renewed source starts with no assignment.
     async fn probe_consumer(&mut self) -> Step<()> {
-        if !self.reach.probe_due(Instant::now()) {
-            return Ok(());
-        }
-        let reached = self.source.consumer_reaches_kafka().await;
-        self.heartbeat.beat();
-        if !self.reach.probed(reached, Instant::now()) {
-            return Ok(());
-        }
-        let kafka_answers = self.source.kafka_answers_a_new_client().await;
-        self.heartbeat.beat();
-        if !kafka_answers {
-            return Ok(()); // Kafka is away, not only this consumer's view of it
-        }
-        match self.source.renewed() {
-            Ok(fresh) => {
-                tracing::warn!(
-                    unreachable_for = ?REBUILD_UNREACHABLE_AFTER,
-                    "the kafka consumer got no metadata from any broker while a new client \
-                     did; replaced by a new one"
-                );
-                let old = std::mem::replace(&mut self.source, fresh);
-                // Closing a consumer may wait on its group's coordinator: never on this loop.
-                drop(tokio::task::spawn_blocking(move || drop(old)));
-                self.positions
-                    .rebalanced(&std::collections::BTreeSet::new());
-                self.metrics.consumer_rebuilds.inc();
-                self.reach = Reach::new(Instant::now());
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot create a new kafka consumer; keeping the old one");
-            }
+        let renewed = renew_if_unreachable(
+            &mut self.source,
+            &mut self.reach,
+            &self.heartbeat,
+            &self.metrics,
+        )
+        .await;
+        if renewed {
+            self.positions
+                .rebalanced(&std::collections::BTreeSet::new());
         }
         Ok(())
     }
@@ -711,6 +711,56 @@ impl Aggregator {
                     tracing::warn!(partition, offset = target, %error, "seek failed; retrying on the next turn");
                 }
             }
+        }
+    }
+}
+
+/// Every [`REACH_PROBE_INTERVAL`], asks the group consumer for metadata; after
+/// [`REBUILD_UNREACHABLE_AFTER`] without an answer, while a client made now does get one,
+/// replaces the source with a new one; true when it did (the assignment is then empty until the
+/// new consumer's first rebalance).
+///
+/// librdkafka (2.12) forgets every broker when a metadata answer lists none, which a single
+/// briefly fenced KRaft broker gives (back from a freeze, a long GC pause), and then never
+/// asks again: the consumer would wait outside its group for good. A new consumer starts from
+/// `bootstrap.servers`. Nothing is lost by it: what counts is decided by what Redis holds, read
+/// again on the new assignment. While Kafka itself is away nothing is replaced.
+pub(crate) async fn renew_if_unreachable(
+    source: &mut Source,
+    reach: &mut Reach,
+    heartbeat: &Heartbeat,
+    metrics: &crate::metrics::Metrics,
+) -> bool {
+    if !reach.probe_due(Instant::now()) {
+        return false;
+    }
+    let reached = source.consumer_reaches_kafka().await;
+    heartbeat.beat();
+    if !reach.probed(reached, Instant::now()) {
+        return false;
+    }
+    let kafka_answers = source.kafka_answers_a_new_client().await;
+    heartbeat.beat();
+    if !kafka_answers {
+        return false; // Kafka is away, not only this consumer's view of it
+    }
+    match source.renewed() {
+        Ok(fresh) => {
+            tracing::warn!(
+                unreachable_for = ?REBUILD_UNREACHABLE_AFTER,
+                "the kafka consumer got no metadata from any broker while a new client \
+                 did; replaced by a new one"
+            );
+            let old = std::mem::replace(source, fresh);
+            // Closing a consumer may wait on its group's coordinator: never on this loop.
+            drop(tokio::task::spawn_blocking(move || drop(old)));
+            metrics.consumer_rebuilds.inc();
+            *reach = Reach::new(Instant::now());
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot create a new kafka consumer; keeping the old one");
+            false
         }
     }
 }

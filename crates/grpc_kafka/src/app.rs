@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::settings::Settings;
+use crate::settings::{CountBy, Settings};
 use crate::{aggregator, grpc, health, metrics, totals};
 use service_kit::supervise::{KillSwitch, TaskEnded, Tasks, cause_chain};
 use tokio::net::TcpListener;
@@ -71,10 +71,18 @@ impl Application {
             settings.redis_timeout,
         )
         .map_err(StartError::Redis)?;
+        let layout = match settings.count_by {
+            CountBy::Offsets => totals::Layout::Offsets,
+            CountBy::Sequence => totals::Layout::Sequence {
+                stream: settings.stream_id,
+                partitions: u32::try_from(settings.kafka.partitions).unwrap_or(1),
+            },
+        };
         let totals = totals::Totals::new(
             pool,
             settings.redis_key_prefix.clone(),
             settings.dedupe_horizon,
+            layout,
         );
         let listener = bind(settings.grpc_addr).await?;
         let metrics_listener = bind(settings.metrics_addr).await?;

@@ -121,6 +121,13 @@ impl Source {
             .await
     }
 
+    /// Moves the fetch position of an assigned partition to its first record.
+    pub async fn seek_to_start(&self, partition: i32) -> Result<(), KafkaError> {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        blocking(move || consumer.seek(&topic, partition, Offset::Beginning, CALL_TIMEOUT)).await
+    }
+
     pub async fn watermarks(&self, partition: i32) -> Result<Watermarks, KafkaError> {
         let metadata = self.metadata.clone();
         let topic = self.topic.clone();

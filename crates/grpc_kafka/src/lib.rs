@@ -9,6 +9,8 @@
 //! - `positions`: where each partition stands, as a state machine without I/O;
 //! - `kafka`: the rdkafka adapter (consumer, rebalances, seeks, watermarks);
 //! - `aggregator`: the loop that joins them and applies each batch exactly once;
+//! - `sequenced`: with `COUNT_BY=sequence`, the loop that counts the stream relay's events by
+//!   their sequence numbers (no dedupe sets, no horizon);
 //! - `grpc`: `WalletService`, the server around it (CORS, reflection, TLS, limits) and the one
 //!   mapping from errors to gRPC statuses;
 //! - `listener`: the gRPC port's accepting side, every connection bounded (caps, idle timeout);
@@ -30,9 +32,10 @@ mod kafka;
 mod listener;
 pub mod metrics;
 mod positions;
+mod sequenced;
 mod settings;
 pub mod totals;
 
 pub use app::{Application, StartError};
 pub use health::healthcheck;
-pub use settings::{Cli, Command, Settings};
+pub use settings::{Cli, Command, CountBy, Settings};

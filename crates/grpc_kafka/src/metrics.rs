@@ -54,6 +54,9 @@ pub struct Metrics {
     pub consumer_rebuilds: Counter,
     pub undecodable_records: Counter,
     pub fetch_resets: Counter,
+    pub sequence_premature: Counter,
+    pub sequence_rereads: Counter,
+    pub sequence_gap: Family<Partition, Gauge>,
     pub grpc_requests: Family<Call, Counter>,
     pub connections_open: Gauge,
     pub connections_refused: Family<Reason, Counter>,
@@ -76,6 +79,9 @@ impl Default for Metrics {
             consumer_rebuilds: Counter::default(),
             undecodable_records: Counter::default(),
             fetch_resets: Counter::default(),
+            sequence_premature: Counter::default(),
+            sequence_rereads: Counter::default(),
+            sequence_gap: Family::default(),
             grpc_requests: Family::default(),
             connections_open: Gauge::default(),
             connections_refused: Family::default(),
@@ -140,6 +146,21 @@ impl Metrics {
             "Records delivered below the expected offset (Kafka reset the fetch position).",
             self.fetch_resets.clone(),
         );
+        r.register(
+            "grpc_kafka_sequence_premature",
+            "COUNT_BY=sequence: records met ahead of their partition's next number (not counted).",
+            self.sequence_premature.clone(),
+        );
+        r.register(
+            "grpc_kafka_sequence_rereads",
+            "COUNT_BY=sequence: partitions read again from their start to find a missing number.",
+            self.sequence_rereads.clone(),
+        );
+        r.register(
+            "grpc_kafka_sequence_gap_waiting_for",
+            "COUNT_BY=sequence, per partition with a gap: the number it waits for.",
+            self.sequence_gap.clone(),
+        );
         r.register_with_unit(
             "grpc_kafka_last_applied_event_age",
             "Now minus the created_at of the last applied event (0 before the first).",
@@ -183,9 +204,9 @@ impl Metrics {
     }
 
     /// One applied batch: `events` offered, `counted` of them new.
-    pub fn applied(
+    pub fn applied<'a>(
         &self,
-        events: &[purchase::PurchaseEvent],
+        events: impl ExactSizeIterator<Item = &'a purchase::PurchaseEvent>,
         counted: u64,
         took: std::time::Duration,
     ) {

@@ -66,12 +66,54 @@ pub enum Applied {
 
 /// The one script that writes totals, dedupe sets and offsets.
 const APPLY_BATCH: &str = include_str!("apply_batch.lua");
+/// The one script that counts by sequence (`COUNT_BY=sequence`): totals and marks.
+const APPLY_SEQUENCED: &str = include_str!("apply_sequenced.lua");
+
+/// Where a user's total is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `{prefix}total:{user}`, counted by offsets and dedupe sets.
+    Offsets,
+    /// `{prefix}total:{tag}:{user}`, counted by sequence in the partition murmur2 gives the user
+    /// among the stream's `partitions`.
+    Sequence { stream: uuid::Uuid, partitions: u32 },
+}
+
+/// A partition's marks when counting by sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Marks {
+    /// The next sequence number to count.
+    pub next: u64,
+    /// The Kafka offset after the last record counted (none before the first).
+    pub hint: Option<i64>,
+}
+
+/// What counting one partition's records by sequence did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    pub counted: u64,
+    pub copies: u64,
+    pub premature: u64,
+    /// The next number expected after them.
+    pub next: u64,
+    /// The highest premature number among them.
+    pub highest_premature: Option<u64>,
+}
+
+/// One record to count by sequence: its number, where it is, the event.
+pub struct SequencedRecord<'a> {
+    pub seq: u64,
+    pub offset: i64,
+    pub event: &'a PurchaseEvent,
+}
 
 #[derive(Clone)]
 pub struct Totals {
     pool: Pool,
     keys: totals_schema::Keys,
     script: Script,
+    sequenced: Script,
+    layout: Layout,
     /// How long a dedupe set lives after its last write.
     dedupe_horizon: Duration,
 }
@@ -84,12 +126,82 @@ pub struct Total {
 }
 
 impl Totals {
-    pub fn new(pool: Pool, prefix: String, dedupe_horizon: Duration) -> Self {
+    pub fn new(pool: Pool, prefix: String, dedupe_horizon: Duration, layout: Layout) -> Self {
         Self {
             pool,
             keys: totals_schema::Keys::new(prefix),
             script: Script::new(APPLY_BATCH),
+            sequenced: Script::new(APPLY_SEQUENCED),
+            layout,
             dedupe_horizon,
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The key of a user's total in this layout.
+    fn total_key(&self, user: &str) -> String {
+        match self.layout {
+            Layout::Offsets => self.keys.total(user),
+            Layout::Sequence { stream, partitions } => {
+                let partition = sequencing::partitioner::partition_of(user.as_bytes(), partitions);
+                self.keys.tagged_total(&stream.to_string(), partition, user)
+            }
+        }
+    }
+
+    /// A partition's marks (zero and no hint when none are stored).
+    pub async fn marks(&self, stream: uuid::Uuid, partition: u32) -> Result<Marks, TotalsError> {
+        let key = self.keys.marks(&stream.to_string(), partition);
+        let mut conn = self.pool.get().await?;
+        let (next, hint): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(totals_schema::NEXT)
+            .arg(totals_schema::HINT)
+            .query_async(&mut *conn)
+            .await?;
+        let corrupt = || TotalsError::Corrupt { key: key.clone() };
+        Ok(Marks {
+            next: next.map_or(Ok(0), |n| n.parse()).map_err(|_| corrupt())?,
+            hint: hint.map(|h| h.parse()).transpose().map_err(|_| corrupt())?,
+        })
+    }
+
+    /// Counts one partition's records by sequence, atomically (`apply_sequenced.lua`).
+    pub async fn apply_sequenced(
+        &self,
+        stream: uuid::Uuid,
+        partition: u32,
+        records: &[SequencedRecord<'_>],
+    ) -> Result<Counted, TotalsError> {
+        let stream_text = stream.to_string();
+        let marks = self.keys.marks(&stream_text, partition);
+        let mut invocation = self.sequenced.prepare_invoke();
+        invocation.key(&marks);
+        for record in records {
+            let user = record.event.purchase.user_id.as_str();
+            invocation
+                .key(self.keys.tagged_total(&stream_text, partition, user))
+                .arg(record.seq)
+                .arg(record.offset)
+                .arg(record.event.purchase.amount.cents());
+        }
+        let mut conn = self.pool.get().await?;
+        let reply: Vec<i64> = invocation.invoke_async(&mut *conn).await?;
+        let unsigned = |value: i64| {
+            u64::try_from(value).map_err(|_| TotalsError::Corrupt { key: marks.clone() })
+        };
+        match reply.as_slice() {
+            [counted, copies, premature, next, highest] => Ok(Counted {
+                counted: unsigned(*counted)?,
+                copies: unsigned(*copies)?,
+                premature: unsigned(*premature)?,
+                next: unsigned(*next)?,
+                highest_premature: u64::try_from(*highest).ok(),
+            }),
+            _ => Err(TotalsError::Corrupt { key: marks }),
         }
     }
 
@@ -144,7 +256,7 @@ impl Totals {
 
     /// The total of one user; zeros for a user never seen.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
-        let key = self.keys.total(user.as_str());
+        let key = self.total_key(user.as_str());
         let mut conn = self.pool.get().await?;
         let (cents, count): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(&key)

@@ -12,6 +12,15 @@
 //!   before that offset;
 //! - `{prefix}probe`: a short-lived key readiness writes to learn that Redis takes writes.
 //!
+//! Counting by sequence (`COUNT_BY=sequence`, issue 19) keeps no dedupe sets and no offsets:
+//!
+//! - `{prefix}marks:{tag}`: hash of [`NEXT`] (the next sequence number to count) and [`HINT`]
+//!   (the Kafka offset after the last record counted: where reading resumes);
+//! - `{prefix}total:{tag}:{user_id}`: the total, as above;
+//!
+//! where `{tag}` is `{<stream>.<partition>}`, the Redis Cluster hash tag of the (stream,
+//! partition) the user's purchases go to: one batch of a partition touches one slot.
+//!
 //! No I/O here.
 
 /// What follows the prefix in a total's key, before the user id.
@@ -22,6 +31,12 @@ pub const SEEN: &str = "seen:";
 pub const OFFSETS: &str = "offsets:";
 /// What follows the prefix in the fingerprints hash's key, before the log name.
 pub const FINGERPRINTS: &str = "fingerprints:";
+/// What follows the prefix in a partition's marks, before its hash tag.
+pub const MARKS: &str = "marks:";
+/// The field of the marks holding the next sequence number to count.
+pub const NEXT: &str = "next";
+/// The field of the marks holding the offset after the last record counted.
+pub const HINT: &str = "hint";
 /// What follows the prefix in readiness's probe key.
 pub const PROBE: &str = "probe";
 /// The field of a total holding its sum, in cents.
@@ -57,9 +72,26 @@ impl Keys {
         format!("{}{TOTAL}*", self.prefix)
     }
 
-    /// The user whose total `key` is, if it is one under this prefix.
+    /// The user whose total `key` is, if it is one under this prefix (either layout: a user id
+    /// never holds a brace).
     pub fn user_of_total<'k>(&self, key: &'k str) -> Option<&'k str> {
-        key.strip_prefix(self.prefix.as_str())?.strip_prefix(TOTAL)
+        let rest = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(TOTAL)?;
+        match rest.strip_prefix('{') {
+            Some(tagged) => tagged.split_once("}:").map(|(_tag, user)| user),
+            None => Some(rest),
+        }
+    }
+
+    /// The total of `user_id`, counted by sequence in `partition` of `stream`.
+    pub fn tagged_total(&self, stream: &str, partition: u32, user_id: &str) -> String {
+        format!("{}{TOTAL}{}:{user_id}", self.prefix, tag(stream, partition))
+    }
+
+    /// The marks (next sequence number, resume offset) of `partition` of `stream`.
+    pub fn marks(&self, stream: &str, partition: u32) -> String {
+        format!("{}{MARKS}{}", self.prefix, tag(stream, partition))
     }
 
     /// A `SCAN MATCH` pattern of every dedupe set.
@@ -88,6 +120,11 @@ impl Keys {
     }
 }
 
+/// The Redis Cluster hash tag of one (stream, partition).
+fn tag(stream: &str, partition: u32) -> String {
+    format!("{{{stream}.{partition}}}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +139,10 @@ mod tests {
         assert_eq!(keys.offsets("c:t"), "wallet:offsets:c:t");
         assert_eq!(keys.fingerprints("c:t"), "wallet:fingerprints:c:t");
         assert_eq!(keys.probe(), "wallet:probe");
+        let tagged = keys.tagged_total("s-1", 3, "u-1");
+        assert_eq!(tagged, "wallet:total:{s-1.3}:u-1");
+        assert_eq!(keys.user_of_total(&tagged), Some("u-1"));
+        assert_eq!(keys.marks("s-1", 3), "wallet:marks:{s-1.3}");
         for pattern in [
             keys.total_pattern(),
             keys.seen_pattern(),

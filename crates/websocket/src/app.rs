@@ -38,6 +38,8 @@ pub enum StartError {
     Auth(#[from] auth::ConfigError),
     #[error("TLS settings: {0}")]
     Tls(String),
+    #[error("invalid settings: {0}")]
+    Settings(&'static str),
     /// A long-lived task ended while the service should run.
     #[error(transparent)]
     Task(#[from] TaskEnded),
@@ -61,6 +63,11 @@ impl Application {
     /// Applies migrations, creates the producer and binds the listener (port 0 picks a free port).
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         // Settings that can be refused are checked before anything is touched.
+        if !settings.outbox_writes && settings.stream_topic.is_none() {
+            return Err(StartError::Settings(
+                "OUTBOX_WRITES=false needs STREAM_TOPIC: purchases would reach no topic",
+            ));
+        }
         let verifier = auth::Verifier::from_settings(&settings.auth)?;
         let tls = tls::acceptor(&settings.tls).map_err(StartError::Tls)?;
         // Migrations on a connection of their own, without the statement timeout (an index build
@@ -93,6 +100,7 @@ impl Application {
                 queue_max: settings.commit_queue_max as usize,
                 concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
                 statement_timeout: settings.database_statement_timeout,
+                outbox: settings.outbox_writes,
                 committed: vec![committed.clone(), stream_committed.clone()],
                 metrics: metrics.clone(),
             },

@@ -92,6 +92,13 @@ pub struct Settings {
     #[arg(long, env = "STREAM_TOPIC")]
     pub stream_topic: Option<String>,
 
+    /// Whether each purchase also gets an outbox row relayed to KAFKA_TOPIC (`true` or `false`).
+    /// `false` once every reader counts from STREAM_TOPIC (MIGRATION.md): one write per purchase
+    /// (the outbox relay only drains rows written before); refused without STREAM_TOPIC, which
+    /// is then the only way out.
+    #[arg(long, env = "OUTBOX_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub outbox_writes: bool,
+
     /// Id of the stream the relay publishes (its partition count is recorded with it the first
     /// time, and another one is refused). A new id opens a new stream segment.
     #[arg(

@@ -67,6 +67,8 @@ pub struct WriterConfig {
     /// Transactions at once, so a slow database cannot take every pooled connection.
     pub concurrent_commits: usize,
     pub statement_timeout: std::time::Duration,
+    /// Whether each new purchase gets an outbox row (`OUTBOX_WRITES`).
+    pub outbox: bool,
     /// Each notified after each commit that wrote purchases: one per relay.
     pub committed: Vec<Arc<Notify>>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -84,6 +86,7 @@ impl Committer {
                 pool,
                 permits: Arc::new(Semaphore::new(config.concurrent_commits)),
                 statement_timeout: config.statement_timeout,
+                outbox: config.outbox,
                 committed: config.committed,
                 metrics: config.metrics,
             }),
@@ -124,6 +127,7 @@ struct Shared {
     permits: Arc<Semaphore>,
     /// Longest a batch's statements may take; past it the batch is answered `unavailable`.
     statement_timeout: std::time::Duration,
+    outbox: bool,
     committed: Vec<Arc<Notify>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -157,7 +161,7 @@ impl Shared {
     async fn commit(&self, jobs: Vec<Job>) {
         let purchases: Vec<&NewPurchase> = jobs.iter().map(|job| &job.purchase).collect();
         let size = purchases.len();
-        let committing = commit_batch(&self.pool, &purchases);
+        let committing = commit_batch(&self.pool, &purchases, self.outbox);
         let started = std::time::Instant::now();
         match crate::db::within(self.statement_timeout, "a commit", committing).await {
             Ok(outcomes) => {
@@ -183,30 +187,48 @@ impl Shared {
     }
 }
 
-/// Commits one batch in one transaction and returns an outcome per purchase, in order.
-pub async fn commit_batch(pool: &Pool, batch: &[&NewPurchase]) -> Result<Vec<Outcome>, DbError> {
+/// The batch insert with outbox rows: the purchases and their outbox rows, in submission order,
+/// commit together or not at all.
+const WITH_OUTBOX: &str = "WITH input AS ( \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) \
+             WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, traceparent, n)), \
+     inserted AS ( \
+         INSERT INTO purchases (purchase_id, user_id, amount_cents) \
+         SELECT purchase_id, user_id, amount_cents FROM input ORDER BY n \
+         ON CONFLICT (purchase_id) DO NOTHING \
+         RETURNING purchase_id), \
+     outbox AS ( \
+         INSERT INTO purchase_outbox (purchase_id, traceparent) \
+         SELECT input.purchase_id, input.traceparent \
+         FROM input JOIN inserted USING (purchase_id) \
+         ORDER BY input.n) \
+     SELECT purchase_id FROM inserted";
+
+/// The batch insert with `OUTBOX_WRITES=false`: the purchase rows alone (the stream relay reads
+/// them). The trace contexts are not stored.
+const PURCHASES_ONLY: &str = "WITH input AS ( \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) \
+             WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, traceparent, n)) \
+     INSERT INTO purchases (purchase_id, user_id, amount_cents) \
+     SELECT purchase_id, user_id, amount_cents FROM input ORDER BY n \
+     ON CONFLICT (purchase_id) DO NOTHING \
+     RETURNING purchase_id";
+
+/// Commits one batch in one transaction and returns an outcome per purchase, in order; `outbox`:
+/// with an outbox row per new purchase.
+pub async fn commit_batch(
+    pool: &Pool,
+    batch: &[&NewPurchase],
+    outbox: bool,
+) -> Result<Vec<Outcome>, DbError> {
     let unique = Unique::of(batch);
     // One statement, so one transaction and one round trip (`query_typed`: parse, bind and
-    // execute together): the purchases and their outbox rows, in submission order, commit
-    // together or not at all. What was there before (a resend, or a conflict) is read afterwards:
+    // execute together). What was there before (a resend, or a conflict) is read afterwards:
     // a purchase row never changes once written.
     let conn = pool.get().await?;
     let inserted: HashSet<Uuid> = conn
         .query_typed(
-            "WITH input AS ( \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) \
-                     WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, traceparent, n)), \
-             inserted AS ( \
-                 INSERT INTO purchases (purchase_id, user_id, amount_cents) \
-                 SELECT purchase_id, user_id, amount_cents FROM input ORDER BY n \
-                 ON CONFLICT (purchase_id) DO NOTHING \
-                 RETURNING purchase_id), \
-             outbox AS ( \
-                 INSERT INTO purchase_outbox (purchase_id, traceparent) \
-                 SELECT input.purchase_id, input.traceparent \
-                 FROM input JOIN inserted USING (purchase_id) \
-                 ORDER BY input.n) \
-             SELECT purchase_id FROM inserted",
+            if outbox { WITH_OUTBOX } else { PURCHASES_ONLY },
             &[
                 (&unique.ids, Type::UUID_ARRAY),
                 (&unique.users, Type::TEXT_ARRAY),
