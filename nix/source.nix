@@ -3,10 +3,10 @@
 # the crates read at compile time or in their tests besides it (proto/ for wallet_proto's build
 # script, migrations/ embedded into the websocket binary). Whole folders, not file patterns: a file
 # a crate embeds or a test replays is in the source because its crate is. Those read at compile
-# time today: crates/grpc_kafka/src/apply_batch.lua (include_str!) and the console page,
+# time today: crates/grpc_kafka/src/apply_batch.lua and apply_sequenced.lua (include_str!) and the console page,
 # crates/websocket/src/console/index.html, console.css and console.js; also the proptest
-# regression files (crates/grpc_kafka/proptest-regressions/, crates/purchase/tests/
-# properties.proptest-regressions).
+# regression files (crates/grpc_kafka/proptest-regressions/, crates/sequencing/
+# proptest-regressions/, crates/purchase/tests/properties.proptest-regressions).
 #
 # Builtins only, so that Debian's nix-bin evaluates it too: `scripts/nix-checks.sh source` copies
 # exactly `outPath` out of a local store and builds the workspace there, the way crane would.

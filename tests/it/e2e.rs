@@ -500,26 +500,8 @@ async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
 }
 
 /// Runs `walletctl reconcile` against a system; returns (success, stdout).
-fn reconcile(system: &System, wait_secs: u64) -> (bool, String) {
-    let output = std::process::Command::new(binary("walletctl"))
-        .env_clear()
-        .args([
-            "--grpc-url",
-            &format!("http://{}", system.grpc_addr),
-            "reconcile",
-            "--wait-secs",
-            &wait_secs.to_string(),
-            "--redis-key-prefix",
-            &system.prefix,
-        ])
-        .env("DATABASE_URL", &system.db.url)
-        .env("REDIS_URL", Env::get().redis_url)
-        .output()
-        .expect("run walletctl");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
+async fn reconcile(system: &System, wait_secs: u64) -> (bool, String) {
+    tests::reconcile(system.grpc_addr, &system.db.url, &system.prefix, wait_secs).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,7 +513,7 @@ async fn reconcile_is_clean_when_exact_and_names_every_difference() {
     for reply in send_all(system.ws_addr, frames).await {
         assert!(matches!(reply, Reply::Ack { .. }), "{reply:?}");
     }
-    let (clean, stdout) = reconcile(&system, 60);
+    let (clean, stdout) = reconcile(&system, 60).await;
     assert!(clean, "{stdout}");
     assert!(
         stdout.contains("reconcile: 4 users, 20 purchases, 0 differences"),
@@ -547,7 +529,7 @@ async fn reconcile_is_clean_when_exact_and_names_every_difference() {
         .query_async(&mut redis)
         .await
         .expect("tamper");
-    let (clean, stdout) = reconcile(&system, 0);
+    let (clean, stdout) = reconcile(&system, 0).await;
     assert!(!clean, "{stdout}");
     assert!(stdout.contains("differs: user rec-2"), "{stdout}");
     assert!(stdout.contains("1 differences"), "{stdout}");
@@ -562,7 +544,7 @@ async fn reconcile_is_clean_when_exact_and_names_every_difference() {
         .query_async(&mut redis)
         .await
         .expect("a total without purchases");
-    let (clean, stdout) = reconcile(&system, 0);
+    let (clean, stdout) = reconcile(&system, 0).await;
     assert!(!clean, "{stdout}");
     assert!(
         stdout.contains("only in redis: user ghost: 5.00 over 1 purchases"),

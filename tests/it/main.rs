@@ -16,6 +16,7 @@ mod auth;
 mod e2e;
 mod grpc_kafka;
 mod hostile;
+mod migration;
 mod observability;
 mod rounds;
 mod stream;

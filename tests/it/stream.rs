@@ -387,3 +387,132 @@ async fn outbox_writes_off_without_a_stream_topic_is_refused() {
         "{refused}"
     );
 }
+
+/// Every key of `prefix` with its `MEMORY USAGE`.
+async fn footprint(prefix: &str) -> (usize, u64) {
+    let mut redis = tests::redis_connection().await;
+    let keys = tests::redis_keys(&mut redis, &format!("{prefix}*")).await;
+    let mut bytes = 0u64;
+    for key in &keys {
+        let usage: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .expect("MEMORY USAGE");
+        bytes += usage.unwrap_or(0);
+    }
+    (keys.len(), bytes)
+}
+
+/// Produces `count` stamped events of 1,000 users, numbered on from `next` (per partition), as
+/// the stream relay would.
+async fn produce_stamped(topic: &str, stream: Uuid, first: u64, count: u64, next: &mut [u64]) {
+    use purchase::{Amount, Purchase, PurchaseEvent, Sequence, UserId};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = kafka_common::client_config(&tests::Env::get().kafka_brokers)
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let created = chrono::Utc::now();
+    for chunk_start in (first..first + count).step_by(50_000) {
+        let mut pending = Vec::with_capacity(50_000);
+        for n in chunk_start..(chunk_start + 50_000).min(first + count) {
+            let user = format!("user-{}", n % 1_000);
+            let partition = partition_of(user.as_bytes(), PARTITIONS);
+            let seq = next[partition as usize];
+            next[partition as usize] += 1;
+            let event = PurchaseEvent::new(
+                Purchase::new(
+                    Uuid::from_u128(u128::from(n) + 1),
+                    UserId::parse(&user).expect("user"),
+                    Amount::from_cents(i64::try_from(n % 500 + 1).expect("cents")).expect("amount"),
+                ),
+                created,
+            )
+            .with_sequence(Sequence {
+                stream,
+                partition,
+                seq,
+            })
+            .encode()
+            .expect("encode");
+            let record = FutureRecord::to(topic)
+                .partition(partition as i32)
+                .key(&user)
+                .payload(&event);
+            pending.push(
+                producer
+                    .send_result(record)
+                    .unwrap_or_else(|(error, _)| panic!("queue: {error}")),
+            );
+        }
+        for delivery in futures_util::future::join_all(pending).await {
+            delivery.expect("delivered").expect("acknowledged");
+        }
+    }
+}
+
+/// Waits until the totals of `prefix` hold `count` purchases.
+async fn await_counted(prefix: &str, count: i64) {
+    let prefix = prefix.to_owned();
+    eventually(
+        Duration::from_secs(600),
+        &format!("{count} purchases counted"),
+        || {
+            let prefix = prefix.clone();
+            async move {
+                let mut redis = tests::redis_connection().await;
+                let keys = tests::redis_keys(&mut redis, &format!("{prefix}total:*")).await;
+                let mut counted = 0i64;
+                for key in keys {
+                    let n: Option<i64> = redis::cmd("HGET")
+                        .arg(&key)
+                        .arg("count")
+                        .query_async(&mut redis)
+                        .await
+                        .ok()?;
+                    counted += n.unwrap_or(0);
+                }
+                (counted == count).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_memory_grows_with_users_and_partitions_never_with_purchases() {
+    let (topic, stream) = (fresh_topic(4).await, Uuid::new_v4());
+    let prefix = format!("{}:", unique("mem"));
+    let mut counting = tests::grpc_kafka_settings(&topic, &prefix, &unique("group"));
+    counting.count_by = grpc_kafka::CountBy::Sequence;
+    counting.stream_id = stream;
+    let service = tests::start_grpc_kafka(counting).await;
+    let mut next = vec![0u64; PARTITIONS as usize];
+    produce_stamped(&topic, stream, 0, 100_000, &mut next).await;
+    await_counted(&prefix, 100_000).await;
+    let (keys_small, bytes_small) = footprint(&prefix).await;
+    produce_stamped(&topic, stream, 100_000, 900_000, &mut next).await;
+    await_counted(&prefix, 1_000_000).await;
+    let (keys_large, bytes_large) = footprint(&prefix).await;
+    println!(
+        "Redis, COUNT_BY=sequence, 1,000 users, {PARTITIONS} partitions: after 100,000 purchases \
+         {keys_small} keys, {bytes_small} bytes; after 1,000,000 purchases {keys_large} keys, \
+         {bytes_large} bytes ({:.1} bytes per user)",
+        bytes_large as f64 / 1_000.0
+    );
+    assert_eq!(keys_small, keys_large, "keys grew with purchases");
+    assert!(
+        keys_large <= 1_000 + PARTITIONS as usize + 1,
+        "more keys than users, partitions and the probe: {keys_large}"
+    );
+    // Ten times the purchases: only the integers inside the totals grow by a digit or two.
+    assert!(
+        bytes_large <= bytes_small + bytes_small / 20,
+        "memory grew with purchases: {bytes_small} -> {bytes_large}"
+    );
+    service.stop().await;
+}

@@ -297,6 +297,37 @@ pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) {
     .await;
 }
 
+/// Runs `walletctl reconcile` (PostgreSQL at `database_url` against grpc_kafka at `grpc_addr`,
+/// totals under `prefix`); returns (success, stdout).
+pub async fn reconcile(
+    grpc_addr: SocketAddr,
+    database_url: &str,
+    prefix: &str,
+    wait_secs: u64,
+) -> (bool, String) {
+    // Awaited, never blocking: the grpc_kafka it asks may run on this test's runtime.
+    let output = tokio::process::Command::new(binary("walletctl"))
+        .env_clear()
+        .args([
+            "--grpc-url",
+            &format!("http://{grpc_addr}"),
+            "reconcile",
+            "--wait-secs",
+            &wait_secs.to_string(),
+            "--redis-key-prefix",
+            prefix,
+        ])
+        .env("DATABASE_URL", database_url)
+        .env("REDIS_URL", Env::get().redis_url)
+        .output()
+        .await
+        .expect("run walletctl");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
 // ------------------------------------------------------------------------------------ services
 
 /// A service running in-process on a free port.

@@ -104,7 +104,8 @@ pub async fn migrate(pool: &Pool, wait: Duration) -> Result<(), DbError> {
     indexed
 }
 
-/// The index the stream relay's rounds read in: `(txid, purchase_id)`. Built `CONCURRENTLY` (no
+/// The index the stream relay's rounds read in: `(txid, purchase_id)`, rows older than the
+/// `txid` column first (`rounds::take_round`). Built `CONCURRENTLY` (no
 /// lock on writers while it builds), which cannot run inside a transaction, so outside the
 /// migration tool's (it runs every migration in one). A build that failed half-way leaves an
 /// invalid index behind; it is dropped and built again.
@@ -123,7 +124,7 @@ async fn stream_order_index(conn: &tokio_postgres::Client) -> Result<(), DbError
     }
     conn.batch_execute(
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS purchases_stream_order \
-         ON purchases (txid, purchase_id)",
+         ON purchases ((COALESCE(txid, '1'::xid8)), purchase_id)",
     )
     .await?;
     Ok(())

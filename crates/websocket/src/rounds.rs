@@ -88,6 +88,8 @@ pub async fn open_stream(
 
 /// The rows of the next round from `cursor`: committed below the snapshot's xmin (so no row can
 /// still appear before them), after the cursor, in `(txid, purchase_id)` order, at most `limit`.
+/// Rows written before the `txid` column existed (NULL) come first, in `purchase_id` order, as
+/// transaction 1 (no transaction gets an id below 3).
 pub async fn take_round(
     client: &impl GenericClient,
     cursor: &Cursor,
@@ -100,10 +102,11 @@ pub async fn take_round(
     });
     let rows = client
         .query(
-            "SELECT txid::text, purchase_id, user_id, amount_cents, created_at FROM purchases \
-             WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) \
-               AND (txid, purchase_id) > ($1::text::xid8, $2) \
-             ORDER BY txid, purchase_id LIMIT $3",
+            "SELECT COALESCE(txid, '1'::xid8)::text, purchase_id, user_id, amount_cents, \
+                    created_at FROM purchases \
+             WHERE COALESCE(txid, '1'::xid8) < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND (COALESCE(txid, '1'::xid8), purchase_id) > ($1::text::xid8, $2) \
+             ORDER BY COALESCE(txid, '1'::xid8), purchase_id LIMIT $3",
             &[
                 &after.txid.to_string(),
                 &Uuid::from_u128(after.purchase_id),
