@@ -58,10 +58,16 @@ impl Reader {
                     rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
                 ));
             }
-            let Some(polled) = self.consumer.poll(left) else {
-                continue;
+            let message = match self.consumer.poll(left) {
+                None => continue,
+                // Errors of the client (a broker that was away, a connection that was reset) are
+                // not answers: wait for the record until the deadline.
+                Some(Err(error)) => {
+                    tracing::debug!(%error, partition, offset, "read-back: waiting on");
+                    continue;
+                }
+                Some(Ok(message)) => message,
             };
-            let message = polled?;
             if message.partition() != partition {
                 continue;
             }

@@ -147,18 +147,10 @@ impl StreamRelay {
             }
         };
         tracing::info!(stream = %stream.id, partitions, %topic, "stream relay started");
-        let reader = Arc::new(
-            kafka_common::readback::Reader::new(&self.topic_spec.brokers, &topic)
-                .map_err(|error| {
-                    tracing::error!(%error, "cannot create the read-back client");
-                    error
-                })
-                .ok(),
-        );
         let mut check_due = Instant::now();
         while !stop.is_cancelled() {
             if Instant::now() >= check_due {
-                match self.detect_loss(stream, &reader).await {
+                match self.detect_loss(stream).await {
                     Ok(()) => check_due = Instant::now() + CHECK_INTERVAL,
                     Err(RoundError::Fatal(error)) => return Err(error),
                     Err(error) => {
@@ -388,11 +380,7 @@ impl StreamRelay {
 
     /// Loss detection by content: rewinds the bookkeeping to the newest round whose records are
     /// all still where Kafka said they landed.
-    async fn detect_loss(
-        &self,
-        stream: Stream,
-        reader: &Arc<Option<kafka_common::readback::Reader>>,
-    ) -> Result<(), RoundError> {
+    async fn detect_loss(&self, stream: Stream) -> Result<(), RoundError> {
         self.check_topic(stream).await?;
         let conn = self.pool.get().await?;
         let all = self
@@ -401,13 +389,13 @@ impl StreamRelay {
         let Some(latest) = all.last().map(|round| round.number) else {
             return Ok(());
         };
-        let reader = reader.clone();
+        let (brokers, topic) = (self.topic_spec.brokers.clone(), self.topic_spec.topic.clone());
         let timeout = self.message_timeout.min(Duration::from_secs(10));
-        let intact = tokio::task::spawn_blocking(move || match reader.as_ref() {
-            Some(reader) => rounds::newest_intact_round(&all, reader, stream, timeout),
-            None => Err(rdkafka::error::KafkaError::ClientCreation(
-                "no read-back client".to_owned(),
-            )),
+        // A reader of its own each time: a client from before an outage may still hold its
+        // errors, or have forgotten every broker (librdkafka 2.12 after a briefly fenced one).
+        let intact = tokio::task::spawn_blocking(move || {
+            let reader = kafka_common::readback::Reader::new(&brokers, &topic)?;
+            rounds::newest_intact_round(&all, &reader, stream, timeout)
         })
         .await
         .map_err(|_| RoundError::Readback(rdkafka::error::KafkaError::Canceled))?
