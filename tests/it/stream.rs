@@ -516,3 +516,43 @@ async fn redis_memory_grows_with_users_and_partitions_never_with_purchases() {
     );
     service.stop().await;
 }
+
+#[tokio::test]
+async fn a_transaction_left_open_holds_the_stream_back_visibly_until_it_ends() {
+    let db = fresh_database().await;
+    let (outbox_topic, stream_topic, stream) =
+        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    send(service.addr, 0, 3).await;
+    await_distinct(&stream_topic, 3).await;
+    // Another session's transaction with an id, left open: no row after it may be published.
+    let mut other = tests::connect_pg(&db.url).await.expect("connect");
+    let open = other.transaction().await.expect("begin");
+    open.execute("SELECT pg_current_xact_id()", &[])
+        .await
+        .expect("an id");
+    send(service.addr, 3, 5).await;
+    let backlog = eventually(
+        Duration::from_secs(30),
+        "the backlog at /metrics",
+        || async {
+            let scrape = tests::scrape(service.metrics).await;
+            let rows = tests::sample(&scrape, "websocket_stream_backlog_rows", &[]);
+            (rows >= 5.0).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(backlog, 5.0, "the backlog counts the purchases held back");
+    let topic = stream_topic.clone();
+    let published = tokio::task::spawn_blocking(move || topic_placed(&topic))
+        .await
+        .expect("reader");
+    assert_eq!(
+        published.len(),
+        3,
+        "a purchase above an open transaction was published"
+    );
+    open.rollback().await.expect("rollback");
+    await_distinct(&stream_topic, 8).await;
+    service.stop().await;
+}

@@ -76,9 +76,11 @@ impl Application {
         db::migrate(&migrations, settings.database_wait).await?;
         drop(migrations);
         let pool = db::pool(
-            db::with_statement_timeout(
+            db::with_session_limits(
                 settings.database_url.clone(),
                 settings.database_statement_timeout,
+                // The outbox relay keeps its transaction open while Kafka answers.
+                settings.kafka_message_timeout + settings.database_statement_timeout * 2,
             ),
             settings.database_pool_size,
             settings.database_timeout,

@@ -49,13 +49,37 @@ where
 /// options the connection string already carries: a statement the service stops waiting for is
 /// cancelled in PostgreSQL too, instead of running on (holding locks) after its deadline.
 pub fn with_statement_timeout(
-    mut config: tokio_postgres::Config,
+    config: tokio_postgres::Config,
     limit: Duration,
 ) -> tokio_postgres::Config {
-    let ours = format!("-c statement_timeout={}", limit.as_millis());
+    with_options(
+        config,
+        &format!("-c statement_timeout={}", limit.as_millis()),
+    )
+}
+
+/// [`with_statement_timeout`], and an `idle_in_transaction_session_timeout`: a transaction of the
+/// service left open (a connection lost to the service mid-transaction) is ended by PostgreSQL
+/// after `idle`, instead of holding back the snapshot's xmin, below which the stream relay
+/// publishes (README: a purchase stream that does not move).
+pub fn with_session_limits(
+    config: tokio_postgres::Config,
+    statement: Duration,
+    idle: Duration,
+) -> tokio_postgres::Config {
+    with_options(
+        with_statement_timeout(config, statement),
+        &format!(
+            "-c idle_in_transaction_session_timeout={}",
+            idle.as_millis()
+        ),
+    )
+}
+
+fn with_options(mut config: tokio_postgres::Config, ours: &str) -> tokio_postgres::Config {
     let options = match config.get_options() {
         Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
-        _ => ours,
+        _ => ours.to_owned(),
     };
     config.options(&options);
     config

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub stream_events: Counter,
     pub stream_failures: Counter,
     pub stream_rewinds: Counter,
+    pub stream_backlog: Gauge,
+    pub stream_oldest_age: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -67,6 +69,8 @@ impl Default for Metrics {
             stream_events: Counter::default(),
             stream_failures: Counter::default(),
             stream_rewinds: Counter::default(),
+            stream_backlog: Gauge::default(),
+            stream_oldest_age: Gauge::default(),
         };
         let r = &mut this.registry;
         r.register(
@@ -150,6 +154,17 @@ impl Default for Metrics {
             "websocket_stream_rewinds",
             "Times loss detection found records Kafka had acknowledged gone and published them again.",
             this.stream_rewinds.clone(),
+        );
+        r.register(
+            "websocket_stream_backlog_rows",
+            "Purchases committed after the stream relay's last recorded round (read at scrape).",
+            this.stream_backlog.clone(),
+        );
+        r.register_with_unit(
+            "websocket_stream_oldest_age",
+            "Age of the oldest purchase the stream relay has not recorded yet (0 when none).",
+            Unit::Seconds,
+            this.stream_oldest_age.clone(),
         );
         this
     }

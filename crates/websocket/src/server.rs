@@ -74,6 +74,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Longest the scrape's outbox query may take.
     pub statement_timeout: std::time::Duration,
+    /// The stream the stream relay publishes, when it runs (its backlog is scraped).
+    pub stream: Option<uuid::Uuid>,
     pub console: crate::console::Console,
 }
 
@@ -119,6 +121,10 @@ impl Shared {
             trusted_proxies: settings.http_trusted_proxies.clone(),
             metrics: parts.metrics,
             statement_timeout: settings.database_statement_timeout,
+            stream: settings
+                .stream_topic
+                .is_some()
+                .then_some(settings.stream_id),
             console: crate::console::Console::new(settings.console_totals_url.as_deref()),
         }
     }
@@ -369,6 +375,13 @@ async fn metrics(shared: &Shared) -> HttpResponse {
     {
         metrics.outbox_backlog.set(rows);
         metrics.outbox_oldest_age.set(age);
+    }
+    if let Some(stream) = shared.stream {
+        let backlog = crate::stream_relay::backlog(&shared.probe_pool, stream);
+        if let Ok(Some((rows, age))) = tokio::time::timeout(limit, backlog).await {
+            metrics.stream_backlog.set(rows);
+            metrics.stream_oldest_age.set(age);
+        }
     }
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(

@@ -389,7 +389,10 @@ impl StreamRelay {
         let Some(latest) = all.last().map(|round| round.number) else {
             return Ok(());
         };
-        let (brokers, topic) = (self.topic_spec.brokers.clone(), self.topic_spec.topic.clone());
+        let (brokers, topic) = (
+            self.topic_spec.brokers.clone(),
+            self.topic_spec.topic.clone(),
+        );
         let timeout = self.message_timeout.min(Duration::from_secs(10));
         // A reader of its own each time: a client from before an outage may still hold its
         // errors, or have forgotten every broker (librdkafka 2.12 after a briefly fenced one).
@@ -463,6 +466,29 @@ impl StreamRelay {
         }
         tracing::info!("stream relay stopped");
     }
+}
+
+/// The stream's backlog for `/metrics`: purchases committed after the last recorded round (not
+/// yet published, or published and not yet recorded), and the age in seconds of the oldest. A
+/// transaction left open anywhere in the cluster holds the rounds back and shows here as a growing
+/// age. None when PostgreSQL does not answer.
+pub async fn backlog(pool: &Pool, stream: Uuid) -> Option<(i64, f64)> {
+    let conn = pool.get().await.ok()?;
+    let row = conn
+        .query_opt(
+            "SELECT count(*), \
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(p.created_at)), 0)::float8 \
+             FROM purchases p LEFT JOIN LATERAL ( \
+                 SELECT after_txid, after_purchase FROM relay_rounds \
+                 WHERE stream_id = $1 ORDER BY round DESC LIMIT 1) r ON true \
+             WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > \
+                   (COALESCE(r.after_txid, '0'::xid8), \
+                    COALESCE(r.after_purchase, '00000000-0000-0000-0000-000000000000'::uuid))",
+            &[&stream],
+        )
+        .await
+        .ok()??;
+    Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
 }
 
 /// The stamped event of one row.
