@@ -52,9 +52,10 @@ async fn await_distinct(topic: &str, distinct: usize) -> Vec<Placed> {
         || {
             let topic = topic.clone();
             async move {
+                // A topic the relay just created may not have its leaders yet: not yet.
                 let records = tokio::task::spawn_blocking(move || topic_placed(&topic))
                     .await
-                    .expect("reader");
+                    .ok()?;
                 let ids: HashSet<Uuid> = records
                     .iter()
                     .map(|record| record.event.purchase.purchase_id)
@@ -555,4 +556,62 @@ async fn a_transaction_left_open_holds_the_stream_back_visibly_until_it_ends() {
     open.rollback().await.expect("rollback");
     await_distinct(&stream_topic, 8).await;
     service.stop().await;
+}
+
+/// Starts a stream relay, publishes 5 purchases, stops it and hands over the database to
+/// `fork`, then starts it again and sends 3 more: the relay must halt (readiness 503 naming the
+/// cause, the metric at 1) and publish nothing more. Returns the readiness answer.
+async fn halted_after(fork: &str) -> String {
+    let db = fresh_database().await;
+    let (outbox_topic, stream_topic, stream) =
+        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    send(service.addr, 0, 5).await;
+    await_distinct(&stream_topic, 5).await;
+    service.stop().await;
+    let client = tests::connect_pg(&db.url).await.expect("connect");
+    client.batch_execute(fork).await.expect("the fork");
+    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    send(service.addr, 5, 3).await;
+    let answer = eventually(Duration::from_secs(30), "readiness to fail", || async {
+        let answer = tests::http_get(service.addr, "/readyz").await;
+        answer.contains("503").then_some(answer)
+    })
+    .await;
+    let scrape = tests::scrape(service.metrics).await;
+    assert_eq!(tests::sample(&scrape, "websocket_stream_halted", &[]), 1.0);
+    let topic = stream_topic.clone();
+    let published = tokio::task::spawn_blocking(move || topic_placed(&topic))
+        .await
+        .expect("reader");
+    assert_eq!(
+        published.len(),
+        5,
+        "the relay published on a forked history"
+    );
+    service.stop().await;
+    answer
+}
+
+#[tokio::test]
+async fn a_postgresql_whose_transaction_ids_went_back_halts_the_relay() {
+    // What a dump restored into a new cluster looks like to the relay: the stored transaction ids
+    // are above every id the cluster hands out now.
+    let answer = halted_after(
+        "UPDATE purchases SET txid = (txid::text::bigint + 1000000000)::text::xid8; \
+         UPDATE relay_rounds SET after_txid = (after_txid::text::bigint + 1000000000)::text::xid8",
+    )
+    .await;
+    assert!(answer.contains("transaction ids went back"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_postgresql_that_lost_a_published_purchase_halts_the_relay() {
+    // A standby promoted before it received the last purchases the relay published.
+    let answer = halted_after(
+        "DELETE FROM purchases WHERE purchase_id = \
+         (SELECT after_purchase FROM relay_rounds ORDER BY round DESC LIMIT 1)",
+    )
+    .await;
+    assert!(answer.contains("is not in PostgreSQL"), "{answer}");
 }

@@ -107,6 +107,7 @@ impl Application {
                 metrics: metrics.clone(),
             },
         );
+        let stream_halt = health::StreamHalt::default();
         let stream_relay = match &settings.stream_topic {
             None => None,
             Some(topic) => Some(stream_relay::StreamRelay {
@@ -123,6 +124,7 @@ impl Application {
                 statement_timeout: settings.database_statement_timeout,
                 committed: stream_committed,
                 metrics: metrics.clone(),
+                halt: stream_halt.clone(),
             }),
         };
         let relay = outbox::Relay {
@@ -148,6 +150,7 @@ impl Application {
                 tls,
                 metrics,
                 shutdown: stopping.clone(),
+                stream_halt,
             },
         ));
         Ok(Self {

@@ -19,7 +19,12 @@ const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
 
 /// A plain-text answer.
 pub fn text(status: StatusCode, body: &'static str) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    owned_text(status, body.to_owned())
+}
+
+/// A plain-text answer made at run time.
+pub fn owned_text(status: StatusCode, body: String) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
 }

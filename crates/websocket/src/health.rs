@@ -31,10 +31,34 @@ pub fn probe_pool(database_url: tokio_postgres::Config, connect_timeout: Duratio
     )
 }
 
+/// Why the stream relay halted, when it did: `/readyz` answers 503 with it until it clears.
+#[derive(Debug, Clone, Default)]
+pub struct StreamHalt(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl StreamHalt {
+    pub fn set(&self, why: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// The answer of `GET /readyz`.
-pub async fn readiness(probe_pool: &db::Pool, stopping: &CancellationToken) -> HttpResponse {
+pub async fn readiness(
+    probe_pool: &db::Pool,
+    stopping: &CancellationToken,
+    halt: &StreamHalt,
+) -> HttpResponse {
     if stopping.is_cancelled() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    if let Some(why) = halt.reason() {
+        return crate::handshake::owned_text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stream relay halted: {why}\n"),
+        );
     }
     let ready = matches!(
         tokio::time::timeout(PROBE_TIMEOUT, db::ping(probe_pool)).await,

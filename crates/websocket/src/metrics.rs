@@ -46,6 +46,7 @@ pub struct Metrics {
     pub stream_failures: Counter,
     pub stream_rewinds: Counter,
     pub stream_backlog: Gauge,
+    pub stream_halted: Gauge,
     pub stream_oldest_age: Gauge<f64, AtomicU64>,
 }
 
@@ -70,6 +71,7 @@ impl Default for Metrics {
             stream_failures: Counter::default(),
             stream_rewinds: Counter::default(),
             stream_backlog: Gauge::default(),
+            stream_halted: Gauge::default(),
             stream_oldest_age: Gauge::default(),
         };
         let r = &mut this.registry;
@@ -154,6 +156,11 @@ impl Default for Metrics {
             "websocket_stream_rewinds",
             "Times loss detection found records Kafka had acknowledged gone and published them again.",
             this.stream_rewinds.clone(),
+        );
+        r.register(
+            "websocket_stream_halted",
+            "1 while the stream relay halts on a forked PostgreSQL history (readyz is 503), else 0.",
+            this.stream_halted.clone(),
         );
         r.register(
             "websocket_stream_backlog_rows",

@@ -76,6 +76,8 @@ pub struct Shared {
     pub statement_timeout: std::time::Duration,
     /// The stream the stream relay publishes, when it runs (its backlog is scraped).
     pub stream: Option<uuid::Uuid>,
+    /// Set while the stream relay halts (a forked PostgreSQL history): `/readyz` is 503.
+    pub stream_halt: crate::health::StreamHalt,
     pub console: crate::console::Console,
 }
 
@@ -87,6 +89,7 @@ pub struct Parts {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub shutdown: CancellationToken,
+    pub stream_halt: crate::health::StreamHalt,
 }
 
 impl Shared {
@@ -125,6 +128,7 @@ impl Shared {
                 .stream_topic
                 .is_some()
                 .then_some(settings.stream_id),
+            stream_halt: parts.stream_halt,
             console: crate::console::Console::new(settings.console_totals_url.as_deref()),
         }
     }
@@ -342,7 +346,10 @@ async fn route(
     }
     let response = match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => crate::health::readiness(&shared.probe_pool, &shared.shutdown).await,
+        "/readyz" => {
+            crate::health::readiness(&shared.probe_pool, &shared.shutdown, &shared.stream_halt)
+                .await
+        }
         "/metrics" => metrics(&shared).await,
         "/ws" => upgrade(request, peer, &shared, ip_slot),
         path => {

@@ -56,6 +56,8 @@ pub struct StreamRelay {
     /// Notified by the committer after each commit.
     pub committed: Arc<Notify>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set while the relay halts on a forked history (`/readyz` answers 503 with it).
+    pub halt: crate::health::StreamHalt,
 }
 
 /// Why the stream relay stopped for good.
@@ -110,6 +112,10 @@ enum RoundError {
     Readback(#[source] rdkafka::error::KafkaError),
     #[error(transparent)]
     Fatal(StreamRelayError),
+    /// What PostgreSQL holds cannot be the history the stream was published from: publishing
+    /// on would skip purchases or renumber them.
+    #[error("{0}")]
+    Forked(String),
 }
 
 impl StreamRelay {
@@ -151,8 +157,27 @@ impl StreamRelay {
         while !stop.is_cancelled() {
             if Instant::now() >= check_due {
                 match self.detect_loss(stream).await {
-                    Ok(()) => check_due = Instant::now() + CHECK_INTERVAL,
+                    Ok(()) => {
+                        check_due = Instant::now() + CHECK_INTERVAL;
+                        if self.halt.reason().is_some() {
+                            tracing::info!("the stream's history is consistent again: relaying");
+                            self.halt.set(None);
+                            self.metrics.stream_halted.set(0);
+                        }
+                    }
                     Err(RoundError::Fatal(error)) => return Err(error),
+                    Err(RoundError::Forked(why)) => {
+                        tracing::error!(
+                            stream = %stream.id,
+                            cause = %why,
+                            "stream relay halted: nothing is published until an operator acts \
+                             (README: a forked PostgreSQL history)"
+                        );
+                        self.halt.set(Some(why));
+                        self.metrics.stream_halted.set(1);
+                        backoff.wait(&stop).await;
+                        continue;
+                    }
                     Err(error) => {
                         self.metrics.stream_failures.inc();
                         tracing::warn!(%error, "stream loss detection failed; retrying");
@@ -386,9 +411,11 @@ impl StreamRelay {
         let all = self
             .within("the stream's rounds", rounds::rounds(&*conn, stream))
             .await?;
-        let Some(latest) = all.last().map(|round| round.number) else {
+        let Some(latest) = all.last() else {
             return Ok(());
         };
+        check_history(&*conn, latest).await?;
+        let latest = latest.number;
         let (brokers, topic) = (
             self.topic_spec.brokers.clone(),
             self.topic_spec.topic.clone(),
@@ -466,6 +493,47 @@ impl StreamRelay {
         }
         tracing::info!("stream relay stopped");
     }
+}
+
+/// The fork check: PostgreSQL must still hold the last purchase the newest round published,
+/// with the same transaction id, and its snapshot's xmin must not be below that id (transaction
+/// ids never go back in one cluster; a dump restored into a new cluster starts them again, and
+/// new purchases would then sort before what was published and never be relayed).
+async fn check_history(
+    client: &impl tokio_postgres::GenericClient,
+    latest: &rounds::Round,
+) -> Result<(), RoundError> {
+    let Some(after) = latest.cursor.after else {
+        return Ok(());
+    };
+    let txid = after.txid.to_string();
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) < $1::text::xid8, \
+                    EXISTS (SELECT 1 FROM purchases WHERE purchase_id = $2 \
+                            AND COALESCE(txid, '1'::xid8) = $1::text::xid8)",
+            &[&txid, &Uuid::from_u128(after.purchase_id)],
+        )
+        .await
+        .map_err(RoundsError::from)?;
+    let went_back: bool = row.try_get(0).map_err(RoundsError::from)?;
+    let present: bool = row.try_get(1).map_err(RoundsError::from)?;
+    if went_back {
+        return Err(RoundError::Forked(format!(
+            "transaction ids went back below {txid}, the last one published: PostgreSQL was \
+             restored into another cluster (a dump and restore); advance its transaction ids \
+             past {txid} (pg_resetwal), or open a new stream segment"
+        )));
+    }
+    if !present {
+        return Err(RoundError::Forked(format!(
+            "purchase {} (transaction {txid}), the last one published, is not in PostgreSQL: \
+             its history forked (a standby promoted, a point-in-time recovery, a backup \
+             restored); open a new stream segment after reconciling",
+            Uuid::from_u128(after.purchase_id)
+        )));
+    }
+    Ok(())
 }
 
 /// The stream's backlog for `/metrics`: purchases committed after the last recorded round (not
