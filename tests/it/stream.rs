@@ -27,6 +27,39 @@ fn settings(
     settings
 }
 
+/// A websocket service relaying a stream of its own, on a database and topics of its own.
+struct Relaying {
+    db: TestDb,
+    outbox_topic: String,
+    stream_topic: String,
+    stream: Uuid,
+    service: tests::Running,
+}
+
+impl Relaying {
+    async fn start() -> Self {
+        let db = fresh_database().await;
+        let (outbox_topic, stream_topic, stream) =
+            (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
+        let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+        Self {
+            db,
+            outbox_topic,
+            stream_topic,
+            stream,
+            service,
+        }
+    }
+}
+
+/// Every record of the topic, read off the async workers.
+async fn placed(topic: &str) -> Vec<Placed> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || topic_placed(&topic))
+        .await
+        .expect("reader")
+}
+
 /// Sends `count` purchases of 7 users over one connection; returns the acked ids.
 async fn send(addr: std::net::SocketAddr, first: usize, count: usize) -> Vec<Uuid> {
     let mut socket = ws_connect(addr).await;
@@ -114,10 +147,13 @@ fn stamps(records: &[Placed], stream: Uuid) -> HashMap<Uuid, (u32, u64)> {
 
 #[tokio::test]
 async fn the_stream_relay_publishes_every_purchase_once_in_postgresql_order_with_dense_numbers() {
-    let db = fresh_database().await;
-    let (outbox_topic, stream_topic, stream) =
-        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let Relaying {
+        db,
+        outbox_topic: _,
+        stream_topic,
+        stream,
+        service,
+    } = Relaying::start().await;
     let acked = send(service.addr, 0, 200).await;
     let records = await_distinct(&stream_topic, acked.len()).await;
     assert_eq!(records.len(), acked.len(), "a purchase was published twice");
@@ -157,10 +193,13 @@ async fn the_stream_relay_publishes_every_purchase_once_in_postgresql_order_with
 
 #[tokio::test]
 async fn a_round_acknowledged_but_not_recorded_is_published_again_with_the_same_numbers() {
-    let db = fresh_database().await;
-    let (outbox_topic, stream_topic, stream) =
-        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let Relaying {
+        db,
+        outbox_topic,
+        stream_topic,
+        stream,
+        service,
+    } = Relaying::start().await;
     let first = send(service.addr, 0, 60).await;
     let before = stamps(&await_distinct(&stream_topic, first.len()).await, stream);
     service.stop().await;
@@ -192,10 +231,13 @@ async fn a_round_acknowledged_but_not_recorded_is_published_again_with_the_same_
 
 #[tokio::test]
 async fn a_topic_recreated_under_the_relay_gets_every_purchase_again_with_the_same_numbers() {
-    let db = fresh_database().await;
-    let (outbox_topic, stream_topic, stream) =
-        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let Relaying {
+        db: _,
+        outbox_topic: _,
+        stream_topic,
+        stream,
+        service,
+    } = Relaying::start().await;
     let first = send(service.addr, 0, 40).await;
     let before = stamps(&await_distinct(&stream_topic, first.len()).await, stream);
     recreate_topic(&tests::Env::get().kafka_brokers, &stream_topic, 4).await;
@@ -215,10 +257,13 @@ async fn a_topic_recreated_under_the_relay_gets_every_purchase_again_with_the_sa
 
 #[tokio::test]
 async fn a_partition_count_other_than_the_streams_is_refused() {
-    let db = fresh_database().await;
-    let (outbox_topic, stream_topic, stream) =
-        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let Relaying {
+        db,
+        outbox_topic,
+        stream_topic,
+        stream,
+        service,
+    } = Relaying::start().await;
     send(service.addr, 0, 5).await;
     await_distinct(&stream_topic, 5).await;
     service.stop().await;
@@ -520,10 +565,13 @@ async fn redis_memory_grows_with_users_and_partitions_never_with_purchases() {
 
 #[tokio::test]
 async fn a_transaction_left_open_holds_the_stream_back_visibly_until_it_ends() {
-    let db = fresh_database().await;
-    let (outbox_topic, stream_topic, stream) =
-        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let Relaying {
+        db,
+        outbox_topic: _,
+        stream_topic,
+        stream: _,
+        service,
+    } = Relaying::start().await;
     send(service.addr, 0, 3).await;
     await_distinct(&stream_topic, 3).await;
     // Another session's transaction with an id, left open: no row after it may be published.
@@ -544,10 +592,7 @@ async fn a_transaction_left_open_holds_the_stream_back_visibly_until_it_ends() {
     )
     .await;
     assert_eq!(backlog, 5.0, "the backlog counts the purchases held back");
-    let topic = stream_topic.clone();
-    let published = tokio::task::spawn_blocking(move || topic_placed(&topic))
-        .await
-        .expect("reader");
+    let published = placed(&stream_topic).await;
     assert_eq!(
         published.len(),
         3,
@@ -562,10 +607,13 @@ async fn a_transaction_left_open_holds_the_stream_back_visibly_until_it_ends() {
 /// `fork`, then starts it again and sends 3 more: the relay must halt (readiness 503 naming the
 /// cause, the metric at 1) and publish nothing more. Returns the readiness answer.
 async fn halted_after(fork: &str) -> String {
-    let db = fresh_database().await;
-    let (outbox_topic, stream_topic, stream) =
-        (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-    let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+    let Relaying {
+        db,
+        outbox_topic,
+        stream_topic,
+        stream,
+        service,
+    } = Relaying::start().await;
     send(service.addr, 0, 5).await;
     await_distinct(&stream_topic, 5).await;
     service.stop().await;
@@ -580,10 +628,7 @@ async fn halted_after(fork: &str) -> String {
     .await;
     let scrape = tests::scrape(service.metrics).await;
     assert_eq!(tests::sample(&scrape, "websocket_stream_halted", &[]), 1.0);
-    let topic = stream_topic.clone();
-    let published = tokio::task::spawn_blocking(move || topic_placed(&topic))
-        .await
-        .expect("reader");
+    let published = placed(&stream_topic).await;
     assert_eq!(
         published.len(),
         5,

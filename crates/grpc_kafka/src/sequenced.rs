@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::aggregator::{AggregatorError, Halt, Heartbeat, Reach, Retry, Step};
 use crate::kafka::Source;
 use crate::settings::Settings;
-use crate::totals::{SequencedRecord, Totals};
+use crate::totals::{Marks, SequencedRecord, Totals};
 
 /// How often every partition is compared with Redis and its watermarks.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -203,16 +203,20 @@ impl Sequenced {
         Ok(())
     }
 
-    /// Reads a partition's marks and moves reading to where they say (its start without any).
-    async fn resume(&mut self, partition: i32, stop: &CancellationToken) -> Step<Part> {
+    /// A partition's marks in Redis, retried while Redis is unreachable.
+    async fn marks(&mut self, partition: i32, stop: &CancellationToken) -> Step<Marks> {
         let slot = u32::try_from(partition).unwrap_or(u32::MAX);
         let (totals, stream) = (&self.totals, self.stream);
-        let marks = self
-            .retry
+        self.retry
             .redis("read a partition's marks", stop, || {
                 totals.marks(stream, slot)
             })
-            .await?;
+            .await
+    }
+
+    /// Reads a partition's marks and moves reading to where they say (its start without any).
+    async fn resume(&mut self, partition: i32, stop: &CancellationToken) -> Step<Part> {
+        let marks = self.marks(partition, stop).await?;
         // Reading from an earlier point is always safe (what was counted reads as copies): a
         // failed seek only costs time.
         let sought = match marks.hint {
@@ -330,14 +334,7 @@ impl Sequenced {
         let partitions: Vec<i32> = self.parts.keys().copied().collect();
         for partition in partitions {
             self.heartbeat.beat();
-            let slot = u32::try_from(partition).unwrap_or(u32::MAX);
-            let (totals, stream) = (&self.totals, self.stream);
-            let marks = self
-                .retry
-                .redis("read a partition's marks", stop, || {
-                    totals.marks(stream, slot)
-                })
-                .await?;
+            let marks = self.marks(partition, stop).await?;
             let label = crate::metrics::Partition { partition };
             let Some(part) = self.parts.get(&partition) else {
                 continue;
