@@ -209,7 +209,10 @@ impl StreamRelay {
                 }
             }
         }
-        self.drain(stream, drain_for).await;
+        // A halted relay publishes nothing, on shutdown neither.
+        if self.halt.reason().is_none() {
+            self.drain(stream, drain_for).await;
+        }
         Ok(())
     }
 
