@@ -38,10 +38,17 @@ struct Relaying {
 
 impl Relaying {
     async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// `outbox`: whether purchases also get outbox rows (`OUTBOX_WRITES`).
+    async fn start_with(outbox: bool) -> Self {
         let db = fresh_database().await;
         let (outbox_topic, stream_topic, stream) =
             (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-        let service = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream)).await;
+        let mut relaying = settings(&db, &outbox_topic, &stream_topic, stream);
+        relaying.outbox_writes = outbox;
+        let service = start_websocket(relaying).await;
         Self {
             db,
             outbox_topic,
@@ -294,10 +301,8 @@ async fn a_partition_count_other_than_the_streams_is_refused() {
 /// A pipeline of its own counting by sequence: websocket with the stream relay, grpc_kafka with
 /// `COUNT_BY=sequence` on the stream topic.
 struct Sequenced {
-    db: TestDb,
-    stream_topic: String,
+    relaying: Relaying,
     prefix: String,
-    websocket: tests::Running,
     grpc_kafka: tests::Running,
 }
 
@@ -308,42 +313,36 @@ impl Sequenced {
 
     /// `outbox`: whether purchases also get outbox rows (`OUTBOX_WRITES`).
     async fn start_with(outbox: bool) -> Self {
-        let db = fresh_database().await;
-        let (outbox_topic, stream_topic, stream) =
-            (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
-        let mut relaying = settings(&db, &outbox_topic, &stream_topic, stream);
-        relaying.outbox_writes = outbox;
-        let websocket = start_websocket(relaying).await;
+        let relaying = Relaying::start_with(outbox).await;
         let prefix = format!("{}:", unique("seq"));
-        let mut counting = tests::grpc_kafka_settings(&stream_topic, &prefix, &unique("group"));
+        let mut counting =
+            tests::grpc_kafka_settings(&relaying.stream_topic, &prefix, &unique("group"));
         counting.count_by = grpc_kafka::CountBy::Sequence;
-        counting.stream_id = stream;
+        counting.stream_id = relaying.stream;
         let grpc_kafka = tests::start_grpc_kafka(counting).await;
         Self {
-            db,
-            stream_topic,
+            relaying,
             prefix,
-            websocket,
             grpc_kafka,
         }
     }
 
     /// Waits until every total read over gRPC is PostgreSQL's.
     async fn exact(&self) {
-        let expected = self.db.totals().await;
+        let expected = self.relaying.db.totals().await;
         tests::await_totals(self.grpc_kafka.addr, &expected, Duration::from_secs(120)).await;
     }
 
     async fn stop(self) {
         self.grpc_kafka.stop().await;
-        self.websocket.stop().await;
+        self.relaying.service.stop().await;
     }
 }
 
 #[tokio::test]
 async fn counting_by_sequence_is_exact_and_keeps_no_per_purchase_keys() {
     let pipeline = Sequenced::start().await;
-    send(pipeline.websocket.addr, 0, 300).await;
+    send(pipeline.relaying.service.addr, 0, 300).await;
     pipeline.exact().await;
     let mut redis = tests::redis_connection().await;
     let keys = tests::redis_keys(&mut redis, &format!("{}*", pipeline.prefix)).await;
@@ -359,18 +358,23 @@ async fn counting_by_sequence_is_exact_and_keeps_no_per_purchase_keys() {
 #[tokio::test]
 async fn counting_by_sequence_survives_redis_wiped_and_the_topic_recreated() {
     let pipeline = Sequenced::start().await;
-    send(pipeline.websocket.addr, 0, 100).await;
+    send(pipeline.relaying.service.addr, 0, 100).await;
     pipeline.exact().await;
     // Redis loses everything: every partition is read again from its start, nothing twice.
     tests::wipe_redis_prefix(&pipeline.prefix)
         .await
         .expect("wipe");
-    send(pipeline.websocket.addr, 100, 20).await;
+    send(pipeline.relaying.service.addr, 100, 20).await;
     pipeline.exact().await;
     // The topic is deleted and created again: the relay publishes everything again with the same
     // numbers; what was counted reads as copies.
-    recreate_topic(&tests::Env::get().kafka_brokers, &pipeline.stream_topic, 4).await;
-    send(pipeline.websocket.addr, 120, 20).await;
+    recreate_topic(
+        &tests::Env::get().kafka_brokers,
+        &pipeline.relaying.stream_topic,
+        4,
+    )
+    .await;
+    send(pipeline.relaying.service.addr, 120, 20).await;
     pipeline.exact().await;
     pipeline.stop().await;
 }
@@ -378,11 +382,13 @@ async fn counting_by_sequence_survives_redis_wiped_and_the_topic_recreated() {
 #[tokio::test]
 async fn with_outbox_writes_off_a_purchase_is_one_row_and_is_counted_exactly() {
     let pipeline = Sequenced::start_with(false).await;
-    send(pipeline.websocket.addr, 0, 200).await;
+    send(pipeline.relaying.service.addr, 0, 200).await;
     pipeline.exact().await;
     // Table statistics reach the view a little after the commits: once the purchases' 200
     // inserts show, the outbox inserts of the same statements would too.
-    let client = tests::connect_pg(&pipeline.db.url).await.expect("connect");
+    let client = tests::connect_pg(&pipeline.relaying.db.url)
+        .await
+        .expect("connect");
     let inserts = |table: &'static str| {
         let client = &client;
         async move {

@@ -15,7 +15,9 @@ pub mod topic;
 
 use rdkafka::ClientConfig;
 
-pub use topic::{TopicError, TopicSpec, ensure_topic, ensure_topic_until_ready};
+pub use topic::{
+    TopicError, TopicSpec, ensure_topic, ensure_topic_until_ready, partition_replicas,
+};
 
 /// A client configuration with the brokers set and the settings both services share.
 pub fn client_config(brokers: &str) -> ClientConfig {

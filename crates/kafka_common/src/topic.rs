@@ -229,8 +229,8 @@ async fn check_topic(
 }
 
 /// The replica count of each partition of the topic, from the cluster's metadata (a blocking
-/// call: off the async workers).
-async fn partition_replicas(spec: &TopicSpec) -> Result<Vec<usize>, String> {
+/// call: off the async workers); its length is the topic's partition count.
+pub async fn partition_replicas(spec: &TopicSpec) -> Result<Vec<usize>, String> {
     let brokers = spec.brokers.clone();
     let name = spec.topic.clone();
     tokio::task::spawn_blocking(move || -> Result<Vec<usize>, String> {

@@ -120,44 +120,19 @@ impl Relay {
                 Err(error) => {
                     self.metrics.relay_failures.inc();
                     tracing::warn!(error = %service_kit::supervise::cause_chain(&error), "outbox relay round failed; retrying");
-                    if let Some(why) = self.producer_unfit(&error) {
-                        self.rebuild_producer(why);
-                    }
+                    renew_if_unfit(
+                        &mut self.producer,
+                        error.nothing_acknowledged(),
+                        &self.topic_spec.brokers,
+                        self.message_timeout,
+                        &self.metrics,
+                    );
                     backoff.wait(&stop).await;
                 }
             }
         }
         if topic_ready {
             self.drain(drain_for).await;
-        }
-    }
-
-    /// Why the producer should not be used again, if it should not: librdkafka declared it dead
-    /// (a fatal error, which no retry clears), or a whole round went unacknowledged.
-    fn producer_unfit(&self, error: &RelayError) -> Option<String> {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            return Some(format!("fatal producer error {code:?}: {reason}"));
-        }
-        error
-            .nothing_acknowledged()
-            .then(|| "kafka acknowledged none of the round's events".to_owned())
-    }
-
-    /// Replaces the producer with a new one (new connections, a new idempotence identity). Every
-    /// event of the old one has been answered by then: a round waits for all of its answers.
-    fn rebuild_producer(&mut self, why: String) {
-        match producer(&self.topic_spec.brokers, self.message_timeout) {
-            Ok(fresh) => {
-                let old = std::mem::replace(&mut self.producer, fresh);
-                // Every event of the old producer was answered; its teardown still talks to
-                // the brokers: never on an async worker.
-                drop(tokio::task::spawn_blocking(move || drop(old)));
-                self.metrics.producer_rebuilds.inc();
-                tracing::warn!(%why, "kafka producer rebuilt");
-            }
-            Err(error) => {
-                tracing::error!(%why, %error, "cannot rebuild the kafka producer; keeping the old one");
-            }
         }
     }
 
@@ -361,6 +336,37 @@ pub fn producer(
             message_timeout.as_millis().to_string(),
         )
         .create()
+}
+
+/// Replaces a relay's producer with a new one (new connections, a new idempotence identity) when
+/// it should not be used again: librdkafka declared it dead (a fatal error, which no retry
+/// clears), or Kafka acknowledged none of a round's events (`nothing_acknowledged`: a broker
+/// away, or a producer left wedged by a broker that froze and came back). Every event of the old
+/// one has been answered by then: a round waits for all of its answers.
+pub(crate) fn renew_if_unfit(
+    producer: &mut FutureProducer,
+    nothing_acknowledged: bool,
+    brokers: &str,
+    message_timeout: Duration,
+    metrics: &crate::metrics::Metrics,
+) {
+    let why = match producer.client().fatal_error() {
+        Some((code, reason)) => format!("fatal producer error {code:?}: {reason}"),
+        None if nothing_acknowledged => "kafka acknowledged none of the round's events".to_owned(),
+        None => return,
+    };
+    match self::producer(brokers, message_timeout) {
+        Ok(fresh) => {
+            let old = std::mem::replace(producer, fresh);
+            // Its teardown still talks to the brokers: never on an async worker.
+            drop(tokio::task::spawn_blocking(move || drop(old)));
+            metrics.producer_rebuilds.inc();
+            tracing::warn!(%why, "kafka producer rebuilt");
+        }
+        Err(error) => {
+            tracing::error!(%why, %error, "cannot rebuild the kafka producer; keeping the old one");
+        }
+    }
 }
 
 /// The outbox backlog for `/metrics`: rows waiting, and the age in seconds of the oldest one's

@@ -132,17 +132,17 @@ pub async fn take_round(
         .collect()
 }
 
+/// What [`read_round`] reads, of one stream's bookkeeping rows.
+const ROUND_COLUMNS: &str = "SELECT round, after_txid::text, after_purchase, next_seq, last_offset, \
+     last_seq FROM relay_rounds WHERE stream_id = $1";
+
 /// Every bookkeeping row of the stream, oldest first: what loss detection walks back through.
 pub async fn rounds(
     client: &impl GenericClient,
     stream: Stream,
 ) -> Result<Vec<Round>, RoundsError> {
     let rows = client
-        .query(
-            "SELECT round, after_txid::text, after_purchase, next_seq, last_offset, last_seq \
-             FROM relay_rounds WHERE stream_id = $1 ORDER BY round",
-            &[&stream.id],
-        )
+        .query(&format!("{ROUND_COLUMNS} ORDER BY round"), &[&stream.id])
         .await?;
     rows.iter().map(|row| read_round(stream, row)).collect()
 }
@@ -154,8 +154,7 @@ pub async fn latest_round(
 ) -> Result<Option<Round>, RoundsError> {
     let row = client
         .query_opt(
-            "SELECT round, after_txid::text, after_purchase, next_seq, last_offset, last_seq \
-             FROM relay_rounds WHERE stream_id = $1 ORDER BY round DESC LIMIT 1",
+            &format!("{ROUND_COLUMNS} ORDER BY round DESC LIMIT 1"),
             &[&stream.id],
         )
         .await?;

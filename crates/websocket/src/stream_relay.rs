@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use purchase::{Amount, Purchase, PurchaseEvent, Sequence, UserId};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use sequencing::relay::{Cursor, Landed, Refusal, Stamped};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -108,6 +108,8 @@ enum RoundError {
     },
     #[error("records acknowledged by an earlier round are no longer in kafka")]
     Lost,
+    #[error("cannot read the topic's metadata: {0}")]
+    Metadata(String),
     #[error("kafka did not answer the read-back: {0}")]
     Readback(#[source] rdkafka::error::KafkaError),
     #[error(transparent)]
@@ -202,9 +204,20 @@ impl StreamRelay {
                     tracing::warn!(error = %service_kit::supervise::cause_chain(&error), "stream relay round failed; checking kafka before the next");
                     // Whatever failed, what Kafka holds is read back before the next round.
                     check_due = Instant::now();
-                    if let Some(why) = self.producer_unfit(&error) {
-                        self.rebuild_producer(why);
-                    }
+                    let nothing_acknowledged = matches!(
+                        error,
+                        RoundError::Kafka {
+                            acknowledged: 0,
+                            ..
+                        }
+                    );
+                    crate::outbox::renew_if_unfit(
+                        &mut self.producer,
+                        nothing_acknowledged,
+                        &self.topic_spec.brokers,
+                        self.message_timeout,
+                        &self.metrics,
+                    );
                     backoff.wait(&stop).await;
                 }
             }
@@ -239,33 +252,12 @@ impl StreamRelay {
     /// The topic must have the stream's partition count: a record's partition is computed from
     /// it, and another count would send a user's purchases to two partitions.
     async fn check_topic(&self, stream: Stream) -> Result<(), RoundError> {
-        let producer = self.producer.clone();
-        let topic = self.topic_spec.topic.clone();
-        let timeout = self.message_timeout.min(Duration::from_secs(10));
-        let actual = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&topic), timeout)
-                .map(|metadata| {
-                    metadata
-                        .topics()
-                        .iter()
-                        .find(|found| found.name() == topic)
-                        .map_or(0, |found| found.partitions().len())
-                })
-        })
-        .await
-        .map_err(|_| RoundError::Readback(rdkafka::error::KafkaError::Canceled))?
-        .map_err(RoundError::Readback)?;
+        let actual = kafka_common::partition_replicas(&self.topic_spec)
+            .await
+            .map_err(RoundError::Metadata)?
+            .len();
         if actual == stream.partitions as usize {
             return Ok(());
-        }
-        if actual == 0 {
-            return Err(RoundError::Readback(
-                rdkafka::error::KafkaError::MetadataFetch(
-                    rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
-                ),
-            ));
         }
         Err(RoundError::Fatal(StreamRelayError::TopicPartitions {
             topic: self.topic_spec.topic.clone(),
@@ -446,35 +438,6 @@ impl StreamRelay {
             .await?;
         self.metrics.stream_rewinds.inc();
         Ok(())
-    }
-
-    /// Why the producer should not be used again, if it should not.
-    fn producer_unfit(&self, error: &RoundError) -> Option<String> {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            return Some(format!("fatal producer error {code:?}: {reason}"));
-        }
-        matches!(
-            error,
-            RoundError::Kafka {
-                acknowledged: 0,
-                ..
-            }
-        )
-        .then(|| "kafka acknowledged none of the round's events".to_owned())
-    }
-
-    fn rebuild_producer(&mut self, why: String) {
-        match crate::outbox::producer(&self.topic_spec.brokers, self.message_timeout) {
-            Ok(fresh) => {
-                let old = std::mem::replace(&mut self.producer, fresh);
-                drop(tokio::task::spawn_blocking(move || drop(old)));
-                self.metrics.producer_rebuilds.inc();
-                tracing::warn!(%why, "stream relay's kafka producer rebuilt");
-            }
-            Err(error) => {
-                tracing::error!(%why, %error, "cannot rebuild the kafka producer; keeping the old one");
-            }
-        }
     }
 
     /// On shutdown: rounds until nothing is left or `drain_for` has passed.
