@@ -76,21 +76,37 @@ consume_rate=$(echo "$consumed" | awk -F', *' '{print $6}')
 java_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --delete --topic "$ceiling_topic" >/dev/null 2>&1 || true
 echo "{\"produce_per_sec\": $produce_rate, \"consume_per_sec\": $consume_rate}" > "$OUT/ceiling-kafka.json"
 
-log "ceiling: Redis (the project's Lua script, one event per call, redis-benchmark, 50 clients, pipeline 16)"
+log "ceiling: Redis (the project's counting script, one record per call, redis-benchmark, 50 clients, pipeline 16)"
 redis_port="${REDIS_URL##*:}"; redis_port="${redis_port%%/*}"
-sha=$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat crates/grpc_kafka/src/apply_batch.lua)")
+sha=$(redis-cli -p "$redis_port" SCRIPT LOAD "$(cat crates/grpc_kafka/src/apply_sequenced.lua)")
 calls=$(pick 1000000 20000)
 redis_rate=$(redis-benchmark -p "$redis_port" --dbnum 15 -n "$calls" -c 50 -P 16 -r 100000000 -q \
-  EVALSHA "$sha" 0 bench: bench:offsets bench:fingerprints 3600 0 id__rand_int__ user__rand_int__ 1 100 2>/dev/null \
+  EVALSHA "$sha" 2 "bench:marks:{__rand_int__}" "bench:total:{__rand_int__}" 0 0 100 2>/dev/null \
   | tr '\r' '\n' | awk '/requests per second/ {for (i = 1; i <= NF; i++) if ($(i+1) == "requests") print $i}' | tail -n1)
 [ -n "$redis_rate" ] || die "redis-benchmark gave no figure"
 redis-cli -p "$redis_port" -n 15 FLUSHDB ASYNC >/dev/null
 echo "{\"events_per_sec\": $redis_rate}" > "$OUT/ceiling-redis.json"
 
 # ------------------------------------------------------------------ the project
+# PostgreSQL's row writes per table (inserts, updates, deletes), from its statistics.
+pg_writes() {
+  psql "$DATABASE_URL" -Atc "SELECT COALESCE(json_object_agg(relname, json_build_array(n_tup_ins, n_tup_upd, n_tup_del)), '{}')
+    FROM pg_stat_user_tables WHERE relname IN ('purchases', 'purchase_outbox', 'relay_rounds')"
+}
 log "project: sustained, closed loop (100 connections x 16 in flight)"
+writes_before=$(pg_writes)
 "${ctl[@]}" bench --mode closed --connections "$(pick 100 10)" --in-flight 16 --purchases "$(pick 3000 100)" \
   --users 1000 --json "$OUT/closed.json" >&2 || die "closed-loop bench: totals not exact"
+# The statistics reach the view within a second or so of the commits: read them until every
+# acked purchase's insert shows (or 15 s), then count the writes per purchase.
+acked=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["acked"])' "$OUT/closed.json")
+for _ in $(seq 30); do
+  writes_after=$(pg_writes)
+  python3 -c 'import json, sys; b, a = (json.loads(x).get("purchases", [0]) for x in sys.argv[1:3])
+sys.exit(0 if a[0] - b[0] >= int(sys.argv[3]) else 1)' "$writes_before" "$writes_after" "$acked" && break
+  sleep 0.5
+done
+echo "{\"purchases\": $acked, \"before\": $writes_before, \"after\": $writes_after}" > "$OUT/pg-writes.json"
 
 log "project: open-loop sweep (latency versus offered load, ack-to-visible sampled)"
 rates=$(pick "1000 2500 5000 10000 15000 20000 25000" "500 1000")

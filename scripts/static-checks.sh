@@ -92,6 +92,8 @@ exported = {
     "websocket_commit_batch_size", "websocket_commit_duration_seconds", "websocket_commit_queue_depth",
     "websocket_outbox_backlog_rows", "websocket_outbox_oldest_age_seconds",
     "websocket_outbox_events_relayed_total", "websocket_kafka_produce_errors_total",
+    "websocket_stream_events_total", "websocket_stream_backlog_rows",
+    "websocket_stream_oldest_age_seconds",
     "grpc_kafka_events_applied_total", "grpc_kafka_duplicates_skipped_total",
     "grpc_kafka_redis_apply_duration_seconds", "grpc_kafka_ack_to_visible_seconds",
     "grpc_kafka_consumer_lag_records", "grpc_kafka_last_applied_event_age_seconds",

@@ -21,6 +21,7 @@ pg_only = load("ceiling-pg-only.json")
 kafka = load("ceiling-kafka.json")
 redis = load("ceiling-redis.json")
 closed = load("closed.json")
+pg_writes = load("pg-writes.json")
 read = load("read.json")
 idle = load("idle.json")
 soak = load("soak.json")
@@ -71,6 +72,17 @@ row("GetTotalSpent, 1 client (ghz): rate", ghz1["rps"], "calls/s", None, "")
 row("GetTotalSpent, 50 concurrent over 4 connections (ghz)", ghz50["rps"], "calls/s", 30000.0, "goal >= 30,000/s")
 row("  p99 (same run)", ghz_p(ghz50, 99), "ms", 5.0, "goal <= 5 ms", higher_is_better=False)
 row("GetTotalSpent, 50 concurrent over 4 connections (walletctl)", read["calls_per_sec"], "calls/s", 30000.0, "goal >= 30,000/s")
+if pg_writes:
+    # One purchases row per purchase and one bookkeeping row per relay round; the outbox of a
+    # deployment still moving from it would show here as an insert and a delete per purchase.
+    n = max(pg_writes["purchases"], 1)
+    parts = []
+    for table in ("purchases", "purchase_outbox", "relay_rounds"):
+        b, a = pg_writes["before"].get(table, [0, 0, 0]), pg_writes["after"].get(table, [0, 0, 0])
+        ins, upd, dele = (a[i] - b[i] for i in range(3))
+        parts.append(f"{table} {ins / n:.3f} ins, {upd / n:.3f} upd, {dele / n:.3f} del")
+    rows.append((f"PostgreSQL row writes per purchase (closed loop, {pg_writes['purchases']:,} purchases)",
+                 "; ".join(parts), "1 purchases row, no outbox, 1 round row per batch", ""))
 row("idle WebSocket connection, server memory", idle["kib_per_connection"], "KiB", 20.0,
     f"goal <= 20 KiB ({idle['connections']} connections)", higher_is_better=False)
 row("ceiling: PostgreSQL, purchases + outbox rows (pgbench, 4 clients)", pg["purchases_per_sec"], "/s", None, "")

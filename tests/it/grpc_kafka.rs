@@ -59,8 +59,12 @@ impl Fixture {
         }
     }
 
+    /// Counting by offsets: the events published here carry no sequence number, as the outbox
+    /// relay's do (the tests of counting by sequence are in stream.rs).
     fn settings(&self) -> grpc_kafka::Settings {
-        grpc_kafka_settings(&self.topic, &self.prefix, &self.group)
+        let mut settings = grpc_kafka_settings(&self.topic, &self.prefix, &self.group);
+        settings.count_by = grpc_kafka::CountBy::Offsets;
+        settings
     }
 
     /// Settings that reach Redis through a proxy the test can cut or stall.

@@ -30,17 +30,21 @@ async fn exact(db: &TestDb, grpc: std::net::SocketAddr) {
 
 #[tokio::test]
 async fn the_side_by_side_migration_moves_a_running_pipeline_to_the_stream_losing_nothing() {
-    // The current version: outbox relay, counting by offsets, with data.
+    // The current version: outbox relay, counting by offsets, with data. (This version always
+    // runs a stream relay too: here it publishes a stream of its own to a topic nobody reads.)
     let db = fresh_database().await;
     let outbox_topic = fresh_topic(4).await;
     let old_prefix = format!("{}:", unique("old"));
-    let websocket = start_websocket(websocket_settings(&db.url, &outbox_topic)).await;
-    let old = start_grpc_kafka(grpc_kafka_settings(
-        &outbox_topic,
-        &old_prefix,
-        &unique("group"),
-    ))
-    .await;
+    let outbox_only = || {
+        let mut settings = websocket_settings(&db.url, &unique("unread"));
+        settings.stream_id = Uuid::new_v4();
+        settings.outbox_topic = Some(outbox_topic.clone());
+        settings
+    };
+    let websocket = start_websocket(outbox_only()).await;
+    let mut offsets = grpc_kafka_settings(&outbox_topic, &old_prefix, &unique("group"));
+    offsets.count_by = grpc_kafka::CountBy::Offsets;
+    let old = start_grpc_kafka(offsets).await;
     send(websocket.addr, 0, 100).await;
     exact(&db, old.addr).await;
     // Half of them were written before purchases carried a transaction id.
@@ -62,17 +66,15 @@ async fn the_side_by_side_migration_moves_a_running_pipeline_to_the_stream_losin
     // Step 1: the stream relay beside the outbox.
     let (stream_topic, stream) = (unique("stream"), Uuid::new_v4());
     let beside = |outbox_writes: bool| {
-        let mut settings = websocket_settings(&db.url, &outbox_topic);
-        settings.stream_topic = Some(stream_topic.clone());
+        let mut settings = websocket_settings(&db.url, &stream_topic);
         settings.stream_id = stream;
-        settings.outbox_writes = outbox_writes;
+        settings.outbox_topic = outbox_writes.then(|| outbox_topic.clone());
         settings
     };
     let websocket = start_websocket(beside(true)).await;
     // Step 2: a second grpc_kafka counting the stream under a new prefix and group.
     let new_prefix = format!("{}:", unique("new"));
     let mut counting = grpc_kafka_settings(&stream_topic, &new_prefix, &unique("group"));
-    counting.count_by = grpc_kafka::CountBy::Sequence;
     counting.stream_id = stream;
     let new = start_grpc_kafka(counting).await;
     // Purchases keep coming meanwhile.

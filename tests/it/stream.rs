@@ -1,4 +1,4 @@
-//! The stream relay (`STREAM_TOPIC`) against the real PostgreSQL and Kafka: every purchase
+//! The stream relay (to `KAFKA_TOPIC`) against the real PostgreSQL and Kafka: every purchase
 //! published from the `purchases` table with its partition and a dense per-partition sequence,
 //! a lost bookkeeping write or a recreated topic answered by publishing again with the same
 //! numbers, and a partition count other than the stream's refused.
@@ -21,8 +21,8 @@ fn settings(
     stream_topic: &str,
     stream: Uuid,
 ) -> websocket::Settings {
-    let mut settings = websocket_settings(&db.url, outbox_topic);
-    settings.stream_topic = Some(stream_topic.to_owned());
+    let mut settings = websocket_settings(&db.url, stream_topic);
+    settings.outbox_topic = Some(outbox_topic.to_owned());
     settings.stream_id = stream;
     settings
 }
@@ -41,13 +41,15 @@ impl Relaying {
         Self::start_with(true).await
     }
 
-    /// `outbox`: whether purchases also get outbox rows (`OUTBOX_WRITES`).
+    /// `outbox`: whether purchases also get outbox rows (`OUTBOX_TOPIC`).
     async fn start_with(outbox: bool) -> Self {
         let db = fresh_database().await;
         let (outbox_topic, stream_topic, stream) =
             (fresh_topic(4).await, unique("stream"), Uuid::new_v4());
         let mut relaying = settings(&db, &outbox_topic, &stream_topic, stream);
-        relaying.outbox_writes = outbox;
+        if !outbox {
+            relaying.outbox_topic = None;
+        }
         let service = start_websocket(relaying).await;
         Self {
             db,
@@ -275,27 +277,27 @@ async fn a_partition_count_other_than_the_streams_is_refused() {
     await_distinct(&stream_topic, 5).await;
     service.stop().await;
 
-    // The same stream configured with 8 partitions.
+    // The same stream on a topic of 8 partitions.
     let mut eight = settings(&db, &outbox_topic, &unique("stream"), stream);
     eight.kafka.partitions = 8;
     let refused = start_websocket(eight)
         .await
         .ended(Duration::from_secs(60))
         .await
-        .expect_err("a stream of 4 partitions relayed with 8");
+        .expect_err("a stream of 4 partitions relayed to 8");
     assert!(
-        refused.contains("over 4 partitions and this relay is configured with 8"),
+        refused.contains("over 4 partitions and its topic has 8"),
         "{refused}"
     );
 
-    // A new stream of 4 partitions whose topic has 2.
-    let two = fresh_topic(2).await;
-    let refused = start_websocket(settings(&db, &outbox_topic, &two, Uuid::new_v4()))
+    // The stream's own topic recreated with 2 partitions.
+    recreate_topic(&tests::Env::get().kafka_brokers, &stream_topic, 2).await;
+    let refused = start_websocket(settings(&db, &outbox_topic, &stream_topic, stream))
         .await
         .ended(Duration::from_secs(60))
         .await
         .expect_err("a stream of 4 partitions published to a topic of 2");
-    assert!(refused.contains("has 2 partitions"), "{refused}");
+    assert!(refused.contains("its topic has 2"), "{refused}");
 }
 
 /// A pipeline of its own counting by sequence: websocket with the stream relay, grpc_kafka with
@@ -311,13 +313,12 @@ impl Sequenced {
         Self::start_with(true).await
     }
 
-    /// `outbox`: whether purchases also get outbox rows (`OUTBOX_WRITES`).
+    /// `outbox`: whether purchases also get outbox rows (`OUTBOX_TOPIC`).
     async fn start_with(outbox: bool) -> Self {
         let relaying = Relaying::start_with(outbox).await;
         let prefix = format!("{}:", unique("seq"));
         let mut counting =
             tests::grpc_kafka_settings(&relaying.stream_topic, &prefix, &unique("group"));
-        counting.count_by = grpc_kafka::CountBy::Sequence;
         counting.stream_id = relaying.stream;
         let grpc_kafka = tests::start_grpc_kafka(counting).await;
         Self {
@@ -380,7 +381,7 @@ async fn counting_by_sequence_survives_redis_wiped_and_the_topic_recreated() {
 }
 
 #[tokio::test]
-async fn with_outbox_writes_off_a_purchase_is_one_row_and_is_counted_exactly() {
+async fn without_an_outbox_a_purchase_is_one_row_and_is_counted_exactly() {
     let pipeline = Sequenced::start_with(false).await;
     send(pipeline.relaying.service.addr, 0, 200).await;
     pipeline.exact().await;
@@ -424,18 +425,19 @@ async fn with_outbox_writes_off_a_purchase_is_one_row_and_is_counted_exactly() {
 }
 
 #[tokio::test]
-async fn outbox_writes_off_without_a_stream_topic_is_refused() {
+async fn an_outbox_topic_that_is_the_stream_topic_is_refused() {
     let db = fresh_database().await;
-    let mut settings = websocket_settings(&db.url, &fresh_topic(4).await);
-    settings.outbox_writes = false;
+    let topic = fresh_topic(4).await;
+    let mut settings = websocket_settings(&db.url, &topic);
+    settings.outbox_topic = Some(topic);
     let refused = websocket::Application::build(settings)
         .await
         .err()
-        .expect("purchases that reach no topic were accepted");
+        .expect("events without sequence numbers on the stream's topic were accepted");
     assert!(
         refused
             .to_string()
-            .contains("OUTBOX_WRITES=false needs STREAM_TOPIC"),
+            .contains("OUTBOX_TOPIC must differ from KAFKA_TOPIC"),
         "{refused}"
     );
 }
@@ -540,7 +542,6 @@ async fn redis_memory_grows_with_users_and_partitions_never_with_purchases() {
     let (topic, stream) = (fresh_topic(4).await, Uuid::new_v4());
     let prefix = format!("{}:", unique("mem"));
     let mut counting = tests::grpc_kafka_settings(&topic, &prefix, &unique("group"));
-    counting.count_by = grpc_kafka::CountBy::Sequence;
     counting.stream_id = stream;
     let service = tests::start_grpc_kafka(counting).await;
     let mut next = vec![0u64; PARTITIONS as usize];

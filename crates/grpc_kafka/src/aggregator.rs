@@ -190,7 +190,17 @@ pub async fn run(
         return Ok(());
     };
     if settings.count_by == crate::settings::CountBy::Sequence {
-        let partitions = u32::try_from(spec.partitions).unwrap_or(1);
+        // The stream's partitions are its topic's (an existing topic keeps its own count).
+        let partitions = loop {
+            match kafka_common::partition_replicas(spec).await {
+                Ok(replicas) => break u32::try_from(replicas.len()).unwrap_or(u32::MAX),
+                Err(error) => tracing::warn!(%error, "cannot read the topic's partitions yet"),
+            }
+            if retry.wait(&stop).await.is_err() {
+                return Ok(());
+            }
+        };
+        totals.set_partitions(partitions);
         return crate::sequenced::Sequenced::new(
             source, totals, settings, partitions, retry, heartbeat, metrics,
         )
@@ -395,19 +405,7 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
     *received += 1;
     let (partition, offset) = (message.partition(), message.offset());
     let event = PurchaseEvent::decode(message.payload().unwrap_or_default());
-    let traceparent = if telemetry::trace::exporting() {
-        use rdkafka::message::{Headers, Message as _};
-        message.headers().and_then(|headers| {
-            headers
-                .iter()
-                .find(|header| header.key == telemetry::trace::TRACEPARENT)
-                .and_then(|header| header.value)
-                .and_then(|value| std::str::from_utf8(value).ok())
-                .map(str::to_owned)
-        })
-    } else {
-        None
-    };
+    let traceparent = traceparent_of(message);
     Record {
         fetched: Fetched {
             seq: *received,
@@ -422,14 +420,35 @@ fn reduce(received: &mut u64, message: &rdkafka::message::BorrowedMessage<'_>) -
     }
 }
 
+/// The record's `traceparent` header, read only while spans are exported.
+pub(crate) fn traceparent_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<String> {
+    use rdkafka::message::{Headers, Message as _};
+    if !telemetry::trace::exporting() {
+        return None;
+    }
+    message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|header| header.key == telemetry::trace::TRACEPARENT)
+            .and_then(|header| header.value)
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .map(str::to_owned)
+    })
+}
+
 /// `purchase.apply` for a traced event: a child of the frame's span in websocket, open until
 /// the batch holding the event is applied.
-fn apply_span(event: &PurchaseEvent, parent: &str, fetched: Fetched) -> tracing::Span {
+pub(crate) fn apply_span(
+    event: &PurchaseEvent,
+    parent: &str,
+    partition: i32,
+    offset: i64,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "purchase.apply",
         purchase_id = %event.purchase.purchase_id,
-        partition = fetched.partition,
-        offset = fetched.offset,
+        partition,
+        offset,
         trace_id = tracing::field::Empty
     );
     telemetry::trace::set_parent(&span, parent);
@@ -460,7 +479,12 @@ impl Aggregator {
                 match admission {
                     Admission::Admit => {
                         if let (Ok(event), Some(parent)) = (&record.event, &record.traceparent) {
-                            spans.push(apply_span(event, parent, fetched));
+                            spans.push(apply_span(
+                                event,
+                                parent,
+                                fetched.partition,
+                                fetched.offset,
+                            ));
                         }
                         events.extend(record.event.ok());
                         break;
@@ -599,8 +623,12 @@ impl Aggregator {
         match applied {
             Ok(Applied::Counted(counted)) => {
                 tracing::debug!(events = events.len(), counted, "applied batch");
-                self.metrics
-                    .applied(events.iter(), counted, started.elapsed());
+                self.metrics.applied(
+                    events.iter(),
+                    counted,
+                    (events.len() as u64).saturating_sub(counted),
+                    started.elapsed(),
+                );
                 self.positions.applied();
                 Ok(())
             }

@@ -75,7 +75,6 @@ impl Application {
             CountBy::Offsets => totals::Layout::Offsets,
             CountBy::Sequence => totals::Layout::Sequence {
                 stream: settings.stream_id,
-                partitions: u32::try_from(settings.kafka.partitions).unwrap_or(1),
             },
         };
         let totals = totals::Totals::new(

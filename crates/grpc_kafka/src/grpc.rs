@@ -34,7 +34,8 @@ fn status(error: &TotalsError) -> Status {
         TotalsError::Unavailable(_)
         | TotalsError::Redis(_)
         | TotalsError::Info { .. }
-        | TotalsError::Evicting { .. } => {
+        | TotalsError::Evicting { .. }
+        | TotalsError::PartitionsUnknown => {
             Status::unavailable("the totals store is unavailable; retry later")
         }
         TotalsError::Corrupt { .. } => Status::internal("a stored total is invalid"),

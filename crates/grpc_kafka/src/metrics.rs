@@ -203,17 +203,18 @@ impl Metrics {
             .inc();
     }
 
-    /// One applied batch: `events` offered, `counted` of them new.
+    /// One applied batch: `events` offered, `counted` of them new, `copies` of them counted
+    /// before.
     pub fn applied<'a>(
         &self,
-        events: impl ExactSizeIterator<Item = &'a purchase::PurchaseEvent>,
+        events: impl Iterator<Item = &'a purchase::PurchaseEvent>,
         counted: u64,
+        copies: u64,
         took: std::time::Duration,
     ) {
         self.redis_apply_duration.observe(took.as_secs_f64());
         self.events_applied.inc_by(counted);
-        self.duplicates_skipped
-            .inc_by((events.len() as u64).saturating_sub(counted));
+        self.duplicates_skipped.inc_by(copies);
         let now = Utc::now();
         let mut latest: Option<DateTime<Utc>> = None;
         for event in events {

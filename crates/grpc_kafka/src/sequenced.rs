@@ -76,6 +76,8 @@ struct Fetched {
     partition: i32,
     offset: i64,
     event: Result<PurchaseEvent, String>,
+    /// The record's `traceparent` header, kept only while spans are exported.
+    traceparent: Option<String>,
 }
 
 pub(crate) struct Sequenced {
@@ -174,6 +176,7 @@ impl Sequenced {
                     offset: message.offset(),
                     event: PurchaseEvent::decode(message.payload().unwrap_or_default())
                         .map_err(|error| error.to_string()),
+                    traceparent: crate::aggregator::traceparent_of(&message),
                 }),
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "kafka consume error");
@@ -236,6 +239,8 @@ impl Sequenced {
     /// Counts a batch: each partition's records in one script call.
     async fn count(&mut self, records: Vec<Fetched>, stop: &CancellationToken) -> Step<()> {
         let mut by_partition: BTreeMap<i32, Vec<(i64, PurchaseEvent)>> = BTreeMap::new();
+        // `purchase.apply` of each traced record, open until its partition's batch is counted.
+        let mut spans = Vec::new();
         for record in records {
             let Some(part) = self.parts.get_mut(&record.partition) else {
                 continue; // revoked meanwhile
@@ -245,10 +250,20 @@ impl Sequenced {
                 continue;
             }
             match admissible(record.event, self.stream, record.partition) {
-                Ok(event) => by_partition
-                    .entry(record.partition)
-                    .or_default()
-                    .push((record.offset, event)),
+                Ok(event) => {
+                    if let Some(parent) = &record.traceparent {
+                        spans.push(crate::aggregator::apply_span(
+                            &event,
+                            parent,
+                            record.partition,
+                            record.offset,
+                        ));
+                    }
+                    by_partition
+                        .entry(record.partition)
+                        .or_default()
+                        .push((record.offset, event));
+                }
                 Err(why) => {
                     tracing::error!(
                         partition = record.partition,
@@ -266,6 +281,7 @@ impl Sequenced {
         for (partition, events) in by_partition {
             self.count_partition(partition, &events, stop).await?;
         }
+        drop(spans);
         Ok(())
     }
 
@@ -295,6 +311,7 @@ impl Sequenced {
         self.metrics.applied(
             events.iter().map(|(_, event)| event),
             counted.counted,
+            counted.copies,
             started.elapsed(),
         );
         self.metrics.sequence_premature.inc_by(counted.premature);
@@ -414,7 +431,8 @@ fn admissible(
 ) -> Result<PurchaseEvent, String> {
     let event = event?;
     let Some(sequence) = event.sequence else {
-        return Err("the event carries no sequence number (not the stream relay's)".to_owned());
+        return Err("the event carries no sequence number (an outbox relay's: such a topic is counted with \
+             COUNT_BY=offsets, MIGRATION.md)".to_owned());
     };
     if sequence.stream != stream {
         return Err(format!(

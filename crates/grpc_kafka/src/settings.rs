@@ -78,11 +78,12 @@ pub struct Settings {
     #[arg(long = "consumer-linger-ms", env = "CONSUMER_LINGER_MS", value_name = "CONSUMER_LINGER_MS", default_value = "5", value_parser = service_kit::millis(0..=60_000))]
     pub consumer_linger: Duration,
 
-    /// How purchases are counted. `offsets`: events of the outbox relay, by the offsets stored in
-    /// Redis and per-user dedupe sets (DEDUPE_HORIZON_SECS). `sequence`: events of the stream relay
-    /// (websocket's STREAM_TOPIC; point KAFKA_TOPIC at it), each counted only when its number is
-    /// the next one of its partition, with no dedupe sets and no horizon (MIGRATION.md).
-    #[arg(long, env = "COUNT_BY", default_value = "offsets")]
+    /// How purchases are counted. `sequence` (the default): events of websocket's stream relay,
+    /// each counted only when its number is the next one of its partition, with no dedupe sets
+    /// and no horizon. `offsets`: events of the outbox relay (websocket's OUTBOX_TOPIC), by the
+    /// offsets stored in Redis and per-user dedupe sets (DEDUPE_HORIZON_SECS); only for a
+    /// deployment moving from the outbox (MIGRATION.md).
+    #[arg(long, env = "COUNT_BY", default_value = "sequence")]
     pub count_by: CountBy,
 
     /// With COUNT_BY=sequence: the stream counted (websocket's STREAM_ID). A record of another
@@ -94,8 +95,9 @@ pub struct Settings {
     )]
     pub stream_id: uuid::Uuid,
 
-    /// How long a purchase id stays in its dedupe set after the set's last write: a copy of an
-    /// event applied within this time of the original is caught (ARCHITECTURE.md, "Dedupe").
+    /// With COUNT_BY=offsets: how long a purchase id stays in its dedupe set after the set's last
+    /// write: a copy of an event applied within this time of the original is caught
+    /// (ARCHITECTURE.md, "Dedupe").
     #[arg(long = "dedupe-horizon-secs", env = "DEDUPE_HORIZON_SECS", value_name = "DEDUPE_HORIZON_SECS", default_value = "604800", value_parser = service_kit::secs(1..=315_360_000))]
     pub dedupe_horizon: Duration,
 

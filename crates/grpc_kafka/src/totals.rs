@@ -26,6 +26,8 @@ pub enum TotalsError {
     Redis(#[from] redis::RedisError),
     #[error("redis holds an invalid value at {key}")]
     Corrupt { key: String },
+    #[error("the stream's partition count is not known yet (kafka not reached since the start)")]
+    PartitionsUnknown,
     #[error("redis answered INFO without {field}")]
     Info { field: &'static str },
     /// Redis may evict keys under memory pressure: it would silently drop totals, dedupe sets or
@@ -75,8 +77,8 @@ pub enum Layout {
     /// `{prefix}total:{user}`, counted by offsets and dedupe sets.
     Offsets,
     /// `{prefix}total:{tag}:{user}`, counted by sequence in the partition murmur2 gives the user
-    /// among the stream's `partitions`.
-    Sequence { stream: uuid::Uuid, partitions: u32 },
+    /// among the stream's partitions (the topic's count, known once Kafka answered).
+    Sequence { stream: uuid::Uuid },
 }
 
 /// A partition's marks when counting by sequence.
@@ -114,6 +116,9 @@ pub struct Totals {
     script: Script,
     sequenced: Script,
     layout: Layout,
+    /// The stream's partition count, from its topic (0 until the aggregator has read it): which
+    /// partition's key holds a user's total.
+    partitions: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// How long a dedupe set lives after its last write.
     dedupe_horizon: Duration,
 }
@@ -133,8 +138,15 @@ impl Totals {
             script: Script::new(APPLY_BATCH),
             sequenced: Script::new(APPLY_SEQUENCED),
             layout,
+            partitions: std::sync::Arc::default(),
             dedupe_horizon,
         }
+    }
+
+    /// The stream's partition count, read from its topic: `GetTotalSpent` answers from then on.
+    pub fn set_partitions(&self, partitions: u32) {
+        self.partitions
+            .store(partitions, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn layout(&self) -> Layout {
@@ -142,12 +154,16 @@ impl Totals {
     }
 
     /// The key of a user's total in this layout.
-    fn total_key(&self, user: &str) -> String {
+    fn total_key(&self, user: &str) -> Result<String, TotalsError> {
         match self.layout {
-            Layout::Offsets => self.keys.total(user),
-            Layout::Sequence { stream, partitions } => {
+            Layout::Offsets => Ok(self.keys.total(user)),
+            Layout::Sequence { stream } => {
+                let partitions = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
+                if partitions == 0 {
+                    return Err(TotalsError::PartitionsUnknown);
+                }
                 let partition = sequencing::partitioner::partition_of(user.as_bytes(), partitions);
-                self.keys.tagged_total(&stream.to_string(), partition, user)
+                Ok(self.keys.tagged_total(&stream.to_string(), partition, user))
             }
         }
     }
@@ -256,7 +272,7 @@ impl Totals {
 
     /// The total of one user; zeros for a user never seen.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
-        let key = self.total_key(user.as_str());
+        let key = self.total_key(user.as_str())?;
         let mut conn = self.pool.get().await?;
         let (cents, count): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(&key)

@@ -33,6 +33,18 @@ impl Reader {
         })
     }
 
+    /// The payload of the oldest record `partition` holds, or `None` when it holds none.
+    pub fn first_payload(
+        &self,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, KafkaError> {
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, timeout)?;
+        self.payload_at(partition, low, timeout)
+    }
+
     /// The payload of the record at `offset` of `partition`, or `None` when the partition no
     /// longer holds it. Blocks its thread for at most about `timeout`.
     pub fn payload_at(

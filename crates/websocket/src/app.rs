@@ -51,9 +51,10 @@ pub struct Application {
     settings: Settings,
     shared: Arc<server::Shared>,
     writer: store::Writer,
-    relay: outbox::Relay,
-    /// With `STREAM_TOPIC`: the relay of the sequence-stamped stream.
-    stream_relay: Option<stream_relay::StreamRelay>,
+    /// The relay of the sequence-stamped stream to `KAFKA_TOPIC`.
+    stream_relay: stream_relay::StreamRelay,
+    /// With `OUTBOX_TOPIC`: the outbox relay of a deployment moving from the outbox.
+    relay: Option<outbox::Relay>,
     /// Cancelled when the service starts stopping: `/readyz` turns 503, accepting stops.
     stopping: CancellationToken,
     kill_switch: KillSwitch,
@@ -63,9 +64,10 @@ impl Application {
     /// Applies migrations, creates the producer and binds the listener (port 0 picks a free port).
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         // Settings that can be refused are checked before anything is touched.
-        if !settings.outbox_writes && settings.stream_topic.is_none() {
+        if settings.outbox_topic.as_ref() == Some(&settings.kafka.topic) {
             return Err(StartError::Settings(
-                "OUTBOX_WRITES=false needs STREAM_TOPIC: purchases would reach no topic",
+                "OUTBOX_TOPIC must differ from KAFKA_TOPIC: the stream's readers would meet \
+                 events without a sequence number",
             ));
         }
         let verifier = auth::Verifier::from_settings(&settings.auth)?;
@@ -79,14 +81,13 @@ impl Application {
             db::with_session_limits(
                 settings.database_url.clone(),
                 settings.database_statement_timeout,
-                // The outbox relay keeps its transaction open while Kafka answers.
+                // The outbox relay (with OUTBOX_TOPIC) keeps its transaction open while Kafka
+                // answers.
                 settings.kafka_message_timeout + settings.database_statement_timeout * 2,
             ),
             settings.database_pool_size,
             settings.database_timeout,
         );
-        let producer = outbox::producer(&settings.kafka.brokers, settings.kafka_message_timeout)
-            .map_err(StartError::Producer)?;
         let addr = settings.websocket_addr;
         let listener = TcpListener::bind(addr)
             .await
@@ -102,40 +103,41 @@ impl Application {
                 queue_max: settings.commit_queue_max as usize,
                 concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
                 statement_timeout: settings.database_statement_timeout,
-                outbox: settings.outbox_writes,
+                outbox: settings.outbox_topic.is_some(),
                 committed: vec![committed.clone(), stream_committed.clone()],
                 metrics: metrics.clone(),
             },
         );
         let stream_halt = health::StreamHalt::default();
-        let stream_relay = match &settings.stream_topic {
+        let stream_relay = stream_relay::StreamRelay {
+            pool: pool.clone(),
+            producer: outbox::producer(&settings.kafka.brokers, settings.kafka_message_timeout)
+                .map_err(StartError::Producer)?,
+            topic_spec: settings.kafka.clone(),
+            stream_id: settings.stream_id,
+            message_timeout: settings.kafka_message_timeout,
+            batch_max: i64::from(settings.outbox_batch_max),
+            statement_timeout: settings.database_statement_timeout,
+            committed: stream_committed,
+            metrics: metrics.clone(),
+            halt: stream_halt.clone(),
+        };
+        let relay = match &settings.outbox_topic {
             None => None,
-            Some(topic) => Some(stream_relay::StreamRelay {
-                pool: pool.clone(),
+            Some(topic) => Some(outbox::Relay {
+                pool,
                 producer: outbox::producer(&settings.kafka.brokers, settings.kafka_message_timeout)
                     .map_err(StartError::Producer)?,
                 topic_spec: kafka_common::TopicSpec {
                     topic: topic.clone(),
                     ..settings.kafka.clone()
                 },
-                stream_id: settings.stream_id,
                 message_timeout: settings.kafka_message_timeout,
                 batch_max: i64::from(settings.outbox_batch_max),
                 statement_timeout: settings.database_statement_timeout,
-                committed: stream_committed,
+                committed,
                 metrics: metrics.clone(),
-                halt: stream_halt.clone(),
             }),
-        };
-        let relay = outbox::Relay {
-            pool,
-            producer,
-            topic_spec: settings.kafka.clone(),
-            message_timeout: settings.kafka_message_timeout,
-            batch_max: i64::from(settings.outbox_batch_max),
-            statement_timeout: settings.database_statement_timeout,
-            committed,
-            metrics: metrics.clone(),
         };
         let stopping = CancellationToken::new();
         let shared = Arc::new(server::Shared::new(
@@ -178,7 +180,7 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled or a long-lived task ends, then shuts down in order:
     /// stop accepting, answer every accepted frame and close WebSockets with 1001, finish the
-    /// commits, drain the outbox, flush the producer. A task's end is returned as the error (the
+    /// commits, drain the relays, flush their producers. A task's end is returned as the error (the
     /// process exits non-zero).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let Self {
@@ -195,15 +197,15 @@ impl Application {
         let commits = TaskTracker::new();
         tasks.spawn_infallible(COMMIT_WRITER, writer.run(commits.clone()));
         let relay_stop = CancellationToken::new();
-        tasks.spawn_infallible(
-            OUTBOX_RELAY,
-            relay.run(relay_stop.clone(), settings.shutdown_timeout),
+        tasks.spawn(
+            STREAM_RELAY,
+            stream_relay.run(relay_stop.clone(), settings.shutdown_timeout),
         );
-        let streaming = stream_relay.is_some();
-        if let Some(stream_relay) = stream_relay {
-            tasks.spawn(
-                STREAM_RELAY,
-                stream_relay.run(relay_stop.clone(), settings.shutdown_timeout),
+        let outbox = relay.is_some();
+        if let Some(relay) = relay {
+            tasks.spawn_infallible(
+                OUTBOX_RELAY,
+                relay.run(relay_stop.clone(), settings.shutdown_timeout),
             );
         }
         let http = TaskTracker::new();
@@ -237,9 +239,9 @@ impl Application {
         relay_stop.cancel();
         // The relay drains for up to the shutdown timeout of its own, then flushes.
         let relay_deadline = Instant::now() + settings.shutdown_timeout + RELAY_FLUSH_MARGIN;
-        tasks.join(OUTBOX_RELAY, relay_deadline).await;
-        if streaming {
-            tasks.join(STREAM_RELAY, relay_deadline).await;
+        tasks.join(STREAM_RELAY, relay_deadline).await;
+        if outbox {
+            tasks.join(OUTBOX_RELAY, relay_deadline).await;
         }
         tracing::info!("websocket service stopped");
         failure.map_or(Ok(()), |ended| Err(ended.into()))

@@ -15,8 +15,9 @@ pub enum RoundsError {
     #[error("PostgreSQL error: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     #[error(
-        "stream {stream} spreads purchases over {recorded} partitions and this relay is \
-         configured with {configured}: refused (a new stream segment is an operator's decision)"
+        "stream {stream} spreads purchases over {recorded} partitions and its topic has \
+         {configured}: refused (recreate the topic with {recorded}, or open a new stream segment: \
+         an operator's decision)"
     )]
     PartitionCount {
         stream: Uuid,
@@ -45,6 +46,8 @@ pub struct RoundRow {
     pub user_id: String,
     pub amount_cents: i64,
     pub created_at: DateTime<Utc>,
+    /// The W3C trace context of the frame that submitted it (when spans were exported).
+    pub traceparent: Option<String>,
 }
 
 /// A bookkeeping row: its number (1, 2, ...) and the cursor after its round.
@@ -103,7 +106,7 @@ pub async fn take_round(
     let rows = client
         .query(
             "SELECT COALESCE(txid, '1'::xid8)::text, purchase_id, user_id, amount_cents, \
-                    created_at FROM purchases \
+                    created_at, traceparent FROM purchases \
              WHERE COALESCE(txid, '1'::xid8) < pg_snapshot_xmin(pg_current_snapshot()) \
                AND (COALESCE(txid, '1'::xid8), purchase_id) > ($1::text::xid8, $2) \
              ORDER BY COALESCE(txid, '1'::xid8), purchase_id LIMIT $3",
@@ -127,6 +130,7 @@ pub async fn take_round(
                 user_id: row.try_get(2)?,
                 amount_cents: row.try_get(3)?,
                 created_at: row.try_get(4)?,
+                traceparent: row.try_get(5)?,
             })
         })
         .collect()

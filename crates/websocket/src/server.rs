@@ -72,10 +72,10 @@ pub struct Shared {
     /// Peers whose forwarding headers name the client (HTTP_TRUSTED_PROXIES).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Longest the scrape's outbox query may take.
+    /// Longest the scrape's backlog queries may take.
     pub statement_timeout: std::time::Duration,
-    /// The stream the stream relay publishes, when it runs (its backlog is scraped).
-    pub stream: Option<uuid::Uuid>,
+    /// The stream the stream relay publishes (its backlog is scraped).
+    pub stream: uuid::Uuid,
     /// Set while the stream relay halts (a forked PostgreSQL history): `/readyz` is 503.
     pub stream_halt: crate::health::StreamHalt,
     pub console: crate::console::Console,
@@ -124,10 +124,7 @@ impl Shared {
             trusted_proxies: settings.http_trusted_proxies.clone(),
             metrics: parts.metrics,
             statement_timeout: settings.database_statement_timeout,
-            stream: settings
-                .stream_topic
-                .is_some()
-                .then_some(settings.stream_id),
+            stream: settings.stream_id,
             stream_halt: parts.stream_halt,
             console: crate::console::Console::new(settings.console_totals_url.as_deref()),
         }
@@ -369,8 +366,8 @@ async fn route(
     Ok(response)
 }
 
-/// The metrics, with the gauges of state read now: the commit queue, and the outbox backlog
-/// from PostgreSQL (a database that does not answer in time leaves the last figures).
+/// The metrics, with the gauges of state read now: the commit queue, and the stream's and the
+/// outbox's backlogs from PostgreSQL (a database that does not answer in time leaves the last figures).
 async fn metrics(shared: &Shared) -> HttpResponse {
     let metrics = &shared.metrics;
     metrics
@@ -383,12 +380,10 @@ async fn metrics(shared: &Shared) -> HttpResponse {
         metrics.outbox_backlog.set(rows);
         metrics.outbox_oldest_age.set(age);
     }
-    if let Some(stream) = shared.stream {
-        let backlog = crate::stream_relay::backlog(&shared.probe_pool, stream);
-        if let Ok(Some((rows, age))) = tokio::time::timeout(limit, backlog).await {
-            metrics.stream_backlog.set(rows);
-            metrics.stream_oldest_age.set(age);
-        }
+    let backlog = crate::stream_relay::backlog(&shared.probe_pool, shared.stream);
+    if let Ok(Some((rows, age))) = tokio::time::timeout(limit, backlog).await {
+        metrics.stream_backlog.set(rows);
+        metrics.stream_oldest_age.set(age);
     }
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(

@@ -81,23 +81,16 @@ pub struct Settings {
     #[arg(long, env = "COMMIT_QUEUE_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub commit_queue_max: u32,
 
-    /// Outbox rows published per relay round.
+    /// Purchases published per relay round (the stream relay's, and the outbox relay's rows).
     #[arg(long, env = "OUTBOX_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub outbox_batch_max: u32,
 
-    /// Topic of the sequence-stamped purchase stream (issue 19's relay from the purchases table;
-    /// MIGRATION.md). Set: every purchase is also published there, in PostgreSQL's order, each
-    /// event carrying its stream, partition and sequence number. Unset: no stream relay runs.
-    /// Created like KAFKA_TOPIC (its partitions, replication and min.insync.replicas).
-    #[arg(long, env = "STREAM_TOPIC")]
-    pub stream_topic: Option<String>,
-
-    /// Whether each purchase also gets an outbox row relayed to KAFKA_TOPIC (`true` or `false`).
-    /// `false` once every reader counts from STREAM_TOPIC (MIGRATION.md): one write per purchase
-    /// (the outbox relay only drains rows written before); refused without STREAM_TOPIC, which
-    /// is then the only way out.
-    #[arg(long, env = "OUTBOX_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
-    pub outbox_writes: bool,
+    /// The outbox relay's topic, for a deployment moving from the outbox (MIGRATION.md). Set:
+    /// each purchase also gets an outbox row, relayed to this topic as events without a sequence
+    /// number, for readers still counting by offsets. Unset (the default): a purchase is one row,
+    /// published only by the stream relay to KAFKA_TOPIC. Must differ from KAFKA_TOPIC.
+    #[arg(long, env = "OUTBOX_TOPIC")]
+    pub outbox_topic: Option<String>,
 
     /// Id of the stream the relay publishes (its partition count is recorded with it the first
     /// time, and another one is refused). A new id opens a new stream segment.

@@ -193,8 +193,8 @@ const WITH_OUTBOX: &str = "WITH input AS ( \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) \
              WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, traceparent, n)), \
      inserted AS ( \
-         INSERT INTO purchases (purchase_id, user_id, amount_cents) \
-         SELECT purchase_id, user_id, amount_cents FROM input ORDER BY n \
+         INSERT INTO purchases (purchase_id, user_id, amount_cents, traceparent) \
+         SELECT purchase_id, user_id, amount_cents, traceparent FROM input ORDER BY n \
          ON CONFLICT (purchase_id) DO NOTHING \
          RETURNING purchase_id), \
      outbox AS ( \
@@ -209,8 +209,8 @@ const WITH_OUTBOX: &str = "WITH input AS ( \
 const PURCHASES_ONLY: &str = "WITH input AS ( \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) \
              WITH ORDINALITY AS t(purchase_id, user_id, amount_cents, traceparent, n)) \
-     INSERT INTO purchases (purchase_id, user_id, amount_cents) \
-     SELECT purchase_id, user_id, amount_cents FROM input ORDER BY n \
+     INSERT INTO purchases (purchase_id, user_id, amount_cents, traceparent) \
+     SELECT purchase_id, user_id, amount_cents, traceparent FROM input ORDER BY n \
      ON CONFLICT (purchase_id) DO NOTHING \
      RETURNING purchase_id";
 

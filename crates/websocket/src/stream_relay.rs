@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use purchase::{Amount, Purchase, PurchaseEvent, Sequence, UserId};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sequencing::relay::{Cursor, Landed, Refusal, Stamped};
 use tokio::sync::Notify;
@@ -75,6 +76,12 @@ pub enum StreamRelayError {
         actual: usize,
         recorded: u32,
     },
+    #[error(
+        "topic {topic} holds events without a sequence number (the outbox relay's, partition \
+         {partition}): the stream needs a topic of its own; refused (MIGRATION.md: set \
+         OUTBOX_TOPIC to this topic and KAFKA_TOPIC to a new one)"
+    )]
+    OutboxTopic { topic: String, partition: i32 },
 }
 
 /// Why one round (or one loss detection) did not finish; each is retried.
@@ -141,9 +148,8 @@ impl StreamRelay {
                 }
             }
         }
-        let partitions = u32::try_from(self.topic_spec.partitions).unwrap_or(1);
         let stream = loop {
-            match self.open(partitions).await {
+            match self.open().await {
                 Ok(stream) => break stream,
                 Err(RoundError::Fatal(error)) => return Err(error),
                 Err(error) => {
@@ -154,7 +160,7 @@ impl StreamRelay {
                 }
             }
         };
-        tracing::info!(stream = %stream.id, partitions, %topic, "stream relay started");
+        tracing::info!(stream = %stream.id, partitions = stream.partitions, %topic, "stream relay started");
         let mut check_due = Instant::now();
         while !stop.is_cancelled() {
             if Instant::now() >= check_due {
@@ -229,9 +235,15 @@ impl StreamRelay {
         Ok(())
     }
 
-    /// Opens the stream (refused with another partition count) and checks the topic has the
-    /// stream's partition count.
-    async fn open(&self, partitions: u32) -> Result<Stream, RoundError> {
+    /// Opens the stream over the topic's partitions: a new stream records the topic's count (an
+    /// existing topic keeps its own, as KAFKA_TOPIC_PARTITIONS says), a stream recorded with
+    /// another count is refused.
+    async fn open(&self) -> Result<Stream, RoundError> {
+        let partitions = kafka_common::partition_replicas(&self.topic_spec)
+            .await
+            .map_err(RoundError::Metadata)?
+            .len();
+        let partitions = u32::try_from(partitions).unwrap_or(u32::MAX);
         let conn = self.pool.get().await?;
         let stream = self
             .within(
@@ -245,8 +257,44 @@ impl StreamRelay {
                 }
                 other => other,
             })?;
-        self.check_topic(stream).await?;
+        self.check_no_outbox_events(stream).await?;
         Ok(stream)
+    }
+
+    /// The topic must not be an outbox relay's: its readers would count the stream's events as
+    /// well as the outbox's (an in-place upgrade without MIGRATION.md). The oldest record of each
+    /// partition tells; an empty topic, or one the stream wrote first, passes.
+    async fn check_no_outbox_events(&self, stream: Stream) -> Result<(), RoundError> {
+        let (brokers, topic) = (
+            self.topic_spec.brokers.clone(),
+            self.topic_spec.topic.clone(),
+        );
+        let timeout = self.message_timeout.min(Duration::from_secs(10));
+        let partitions = i32::try_from(stream.partitions).unwrap_or(i32::MAX);
+        let outbox = tokio::task::spawn_blocking(move || {
+            let reader = kafka_common::readback::Reader::new(&brokers, &topic)?;
+            for partition in 0..partitions {
+                let Some(payload) = reader.first_payload(partition, timeout)? else {
+                    continue;
+                };
+                let unstamped = purchase::PurchaseEvent::decode(&payload)
+                    .is_ok_and(|event| event.sequence.is_none());
+                if unstamped {
+                    return Ok(Some(partition));
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .map_err(|_| RoundError::Readback(rdkafka::error::KafkaError::Canceled))?
+        .map_err(RoundError::Readback)?;
+        match outbox {
+            None => Ok(()),
+            Some(partition) => Err(RoundError::Fatal(StreamRelayError::OutboxTopic {
+                topic: self.topic_spec.topic.clone(),
+                partition,
+            })),
+        }
     }
 
     /// The topic must have the stream's partition count: a record's partition is computed from
@@ -366,10 +414,17 @@ impl StreamRelay {
         let mut pending = Vec::with_capacity(rows.len());
         let mut failures = Vec::new();
         for ((row, stamp), payload) in rows.iter().zip(stamped).zip(&payloads) {
-            let record = FutureRecord::to(&self.topic_spec.topic)
+            let mut record = FutureRecord::to(&self.topic_spec.topic)
                 .partition(i32::try_from(stamp.partition).unwrap_or(i32::MAX))
                 .key(row.user_id.as_str())
                 .payload(payload);
+            if let Some(traceparent) = &row.traceparent {
+                // The trace continues in grpc_kafka's count of this event.
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: telemetry::trace::TRACEPARENT,
+                    value: Some(traceparent.as_bytes()),
+                }));
+            }
             match self.producer.send_result(record) {
                 Ok(delivery) => pending.push(delivery),
                 Err((error, _record)) => failures.push(error.to_string()),
