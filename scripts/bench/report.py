@@ -52,12 +52,14 @@ def row(figure, value, unit, reference, reference_text, higher_is_better=True):
     rows.append((figure, f"{value:,.1f} {unit}", reference_text, ratio_text))
 
 
-ceiling = min(pg["purchases_per_sec"], kafka["produce_per_sec"], redis["events_per_sec"])
+# The pipeline writes one purchases row per purchase (no outbox): its PostgreSQL ceiling is the
+# purchases-only shape.
+ceiling = min(pg_only["purchases_per_sec"], kafka["produce_per_sec"], redis["events_per_sec"])
 row(f"sustained, acked and counted (closed loop, {closed['connections']} conn x {closed['in_flight']} in flight)",
     closed["sustained_counted_per_sec"], "/s", ceiling,
     f"ceiling {ceiling:,.0f}/s (lowest of PostgreSQL, Kafka, Redis); goal 40,000/s")
-row("  acked (same run)", closed["acked_per_sec"], "/s", pg["purchases_per_sec"],
-    f"PostgreSQL ceiling {pg['purchases_per_sec']:,.0f}/s")
+row("  acked (same run)", closed["acked_per_sec"], "/s", pg_only["purchases_per_sec"],
+    f"PostgreSQL ceiling {pg_only['purchases_per_sec']:,.0f}/s")
 row("  ack latency p99 (same run)", closed["ack_latency"]["p99_ms"], "ms", None, "")
 light = [f for f in sweep if f["offered_per_sec"] <= 5000]
 if light:
@@ -85,11 +87,11 @@ if pg_writes:
                  "; ".join(parts), "1 purchases row, no outbox, 1 round row per batch", ""))
 row("idle WebSocket connection, server memory", idle["kib_per_connection"], "KiB", 20.0,
     f"goal <= 20 KiB ({idle['connections']} connections)", higher_is_better=False)
-row("ceiling: PostgreSQL, purchases + outbox rows (pgbench, 4 clients)", pg["purchases_per_sec"], "/s", None, "")
+row("ceiling: PostgreSQL, purchases + outbox rows, the old path (pgbench, 4 clients)", pg["purchases_per_sec"], "/s", None, "")
 row("ceiling: PostgreSQL, purchases only (pgbench, 4 clients)", pg_only["purchases_per_sec"], "/s", None, "")
 row("ceiling: Kafka produce, acks=all, 180 B (ProducerPerformance)", kafka["produce_per_sec"], "/s", None, "")
 row("ceiling: Kafka consume (ConsumerPerformance)", kafka["consume_per_sec"], "/s", None, "")
-row("ceiling: Redis, the project's Lua script, one event per call", redis["events_per_sec"], "/s", None, "")
+row("ceiling: Redis, the project's counting script, one record per call", redis["events_per_sec"], "/s", None, "")
 if soak:
     ws, grpc = soak["websocket_rss_kib"], soak["grpc_kafka_rss_kib"]
     rows.append((f"soak {soak['secs']} s at {soak['rate']:,}/s: RSS start -> end",

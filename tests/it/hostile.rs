@@ -138,7 +138,7 @@ impl Fixture {
     /// Nothing reached PostgreSQL, Kafka or Redis (beyond the `good` purchases sent on purpose).
     async fn assert_nothing_written(self, good: i64) {
         assert_eq!(self.db.count("SELECT COUNT(*) FROM purchases").await, good);
-        // The relay's first round may still be under way; a stop then leaves them in the outbox.
+        // The relay's first round may still be under way; a stop then leaves them to the next start.
         eventually(
             Duration::from_secs(30),
             "the good purchases on the topic",
@@ -557,7 +557,7 @@ async fn a_64_kib_header_is_answered_431() {
     );
     served_normally(&fixture).await;
     // The good purchase reaches the topic before the service is stopped (a stop within the
-    // relay's first second leaves it in the outbox for the next start; see the closing note).
+    // relay's first second leaves it unpublished until the next start; see the closing note).
     let topic = fixture.topic.clone();
     eventually(
         Duration::from_secs(30),

@@ -102,11 +102,11 @@ async fn metrics_count_exactly_what_was_sent_and_lag_returns_to_zero() {
     let ws_metrics = ws.metrics;
     let scraped = eventually(
         Duration::from_secs(60),
-        "the outbox relayed",
+        "the stream published",
         || async move {
             let scrape = scrape(ws_metrics).await;
-            (sample(&scrape, "websocket_outbox_events_relayed_total", &[]) == new_purchases
-                && sample(&scrape, "websocket_outbox_backlog_rows", &[]) == 0.0)
+            (sample(&scrape, "websocket_stream_events_total", &[]) == new_purchases
+                && sample(&scrape, "websocket_stream_backlog_rows", &[]) == 0.0)
                 .then_some(scrape)
         },
     )

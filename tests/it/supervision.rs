@@ -67,7 +67,7 @@ async fn killing_any_websocket_task_fails_the_run_and_turns_health_not_ready() {
     let topic = fresh_topic(1).await;
     let start = || start_websocket(websocket_settings(&db.url, &topic));
     let names = task_names(start().await, websocket::healthcheck).await;
-    assert_eq!(names, ["commit writer", "http server", "outbox relay"]);
+    assert_eq!(names, ["commit writer", "http server", "stream relay"]);
     for task in names {
         kill_and_watch("websocket", task, start, websocket::healthcheck).await;
     }

@@ -48,10 +48,17 @@ async fn ack_means_committed_and_the_event_reaches_the_topic() {
     assert_eq!(event.purchase.purchase_id, purchase_id);
     assert_eq!(event.purchase.amount.cents(), 4999);
     assert_eq!(event.purchase.amount.to_string(), "49.99");
-    eventually(Duration::from_secs(10), "the outbox to empty", || async {
-        (db.count("SELECT COUNT(*) FROM purchase_outbox").await == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the round to be recorded",
+        || async { (db.unpublished().await == 0).then_some(()) },
+    )
     .await;
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM purchase_outbox").await,
+        0,
+        "an outbox row was written"
+    );
     app.stop().await;
 }
 
@@ -297,7 +304,7 @@ async fn graceful_shutdown_answers_in_flight_frames_then_closes_with_1001() {
 }
 
 #[tokio::test]
-async fn kafka_outage_loses_nothing_the_outbox_relays_later() {
+async fn kafka_outage_loses_nothing_the_relay_publishes_later() {
     let db = fresh_database().await;
     let topic = fresh_topic(2).await;
     // Kafka unreachable: a closed port on loopback.
@@ -319,17 +326,15 @@ async fn kafka_outage_loses_nothing_the_outbox_relays_later() {
         );
     }
     app.stop().await;
-    assert_eq!(
-        db.count("SELECT COUNT(*) FROM purchase_outbox").await,
-        20,
-        "all still in the outbox"
-    );
+    assert_eq!(db.unpublished().await, 20, "all still to be published");
 
-    // Kafka is back (the real brokers): a new instance drains the outbox.
+    // Kafka is back (the real brokers): a new instance publishes them.
     let app = start_websocket(websocket_settings(&db.url, &topic)).await;
-    eventually(Duration::from_secs(30), "the outbox to drain", || async {
-        (db.count("SELECT COUNT(*) FROM purchase_outbox").await == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every purchase published",
+        || async { (db.unpublished().await == 0).then_some(()) },
+    )
     .await;
     app.stop().await;
     let records = topic_records(&topic);
@@ -645,9 +650,9 @@ async fn a_database_that_stops_answering_gives_unavailable_within_the_statement_
     app.stop().await;
 }
 
-/// A handshake's `traceparent` is stored with every purchase of the connection (outbox row, Kafka
+/// A handshake's `traceparent` is stored with every purchase of the connection (purchase row, Kafka
 /// header, kept for ever): only a W3C-valid one, in its canonical 55 characters; anything else,
-/// however long, is ignored. Kafka is unreachable here, so the outbox rows stay to be read.
+/// however long, is ignored.
 #[tokio::test]
 async fn only_a_valid_traceparent_is_stored_and_an_oversized_one_is_ignored() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -688,11 +693,11 @@ async fn only_a_valid_traceparent_is_stored_and_an_oversized_one_is_ignored() {
         let client = connect_pg(&db.url).await.expect("connect");
         let row = client
             .query_one(
-                "SELECT traceparent FROM purchase_outbox WHERE purchase_id = $1",
+                "SELECT traceparent FROM purchases WHERE purchase_id = $1",
                 &[&purchase_id],
             )
             .await
-            .expect("the purchase's outbox row");
+            .expect("the purchase's row");
         let got: Option<String> = row.get(0);
         assert_eq!(got.as_deref(), stored, "header of {} bytes", header.len());
     }
@@ -719,7 +724,7 @@ async fn a_drifted_column_is_an_error_not_a_panic_and_the_relay_recovers() {
         "the relay to report a failed round",
         || async {
             let scrape = scrape(ws.metrics).await;
-            (sample(&scrape, "websocket_outbox_relay_failures_total", &[]) >= 1.0).then_some(())
+            (sample(&scrape, "websocket_stream_relay_failures_total", &[]) >= 1.0).then_some(())
         },
     )
     .await;

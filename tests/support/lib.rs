@@ -149,6 +149,22 @@ impl TestDb {
             .get(0)
     }
 
+    /// Purchases the stream relay has not published in a recorded round yet (all of them before
+    /// its first round).
+    pub async fn unpublished(&self) -> i64 {
+        self.count(
+            "SELECT COALESCE((SELECT min(( \
+                 SELECT count(*) FROM purchases p LEFT JOIN LATERAL ( \
+                     SELECT after_txid, after_purchase FROM relay_rounds \
+                     WHERE stream_id = s.stream_id ORDER BY round DESC LIMIT 1) r ON true \
+                 WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > \
+                       (COALESCE(r.after_txid, '0'::xid8), \
+                        COALESCE(r.after_purchase, '00000000-0000-0000-0000-000000000000'::uuid)))) \
+             FROM relay_streams s), (SELECT count(*) FROM purchases))::bigint",
+        )
+        .await
+    }
+
     /// Per user: (SUM(amount_cents), COUNT(*)).
     pub async fn totals(&self) -> HashMap<String, (i64, i64)> {
         self.client()
@@ -683,19 +699,22 @@ pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &s
 }
 
 /// Publishes every record of `topic` once more (as a relay retry after a lost acknowledgement
-/// would): same key, same event.
+/// would): same partition, same key, same event.
 pub async fn republish(topic: &str) -> usize {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let records = topic_records(topic);
+    let records = topic_placed(topic);
     let producer: FutureProducer = kafka_common::client_config(&Env::get().kafka_brokers)
         .set("acks", "all")
         .create()
         .expect("producer");
-    for (key, event) in &records {
-        let payload = event.encode().expect("encode");
+    for record in &records {
+        let payload = record.event.encode().expect("encode");
         producer
             .send(
-                FutureRecord::to(topic).key(key).payload(&payload),
+                FutureRecord::to(topic)
+                    .partition(record.partition)
+                    .key(&record.key)
+                    .payload(&payload),
                 Duration::from_secs(30),
             )
             .await

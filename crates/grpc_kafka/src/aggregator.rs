@@ -200,7 +200,17 @@ pub async fn run(
                 return Ok(());
             }
         };
-        totals.set_partitions(partitions);
+        let stream = settings.stream_id;
+        match retry
+            .redis("record the stream's partition count", &stop, || {
+                totals.set_partitions(stream, partitions)
+            })
+            .await
+        {
+            Ok(()) => {}
+            Err(Halt::Stopping) => return Ok(()),
+            Err(Halt::Fatal(error)) => return Err(error),
+        }
         return crate::sequenced::Sequenced::new(
             source, totals, settings, partitions, retry, heartbeat, metrics,
         )

@@ -34,8 +34,7 @@ fn status(error: &TotalsError) -> Status {
         TotalsError::Unavailable(_)
         | TotalsError::Redis(_)
         | TotalsError::Info { .. }
-        | TotalsError::Evicting { .. }
-        | TotalsError::PartitionsUnknown => {
+        | TotalsError::Evicting { .. } => {
             Status::unavailable("the totals store is unavailable; retry later")
         }
         TotalsError::Corrupt { .. } => Status::internal("a stored total is invalid"),

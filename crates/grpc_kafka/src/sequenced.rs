@@ -128,9 +128,12 @@ impl Sequenced {
                 break Ok(());
             }
             let step = async {
-                let records = self.next_batch(&stop).await;
+                let mut records = self.next_batch(&stop).await;
                 if let Some(assigned) = self.source.take_rebalance() {
-                    self.assigned(assigned, &stop).await?;
+                    let resumed = self.assigned(assigned, &stop).await?;
+                    // Reading of those starts again where Redis says: what was fetched before
+                    // the seek comes again after it.
+                    records.retain(|record| !resumed.contains(&record.partition));
                 }
                 self.count(records, &stop).await?;
                 if last_check.elapsed() >= CHECK_INTERVAL {
@@ -193,17 +196,24 @@ impl Sequenced {
     }
 
     /// A new assignment: every newly assigned partition starts from what Redis holds.
-    async fn assigned(&mut self, assigned: BTreeSet<i32>, stop: &CancellationToken) -> Step<()> {
+    /// Returns the partitions resumed (sought to where Redis says).
+    async fn assigned(
+        &mut self,
+        assigned: BTreeSet<i32>,
+        stop: &CancellationToken,
+    ) -> Step<BTreeSet<i32>> {
         self.parts
             .retain(|partition, _| assigned.contains(partition));
+        let mut resumed = BTreeSet::new();
         for partition in assigned {
             if self.parts.contains_key(&partition) {
                 continue;
             }
             let part = self.resume(partition, stop).await?;
             self.parts.insert(partition, part);
+            resumed.insert(partition);
         }
-        Ok(())
+        Ok(resumed)
     }
 
     /// A partition's marks in Redis, retried while Redis is unreachable.

@@ -26,8 +26,6 @@ pub enum TotalsError {
     Redis(#[from] redis::RedisError),
     #[error("redis holds an invalid value at {key}")]
     Corrupt { key: String },
-    #[error("the stream's partition count is not known yet (kafka not reached since the start)")]
-    PartitionsUnknown,
     #[error("redis answered INFO without {field}")]
     Info { field: &'static str },
     /// Redis may evict keys under memory pressure: it would silently drop totals, dedupe sets or
@@ -143,10 +141,48 @@ impl Totals {
         }
     }
 
-    /// The stream's partition count, read from its topic: `GetTotalSpent` answers from then on.
-    pub fn set_partitions(&self, partitions: u32) {
+    /// Records the stream's partition count, read from its topic, in Redis (before anything of
+    /// the stream is counted) and here.
+    pub async fn set_partitions(
+        &self,
+        stream: uuid::Uuid,
+        partitions: u32,
+    ) -> Result<(), TotalsError> {
+        let mut conn = self.pool.get().await?;
+        let () = redis::cmd("SET")
+            .arg(self.keys.partitions(&stream.to_string()))
+            .arg(partitions)
+            .query_async(&mut *conn)
+            .await?;
         self.partitions
             .store(partitions, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The stream's partition count: as known here, else as Redis holds it (`None` when Redis
+    /// holds none: nothing of the stream was counted yet).
+    async fn partitions(
+        &self,
+        stream: uuid::Uuid,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> Result<Option<u32>, TotalsError> {
+        let known = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
+        if known > 0 {
+            return Ok(Some(known));
+        }
+        let key = self.keys.partitions(&stream.to_string());
+        let stored: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        let partitions: u32 = stored
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or(TotalsError::Corrupt { key })?;
+        self.partitions
+            .store(partitions, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(partitions))
     }
 
     pub fn layout(&self) -> Layout {
@@ -154,16 +190,25 @@ impl Totals {
     }
 
     /// The key of a user's total in this layout.
-    fn total_key(&self, user: &str) -> Result<String, TotalsError> {
+    /// The key of a user's total in this layout; `None` when nothing of the stream was counted
+    /// yet (its partition count is not recorded).
+    async fn total_key(
+        &self,
+        user: &str,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> Result<Option<String>, TotalsError> {
         match self.layout {
-            Layout::Offsets => Ok(self.keys.total(user)),
+            Layout::Offsets => Ok(Some(self.keys.total(user))),
             Layout::Sequence { stream } => {
-                let partitions = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
-                if partitions == 0 {
-                    return Err(TotalsError::PartitionsUnknown);
-                }
+                let Some(partitions) = self.partitions(stream, conn).await? else {
+                    return Ok(None);
+                };
                 let partition = sequencing::partitioner::partition_of(user.as_bytes(), partitions);
-                Ok(self.keys.tagged_total(&stream.to_string(), partition, user))
+                Ok(Some(self.keys.tagged_total(
+                    &stream.to_string(),
+                    partition,
+                    user,
+                )))
             }
         }
     }
@@ -272,8 +317,10 @@ impl Totals {
 
     /// The total of one user; zeros for a user never seen.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
-        let key = self.total_key(user.as_str())?;
         let mut conn = self.pool.get().await?;
+        let Some(key) = self.total_key(user.as_str(), &mut conn).await? else {
+            return Ok(Total::default());
+        };
         let (cents, count): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(&key)
             .arg(totals_schema::CENTS)

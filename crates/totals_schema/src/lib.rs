@@ -17,6 +17,8 @@
 //! - `{prefix}marks:{tag}`: hash of [`NEXT`] (the next sequence number to count) and [`HINT`]
 //!   (the Kafka offset after the last record counted: where reading resumes);
 //! - `{prefix}total:{tag}:{user_id}`: the total, as above;
+//! - `{prefix}partitions:{stream}`: the stream's partition count (its topic's), written before
+//!   anything of the stream is counted: which partition's key holds a user's total;
 //!
 //! where `{tag}` is `{<stream>.<partition>}`, the Redis Cluster hash tag of the (stream,
 //! partition) the user's purchases go to: one batch of a partition touches one slot.
@@ -37,6 +39,8 @@ pub const MARKS: &str = "marks:";
 pub const NEXT: &str = "next";
 /// The field of the marks holding the offset after the last record counted.
 pub const HINT: &str = "hint";
+/// What follows the prefix in a stream's partition count, before the stream id.
+pub const PARTITIONS: &str = "partitions:";
 /// What follows the prefix in readiness's probe key.
 pub const PROBE: &str = "probe";
 /// The field of a total holding its sum, in cents.
@@ -92,6 +96,11 @@ impl Keys {
     /// The marks (next sequence number, resume offset) of `partition` of `stream`.
     pub fn marks(&self, stream: &str, partition: u32) -> String {
         format!("{}{MARKS}{}", self.prefix, tag(stream, partition))
+    }
+
+    /// The partition count of `stream`.
+    pub fn partitions(&self, stream: &str) -> String {
+        format!("{}{PARTITIONS}{stream}", self.prefix)
     }
 
     /// A `SCAN MATCH` pattern of every dedupe set.
