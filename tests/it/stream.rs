@@ -668,3 +668,104 @@ async fn a_postgresql_that_lost_a_published_purchase_halts_the_relay() {
     .await;
     assert!(answer.contains("is not in PostgreSQL"), "{answer}");
 }
+
+/// The real thing: the database dumped with `pg_dump` and restored into a new PostgreSQL cluster,
+/// whose transaction ids start again from the bottom. The relay started on it halts (readiness
+/// 503 naming the cause) and publishes nothing; the purchases acked on the new cluster wait in it.
+#[tokio::test]
+async fn a_dump_restored_into_a_new_cluster_halts_the_relay_and_skips_nothing() {
+    let Relaying {
+        db,
+        outbox_topic: _,
+        stream_topic,
+        stream,
+        service,
+    } = Relaying::start().await;
+    send(service.addr, 0, 5).await;
+    await_distinct(&stream_topic, 5).await;
+    service.stop().await;
+    let cluster = tests::TestPostgres::start().await;
+    let restored = cluster.restore(&db.url, "restored").await;
+    let mut settings = websocket_settings(&restored, &stream_topic);
+    settings.stream_id = stream;
+    let service = start_websocket(settings).await;
+    send(service.addr, 5, 3).await;
+    let answer = eventually(Duration::from_secs(30), "readiness to fail", || async {
+        let answer = tests::http_get(service.addr, "/readyz").await;
+        answer.contains("503").then_some(answer)
+    })
+    .await;
+    assert!(answer.contains("transaction ids went back"), "{answer}");
+    let scrape = tests::scrape(service.metrics).await;
+    assert_eq!(tests::sample(&scrape, "websocket_stream_halted", &[]), 1.0);
+    service.stop().await;
+    assert_eq!(
+        placed(&stream_topic).await.len(),
+        5,
+        "the relay published from the restored cluster"
+    );
+    let client = tests::connect_pg(&restored).await.expect("connect");
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM purchases", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 8, "the purchases acked on the new cluster are kept");
+}
+
+/// Two replicas on one database relay one stream: one holds the lease and relays, the other
+/// stands by (no copies from a race); stopped gracefully, the leader gives the lease up and the
+/// other takes over and publishes what it is sent.
+#[tokio::test]
+async fn one_replica_relays_at_a_time_and_another_takes_over_when_it_stops() {
+    let Relaying {
+        db,
+        outbox_topic: _,
+        stream_topic,
+        stream,
+        service: first,
+    } = Relaying::start_with(false).await;
+    let mut second = websocket_settings(&db.url, &stream_topic);
+    second.stream_id = stream;
+    let second = start_websocket(second).await;
+    let leading = |metrics: std::net::SocketAddr| async move {
+        let scrape = tests::scrape(metrics).await;
+        tests::sample(&scrape, "websocket_stream_leading", &[])
+    };
+    let (leader, standby) = eventually(Duration::from_secs(30), "one leader", || async {
+        match (leading(first.metrics).await, leading(second.metrics).await) {
+            (1.0, 0.0) => Some((&first, &second)),
+            (0.0, 1.0) => Some((&second, &first)),
+            _ => None,
+        }
+    })
+    .await;
+    send(leader.addr, 0, 60).await;
+    send(standby.addr, 60, 60).await;
+    await_distinct(&stream_topic, 120).await;
+    // Held for a while, the lease stays where it is.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        leading(leader.metrics).await,
+        1.0,
+        "the leader lost its lease"
+    );
+    assert_eq!(leading(standby.metrics).await, 0.0, "two replicas relay");
+    let (leader, standby) = if std::ptr::eq(leader, &first) {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    leader.stop().await;
+    eventually(
+        Duration::from_secs(10),
+        "the standby to take over",
+        || async { (leading(standby.metrics).await == 1.0).then_some(()) },
+    )
+    .await;
+    send(standby.addr, 120, 30).await;
+    await_distinct(&stream_topic, 150).await;
+    standby.stop().await;
+    let published = placed(&stream_topic).await;
+    assert_eq!(published.len(), 150, "copies were published");
+}

@@ -826,6 +826,188 @@ impl Drop for TestRedis {
     }
 }
 
+/// A PostgreSQL cluster of one test's own (Debian's `initdb` and `pg_ctl`, on loopback, trust
+/// authentication, data in a temporary folder), for faults that need a second cluster: a dump
+/// restored into a new one. Stopped and removed when dropped.
+pub struct TestPostgres {
+    /// `postgres://postgres@127.0.0.1:PORT`, without a database.
+    pub base_url: String,
+    dir: std::path::PathBuf,
+    bindir: std::path::PathBuf,
+}
+
+impl TestPostgres {
+    pub async fn start() -> Self {
+        let bindir = postgres_bindir();
+        let dir = std::env::temp_dir()
+            .join("wallet-tests")
+            .join(format!("pg-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("the cluster's folder");
+        let port = free_port();
+        let this = Self {
+            base_url: format!("postgres://postgres@127.0.0.1:{port}"),
+            dir,
+            bindir,
+        };
+        // initdb refuses to run as root: the cluster then belongs to the postgres user.
+        if running_as_root() {
+            run_tool(
+                "chown",
+                &["-R", "postgres", this.dir.to_str().expect("path")],
+            )
+            .await;
+        }
+        let data = this.dir.join("data");
+        let data = data.to_str().expect("a UTF-8 path");
+        let initdb = this.bindir.join("initdb");
+        as_postgres_user(
+            initdb.to_str().expect("a UTF-8 path"),
+            &[
+                "-D",
+                data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+            ],
+            &this.dir,
+        )
+        .await;
+        let options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
+            this.dir.display()
+        );
+        let log = this.dir.join("postgres.log");
+        let pg_ctl = this.bindir.join("pg_ctl");
+        as_postgres_user(
+            pg_ctl.to_str().expect("a UTF-8 path"),
+            &[
+                "-D",
+                data,
+                "-o",
+                &options,
+                "-l",
+                log.to_str().expect("a UTF-8 path"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            &this.dir,
+        )
+        .await;
+        this
+    }
+
+    /// Dumps `source` (a database URL) with `pg_dump` and restores it into a new database
+    /// `name` of this cluster; returns the new database's URL.
+    pub async fn restore(&self, source: &str, name: &str) -> String {
+        let url = format!("{}/{name}", self.base_url);
+        let admin = connect_pg(&format!("{}/postgres", self.base_url))
+            .await
+            .expect("the test's PostgreSQL");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the database");
+        let dump = self.dir.join("dump.custom");
+        let dump = dump.to_str().expect("a UTF-8 path");
+        let pg_dump = self.bindir.join("pg_dump");
+        run_tool(
+            pg_dump.to_str().expect("path"),
+            &["-Fc", "-f", dump, source],
+        )
+        .await;
+        let pg_restore = self.bindir.join("pg_restore");
+        run_tool(
+            pg_restore.to_str().expect("path"),
+            &["--no-owner", "--no-privileges", "-d", &url, dump],
+        )
+        .await;
+        url
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let mut stop = std::process::Command::new(self.bindir.join("pg_ctl"));
+        stop.arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        let mut stop = if running_as_root() {
+            let mut runuser = std::process::Command::new("runuser");
+            runuser
+                .args(["-u", "postgres", "--"])
+                .arg(stop.get_program());
+            runuser.args(stop.get_args());
+            runuser
+        } else {
+            stop
+        };
+        let _ = stop
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The newest PostgreSQL's binaries (Debian's layout).
+fn postgres_bindir() -> std::path::PathBuf {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL installed under /usr/lib/postgresql (Debian's packages)")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    let newest = versions.last().expect("a PostgreSQL version");
+    std::path::PathBuf::from(format!("/usr/lib/postgresql/{newest}/bin"))
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == 0)
+        .unwrap_or(false)
+}
+
+/// Runs `program` in `dir`, as the postgres user when running as root; fails the test unless it
+/// succeeds.
+async fn as_postgres_user(program: &str, args: &[&str], dir: &std::path::Path) {
+    let mut command = if running_as_root() {
+        let mut runuser = tokio::process::Command::new("runuser");
+        runuser.args(["-u", "postgres", "--", program]);
+        runuser
+    } else {
+        tokio::process::Command::new(program)
+    };
+    let output = command
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs a tool (a PostgreSQL client, `chown`); fails the test unless it succeeds.
+async fn run_tool(program: &str, args: &[&str]) {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 // ------------------------------------------------------------------------------------ faults
 
 /// A TCP proxy on loopback in front of a real server, to cut, stall and restore the path to it:

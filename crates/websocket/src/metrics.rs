@@ -47,6 +47,7 @@ pub struct Metrics {
     pub stream_rewinds: Counter,
     pub stream_backlog: Gauge,
     pub stream_halted: Gauge,
+    pub stream_leading: Gauge,
     pub stream_oldest_age: Gauge<f64, AtomicU64>,
 }
 
@@ -72,6 +73,7 @@ impl Default for Metrics {
             stream_rewinds: Counter::default(),
             stream_backlog: Gauge::default(),
             stream_halted: Gauge::default(),
+            stream_leading: Gauge::default(),
             stream_oldest_age: Gauge::default(),
         };
         let r = &mut this.registry;
@@ -161,6 +163,11 @@ impl Default for Metrics {
             "websocket_stream_halted",
             "1 while the stream relay halts on a forked PostgreSQL history (readyz is 503), else 0.",
             this.stream_halted.clone(),
+        );
+        r.register(
+            "websocket_stream_leading",
+            "1 while this replica holds the stream's lease and relays it; 0 on standby.",
+            this.stream_leading.clone(),
         );
         r.register(
             "websocket_stream_backlog_rows",

@@ -89,6 +89,44 @@ pub async fn open_stream(
     Ok(Stream { id, partitions })
 }
 
+/// Takes or renews the stream's lease for `holder` until `ttl` from now (PostgreSQL's clock):
+/// granted when nobody holds it, `holder` does, or the holder's lease lapsed. `false`: another
+/// relay holds it.
+pub async fn claim_lease(
+    client: &impl GenericClient,
+    stream: Stream,
+    holder: Uuid,
+    ttl: std::time::Duration,
+) -> Result<bool, RoundsError> {
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let granted = client
+        .execute(
+            "UPDATE relay_streams \
+             SET leader = $2, lease_until = now() + $3::bigint * interval '1 millisecond' \
+             WHERE stream_id = $1 \
+               AND (leader IS NULL OR leader = $2 OR lease_until < now())",
+            &[&stream.id, &holder, &ttl_ms],
+        )
+        .await?;
+    Ok(granted == 1)
+}
+
+/// Gives the lease up (a graceful stop), so that another relay takes over at once.
+pub async fn release_lease(
+    client: &impl GenericClient,
+    stream: Stream,
+    holder: Uuid,
+) -> Result<(), RoundsError> {
+    client
+        .execute(
+            "UPDATE relay_streams SET lease_until = now() - interval '1 second' \
+             WHERE stream_id = $1 AND leader = $2",
+            &[&stream.id, &holder],
+        )
+        .await?;
+    Ok(())
+}
+
 /// The rows of the next round from `cursor`: committed below the snapshot's xmin (so no row can
 /// still appear before them), after the cursor, in `(txid, purchase_id)` order, at most `limit`.
 /// Rows written before the `txid` column existed (NULL) come first, in `purchase_id` order, as

@@ -15,7 +15,12 @@
 //! published again with the same numbers. A Kafka that does not answer is an error, never a loss.
 //!
 //! Refused, and the task ends (the process exits non-zero): a stream recorded with another
-//! partition count than configured, or a topic with another partition count than the stream's.
+//! partition count than its topic's, or a topic holding an outbox relay's events.
+//!
+//! One replica relays at a time: the holder of the stream's lease (`relay_streams.leader`,
+//! renewed every half [`LEASE_TTL`]); the others stand by and take it over once it lapses or is
+//! given up at a graceful stop. For efficiency only: relays that race (a lease lapsed mid-round)
+//! publish copies with the same numbers, and the compare-and-set keeps one round.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +46,11 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Bookkeeping rows kept: how far back loss detection can rewind before it republishes the
 /// whole stream (which counts nothing twice either).
 const ROUNDS_KEPT: i64 = 10_000;
+/// How long a relay's lease lasts; it is renewed when half of it is left. A frozen or killed
+/// leader holds the stream back at most this long.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often a relay without the lease asks for it.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -161,8 +171,28 @@ impl StreamRelay {
             }
         };
         tracing::info!(stream = %stream.id, partitions = stream.partitions, %topic, "stream relay started");
+        let holder = Uuid::new_v4();
+        let mut lease = None;
         let mut check_due = Instant::now();
         while !stop.is_cancelled() {
+            match self.lead(stream, holder, &mut lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Standing by; once leading, loss detection runs first.
+                    check_due = Instant::now();
+                    tokio::select! {
+                        () = tokio::time::sleep(STANDBY_POLL) => {}
+                        () = stop.cancelled() => {}
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    self.metrics.stream_failures.inc();
+                    tracing::warn!(%error, "cannot take or renew the stream's lease; retrying");
+                    backoff.wait(&stop).await;
+                    continue;
+                }
+            }
             if Instant::now() >= check_due {
                 match self.detect_loss(stream).await {
                     Ok(()) => {
@@ -228,11 +258,70 @@ impl StreamRelay {
                 }
             }
         }
-        // A halted relay publishes nothing, on shutdown neither.
-        if self.halt.reason().is_none() {
-            self.drain(stream, drain_for).await;
+        // A halted relay publishes nothing, on shutdown neither; one on standby has nothing to do.
+        if lease.is_some() {
+            if self.halt.reason().is_none() {
+                self.drain(stream, drain_for).await;
+            }
+            self.release(stream, holder).await;
         }
         Ok(())
+    }
+
+    /// Takes or renews the stream's lease when half of it is left (`lease`: until when it is held
+    /// here); `false` while another relay holds it.
+    async fn lead(
+        &self,
+        stream: Stream,
+        holder: Uuid,
+        lease: &mut Option<Instant>,
+    ) -> Result<bool, RoundError> {
+        let now = Instant::now();
+        if lease.is_some_and(|until| until.saturating_duration_since(now) > LEASE_TTL / 2) {
+            return Ok(true);
+        }
+        let conn = self.pool.get().await?;
+        let granted = self
+            .within(
+                "the relay's lease",
+                rounds::claim_lease(&*conn, stream, holder, LEASE_TTL),
+            )
+            .await?;
+        if granted {
+            if lease.is_none() {
+                tracing::info!(stream = %stream.id, "this replica relays the stream");
+            }
+            // Counted from before the claim: the lease here never outlasts PostgreSQL's.
+            *lease = Some(now + LEASE_TTL);
+            self.metrics.stream_leading.set(1);
+        } else {
+            if lease.is_some() {
+                tracing::warn!(stream = %stream.id, "another replica holds the stream's lease: standing by");
+            }
+            *lease = None;
+            self.metrics.stream_leading.set(0);
+        }
+        Ok(granted)
+    }
+
+    /// Gives the lease up at a graceful stop, so that a replica on standby takes over at once.
+    async fn release(&self, stream: Stream, holder: Uuid) {
+        let released = async {
+            let conn = self.pool.get().await?;
+            self.within(
+                "the lease's release",
+                rounds::release_lease(&*conn, stream, holder),
+            )
+            .await
+        };
+        match released.await {
+            Ok(()) => {
+                self.metrics.stream_leading.set(0);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot give the lease up; it lapses by itself");
+            }
+        }
     }
 
     /// Opens the stream over the topic's partitions: a new stream records the topic's count (an
