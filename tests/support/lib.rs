@@ -152,17 +152,7 @@ impl TestDb {
     /// Purchases the stream relay has not published in a recorded round yet (all of them before
     /// its first round).
     pub async fn unpublished(&self) -> i64 {
-        self.count(
-            "SELECT COALESCE((SELECT min(( \
-                 SELECT count(*) FROM purchases p LEFT JOIN LATERAL ( \
-                     SELECT after_txid, after_purchase FROM relay_rounds \
-                     WHERE stream_id = s.stream_id ORDER BY round DESC LIMIT 1) r ON true \
-                 WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > \
-                       (COALESCE(r.after_txid, '0'::xid8), \
-                        COALESCE(r.after_purchase, '00000000-0000-0000-0000-000000000000'::uuid)))) \
-             FROM relay_streams s), (SELECT count(*) FROM purchases))::bigint",
-        )
-        .await
+        self.count(websocket::rounds::UNPUBLISHED).await
     }
 
     /// Per user: (SUM(amount_cents), COUNT(*)).

@@ -89,6 +89,17 @@ pub async fn open_stream(
     Ok(Stream { id, partitions })
 }
 
+/// Purchases not yet published in a recorded round of the stream furthest along (all of them
+/// before any round): what an operator or a test asks to learn whether the relay has caught up.
+pub const UNPUBLISHED: &str = "SELECT COALESCE((SELECT min(( \
+         SELECT count(*) FROM purchases p LEFT JOIN LATERAL ( \
+             SELECT after_txid, after_purchase FROM relay_rounds \
+             WHERE stream_id = s.stream_id ORDER BY round DESC LIMIT 1) r ON true \
+         WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > \
+               (COALESCE(r.after_txid, '0'::xid8), \
+                COALESCE(r.after_purchase, '00000000-0000-0000-0000-000000000000'::uuid)))) \
+     FROM relay_streams s), (SELECT count(*) FROM purchases))::bigint";
+
 /// Takes or renews the stream's lease for `holder` until `ttl` from now (PostgreSQL's clock):
 /// granted when nobody holds it, `holder` does, or the holder's lease lapsed. `false`: another
 /// relay holds it.
