@@ -814,36 +814,48 @@ async fn one_partitions_keys_rolled_back_mid_stream() {
         // Every key of the partition's hash tag: its marks and its users' totals.
         let tag = &marks[marks.find('{').expect("a hash tag")..];
         let pattern = format!("{}*{tag}*", scenario.prefix);
-        let mut saved = Vec::new();
-        for key in redis_keys(&mut conn, &pattern).await {
-            let dump: Vec<u8> = redis::cmd("DUMP")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await
-                .expect("DUMP");
-            saved.push((key, dump));
-        }
+        eventually(SCENARIO_DEADLINE, "the partition's marks", || {
+            let mut conn = conn.clone();
+            let marks = marks.clone();
+            async move {
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&marks)
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                exists.then_some(())
+            }
+        })
+        .await;
+        // Taken and put back atomically, as a Redis snapshot is taken and a restore applies: a
+        // script sees one instant of the partition's keys.
+        let saved: Vec<(String, Vec<u8>)> = redis::Script::new(
+            "local saved = {} \
+             for _, key in ipairs(redis.call('KEYS', ARGV[1])) do \
+                 saved[#saved + 1] = {key, redis.call('DUMP', key)} \
+             end \
+             return saved",
+        )
+        .arg(&pattern)
+        .invoke_async(&mut conn)
+        .await
+        .expect("snapshot");
         assert!(
             saved.iter().any(|(key, _)| *key == marks),
-            "partition {partition} has no marks yet: {saved:?}"
+            "partition {partition} has no marks yet"
         );
         stream.until_acked(WARMUP / 3).await;
-        // Put back atomically, as a restore would: keys made since go, saved ones return.
-        let mut restore = redis::pipe();
-        restore.atomic();
-        for key in redis_keys(&mut conn, &pattern).await {
-            restore.del(key).ignore();
-        }
+        let put_back = redis::Script::new(
+            "for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end \
+             for i = 2, #ARGV, 2 do redis.call('RESTORE', ARGV[i], 0, ARGV[i + 1]) end \
+             return 0",
+        );
+        let mut restore = put_back.prepare_invoke();
+        restore.arg(&pattern);
         for (key, dump) in &saved {
-            restore
-                .cmd("RESTORE")
-                .arg(key)
-                .arg(0)
-                .arg(dump.as_slice())
-                .arg("REPLACE")
-                .ignore();
+            restore.arg(key).arg(dump.as_slice());
         }
-        let () = restore.query_async(&mut conn).await.expect("restore");
+        let _: i64 = restore.invoke_async(&mut conn).await.expect("restore");
         println!(
             "\npartition {partition}: {} keys put back as they were {} acks earlier",
             saved.len(),

@@ -46,6 +46,9 @@ struct Fixture {
     group: String,
     producer: FutureProducer,
     expected: HashMap<String, (i64, i64)>,
+    /// Set: events are stamped like the stream relay's (this stream, murmur2 partition, each
+    /// partition's next number) and counted by sequence, the default; unset: by offsets.
+    stream: Option<(Uuid, Vec<u64>)>,
 }
 
 impl Fixture {
@@ -56,14 +59,27 @@ impl Fixture {
             group: unique("group"),
             producer: producer(),
             expected: HashMap::new(),
+            stream: None,
         }
     }
 
-    /// Counting by offsets: the events published here carry no sequence number, as the outbox
-    /// relay's do (the tests of counting by sequence are in stream.rs).
+    /// Events as the stream relay publishes them, counted by sequence (the default).
+    async fn sequenced() -> Self {
+        Self {
+            stream: Some((Uuid::new_v4(), vec![0; 4])),
+            ..Self::new().await
+        }
+    }
+
+    /// Counting by offsets unless [`Fixture::sequenced`]: the events published here then carry
+    /// no sequence number, as the outbox relay's do (more tests of counting by sequence are in
+    /// stream.rs).
     fn settings(&self) -> grpc_kafka::Settings {
         let mut settings = grpc_kafka_settings(&self.topic, &self.prefix, &self.group);
-        settings.count_by = grpc_kafka::CountBy::Offsets;
+        match &self.stream {
+            Some((stream, _)) => settings.stream_id = *stream,
+            None => settings.count_by = grpc_kafka::CountBy::Offsets,
+        }
         settings
     }
 
@@ -77,9 +93,33 @@ impl Fixture {
 
     /// Publishes a new purchase event, keyed by its user, and counts it in `expected`.
     async fn purchase(&mut self, user: &str, cents: i64) -> PurchaseEvent {
-        let event = event(user, cents);
-        self.publish_raw(user, &event.encode().expect("encode"))
-            .await;
+        let mut event = event(user, cents);
+        match &mut self.stream {
+            None => {
+                self.publish_raw(user, &event.encode().expect("encode"))
+                    .await;
+            }
+            Some((stream, next)) => {
+                let partition = sequencing::partitioner::partition_of(user.as_bytes(), 4);
+                let seq = next[partition as usize];
+                next[partition as usize] += 1;
+                event = event.with_sequence(purchase::Sequence {
+                    stream: *stream,
+                    partition,
+                    seq,
+                });
+                self.producer
+                    .send(
+                        FutureRecord::to(&self.topic)
+                            .partition(i32::try_from(partition).expect("partition"))
+                            .key(user)
+                            .payload(&event.encode().expect("encode")),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("publish");
+            }
+        }
         self.expect(user, cents);
         event
     }
@@ -223,7 +263,7 @@ async fn total_is_the_canonical_decimal() {
 
 #[tokio::test]
 async fn redis_outage_is_unavailable_and_recovers_by_itself() {
-    let mut fixture = Fixture::new().await;
+    let mut fixture = Fixture::sequenced().await;
     let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
     settings.redis_timeout = Duration::from_millis(300);
     let app = start_grpc_kafka(settings).await;
@@ -467,7 +507,7 @@ async fn shutdown_reports_not_serving_before_the_server_stops() {
 /// error (the process exits non-zero).
 #[tokio::test]
 async fn a_stalled_aggregator_turns_health_not_serving_and_fails() {
-    let mut fixture = Fixture::new().await;
+    let mut fixture = Fixture::sequenced().await;
     let (proxy, mut settings) = fixture.settings_behind_a_redis_proxy().await;
     settings.aggregator_stall = Duration::from_secs(2);
     settings.shutdown_timeout = Duration::from_secs(3);
@@ -728,7 +768,7 @@ async fn grpc_limits_reflection_off_request_size_and_timeout() {
 #[tokio::test]
 async fn an_evicting_redis_is_refused_at_start_naming_the_policy() {
     let redis = TestRedis::start(&["--maxmemory-policy", "allkeys-lru"]).await;
-    let mut fixture = Fixture::new().await;
+    let mut fixture = Fixture::sequenced().await;
     fixture.purchase("evicting", 100).await;
     let mut settings = fixture.settings();
     settings.redis_url = redis.url.clone();
@@ -763,7 +803,7 @@ async fn an_evicting_redis_is_refused_at_start_naming_the_policy() {
 #[tokio::test]
 async fn redis_refusing_writes_turns_health_not_serving_until_it_takes_them_again() {
     let redis = TestRedis::start(&[]).await;
-    let mut fixture = Fixture::new().await;
+    let mut fixture = Fixture::sequenced().await;
     let mut settings = fixture.settings();
     settings.redis_url = redis.url.clone();
     fixture.purchase("ro", 100).await;
