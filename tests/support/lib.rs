@@ -971,23 +971,20 @@ async fn as_postgres_user(program: &str, args: &[&str], dir: &std::path::Path) {
     } else {
         tokio::process::Command::new(program)
     };
-    let output = command
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    command.args(args).current_dir(dir);
+    succeed(command, program).await;
 }
 
 /// Runs a tool (a PostgreSQL client, `chown`); fails the test unless it succeeds.
 async fn run_tool(program: &str, args: &[&str]) {
-    let output = tokio::process::Command::new(program)
-        .args(args)
+    let mut command = tokio::process::Command::new(program);
+    command.args(args);
+    succeed(command, program).await;
+}
+
+/// Runs `command`; fails the test with its error output unless it succeeds.
+async fn succeed(mut command: tokio::process::Command, program: &str) {
+    let output = command
         .output()
         .await
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));

@@ -189,7 +189,6 @@ impl Totals {
         self.layout
     }
 
-    /// The key of a user's total in this layout.
     /// The key of a user's total in this layout; `None` when nothing of the stream was counted
     /// yet (its partition count is not recorded).
     async fn total_key(

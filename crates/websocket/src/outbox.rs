@@ -233,10 +233,7 @@ impl Relay {
                 .payload(&record.payload);
             if let Some(traceparent) = &record.traceparent {
                 // The trace continues in grpc_kafka's apply of this event.
-                future_record = future_record.headers(OwnedHeaders::new().insert(Header {
-                    key: telemetry::trace::TRACEPARENT,
-                    value: Some(traceparent.as_bytes()),
-                }));
+                future_record = future_record.headers(trace_headers(traceparent));
             }
             let outbox_id = record.outbox_id;
             match self.producer.send_result(future_record) {
@@ -386,6 +383,14 @@ pub async fn backlog(pool: &Pool) -> Option<(i64, f64)> {
         .into_iter()
         .next()?;
     Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
+}
+
+/// The record headers that carry a purchase's trace context to grpc_kafka (both relays).
+pub(crate) fn trace_headers(traceparent: &str) -> OwnedHeaders {
+    OwnedHeaders::new().insert(Header {
+        key: telemetry::trace::TRACEPARENT,
+        value: Some(traceparent.as_bytes()),
+    })
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use purchase::{Amount, Purchase, PurchaseEvent, Sequence, UserId};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sequencing::relay::{Cursor, Landed, Refusal, Stamped};
 use tokio::sync::Notify;
@@ -509,10 +508,7 @@ impl StreamRelay {
                 .payload(payload);
             if let Some(traceparent) = &row.traceparent {
                 // The trace continues in grpc_kafka's count of this event.
-                record = record.headers(OwnedHeaders::new().insert(Header {
-                    key: telemetry::trace::TRACEPARENT,
-                    value: Some(traceparent.as_bytes()),
-                }));
+                record = record.headers(crate::outbox::trace_headers(traceparent));
             }
             match self.producer.send_result(record) {
                 Ok(delivery) => pending.push(delivery),
