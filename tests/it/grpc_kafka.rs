@@ -600,9 +600,9 @@ async fn dedupe_memory_is_bounded_by_the_horizon() {
         .unwrap_or(1_000_000);
     let prefix = format!("{}:", unique("dedupe"));
     let horizon = Duration::from_secs(3);
-    let pool = Totals::pool(&Env::get().redis_url, 2, Duration::from_secs(5)).expect("pool");
+    let redis = Totals::connect(&Env::get().redis_url, 2, Duration::from_secs(5)).expect("redis");
     let totals = Totals::new(
-        pool,
+        redis,
         prefix.clone(),
         horizon,
         grpc_kafka::totals::Layout::Offsets,

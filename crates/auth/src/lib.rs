@@ -21,7 +21,7 @@
 mod access;
 mod settings;
 mod token;
-mod verifier;
+pub(crate) mod verifier;
 
 pub use access::{Access, AuthError, Principal};
 pub use settings::{AuthMode, AuthSettings, ConfigError};

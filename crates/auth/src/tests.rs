@@ -216,3 +216,47 @@ fn with_jwt_typ_set_only_tokens_of_that_type_are_accepted() {
     let verifier = Verifier::from_settings(&self::settings(&secret)).expect("verifier");
     assert!(verifier.verify(Some(&typed(Some("JWT")))).is_ok());
 }
+
+#[test]
+fn a_remembered_token_lasts_until_its_exp_or_a_minute_whichever_is_first() {
+    let cache = verifier::VerifiedTokens::new();
+    let now = now_secs();
+    let principal = |expires_at| {
+        Access::Token(Principal {
+            subject: "123".into(),
+            scopes: Vec::new(),
+            expires_at,
+        })
+    };
+    cache.insert("short", &principal(now + 5), now);
+    cache.insert("long", &principal(now + 3600), now);
+    cache.insert("expired", &principal(now), now);
+    assert!(cache.get("short", now + 4).is_some());
+    assert!(cache.get("short", now + 5).is_none(), "past exp");
+    assert!(cache.get("long", now + 59).is_some());
+    assert!(cache.get("long", now + 60).is_none(), "past a minute");
+    assert!(cache.get("expired", now).is_none(), "never remembered");
+    // Open access (AUTH_MODE=none) is never verified, so never remembered.
+    cache.insert("open", &Access::Open, now);
+    assert!(cache.get("open", now).is_none());
+}
+
+#[test]
+fn a_remembered_signature_paired_with_other_claims_is_refused() {
+    let file = secret_file(SECRET);
+    let verifier = Verifier::from_settings(&settings(&file)).expect("verifier");
+    let token = sign(&claims(serde_json::json!({})));
+    for _ in 0..2 {
+        let access = verifier.verify(Some(&token)).expect("valid token");
+        assert!(access.may_read("123"));
+    }
+    let (header_and_claims, signature) = token.rsplit_once('.').expect("three parts");
+    let (header, _) = header_and_claims.split_once('.').expect("three parts");
+    let other = URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&claims(serde_json::json!({"sub": "124"}))).expect("json"));
+    let forged = format!("{header}.{other}.{signature}");
+    assert!(matches!(
+        verifier.verify(Some(&forged)),
+        Err(AuthError::Signature)
+    ));
+}

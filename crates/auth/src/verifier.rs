@@ -18,6 +18,46 @@ pub struct Verifier {
     keys: Option<Keys>,
 }
 
+/// How many verified tokens are remembered, at most.
+const CACHED_TOKENS: usize = 10_000;
+/// How long a verified token is remembered, at most (never past its `exp`).
+const CACHE_FOR_SECS: u64 = 60;
+
+/// A verified token's access and the second (since the Unix epoch) it stops being used.
+#[derive(Clone)]
+struct Verified {
+    access: Access,
+    until: u64,
+}
+
+/// Tokens verified already, by their whole text (header, claims and signature: a signature
+/// alone does not name the claims it was paired with), so a client sending the same token on
+/// every call pays for one signature check per minute, not one per call. Only accepted tokens are
+/// remembered; the cache is emptied whenever the JWKS file's keys are reloaded.
+pub(crate) struct VerifiedTokens(quick_cache::sync::Cache<String, Verified>);
+
+impl VerifiedTokens {
+    pub(crate) fn new() -> Self {
+        Self(quick_cache::sync::Cache::new(CACHED_TOKENS))
+    }
+
+    pub(crate) fn get(&self, token: &str, now: u64) -> Option<Access> {
+        let verified = self.0.get(token)?;
+        (now < verified.until).then_some(verified.access)
+    }
+
+    pub(crate) fn insert(&self, token: &str, access: &Access, now: u64) {
+        let Access::Token(principal) = access else {
+            return;
+        };
+        let until = principal.expires_at.min(now + CACHE_FOR_SECS);
+        if now < until {
+            let access = access.clone();
+            self.0.insert(token.to_owned(), Verified { access, until });
+        }
+    }
+}
+
 /// (kid, alg, key) of each JWKS key.
 type JwksKeys = Vec<(Option<String>, Algorithm, DecodingKey)>;
 
@@ -32,6 +72,7 @@ struct Keys {
     /// One validation per accepted algorithm, built once.
     validations: Vec<(Algorithm, Validation)>,
     typ: Option<String>,
+    verified: VerifiedTokens,
 }
 
 struct JwksFile {
@@ -132,6 +173,7 @@ impl Verifier {
                 jwks_file,
                 validations,
                 typ: settings.jwt_typ.clone(),
+                verified: VerifiedTokens::new(),
             }),
         })
     }
@@ -147,6 +189,24 @@ impl Verifier {
             return Ok(Access::Open);
         };
         let token = token.ok_or(AuthError::Missing)?;
+        if let Some(reloaded) = keys.jwks_file.as_ref().and_then(JwksFile::changed_keys) {
+            *keys.jwks.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(reloaded);
+            keys.verified.0.clear();
+        }
+        let now = crate::now_secs();
+        if let Some(access) = keys.verified.get(token, now) {
+            return Ok(access);
+        }
+        let access = keys.verify(token)?;
+        keys.verified.insert(token, &access, now);
+        Ok(access)
+    }
+}
+
+impl Keys {
+    /// Verifies a token's signature and claims against these keys.
+    fn verify(&self, token: &str) -> Result<Access, AuthError> {
+        let keys = self;
         // `alg` is one of jsonwebtoken's algorithms, so "none" fails here already.
         let header = jsonwebtoken::decode_header(token).map_err(|e| refusal(e.kind()))?;
         let typ_accepted = |typ: &String| {
@@ -157,9 +217,6 @@ impl Verifier {
         };
         if !keys.typ.as_ref().is_none_or(typ_accepted) {
             return Err(AuthError::Type);
-        }
-        if let Some(reloaded) = keys.jwks_file.as_ref().and_then(JwksFile::changed_keys) {
-            *keys.jwks.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(reloaded);
         }
         let jwks = keys
             .jwks
@@ -186,9 +243,7 @@ impl Verifier {
             expires_at: claims.exp,
         }))
     }
-}
 
-impl Keys {
     /// The one key a token may be verified with: chosen by the header's `alg` (and `kid`), so a
     /// token can never pick a key of another algorithm family.
     fn key_for<'a>(

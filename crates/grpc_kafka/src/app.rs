@@ -65,7 +65,7 @@ impl Application {
         settings.validate().map_err(StartError::Settings)?;
         let verifier = auth::Verifier::from_settings(&settings.auth)?;
         let builder = grpc::builder(&settings).map_err(StartError::Tls)?;
-        let pool = totals::Totals::pool(
+        let redis = totals::Totals::connect(
             &settings.redis_url,
             settings.redis_pool_size,
             settings.redis_timeout,
@@ -78,7 +78,7 @@ impl Application {
             },
         };
         let totals = totals::Totals::new(
-            pool,
+            redis,
             settings.redis_key_prefix.clone(),
             settings.dedupe_horizon,
             layout,

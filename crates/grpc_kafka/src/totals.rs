@@ -18,6 +18,15 @@ pub use crate::positions::OffsetMoves;
 
 pub type Pool = bb8::Pool<RedisConnectionManager>;
 
+/// The connections to Redis: a pool for the aggregator's writes and the probes (one connection
+/// per batch or probe), and one multiplexed connection that carries the reads of every
+/// `GetTotalSpent` call at once, pipelined, and reconnects by itself.
+#[derive(Clone)]
+pub struct Redis {
+    pub pool: Pool,
+    pub reads: redis::aio::ConnectionManager,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TotalsError {
     #[error("redis unavailable: {0}")]
@@ -110,6 +119,7 @@ pub struct SequencedRecord<'a> {
 #[derive(Clone)]
 pub struct Totals {
     pool: Pool,
+    reads: redis::aio::ConnectionManager,
     keys: totals_schema::Keys,
     script: Script,
     sequenced: Script,
@@ -129,9 +139,10 @@ pub struct Total {
 }
 
 impl Totals {
-    pub fn new(pool: Pool, prefix: String, dedupe_horizon: Duration, layout: Layout) -> Self {
+    pub fn new(redis: Redis, prefix: String, dedupe_horizon: Duration, layout: Layout) -> Self {
         Self {
-            pool,
+            pool: redis.pool,
+            reads: redis.reads,
             keys: totals_schema::Keys::new(prefix),
             script: Script::new(APPLY_BATCH),
             sequenced: Script::new(APPLY_SEQUENCED),
@@ -164,7 +175,7 @@ impl Totals {
     async fn partitions(
         &self,
         stream: uuid::Uuid,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<Option<u32>, TotalsError> {
         let known = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
         if known > 0 {
@@ -194,7 +205,7 @@ impl Totals {
     async fn total_key(
         &self,
         user: &str,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<Option<String>, TotalsError> {
         match self.layout {
             Layout::Offsets => Ok(Some(self.keys.total(user))),
@@ -265,13 +276,24 @@ impl Totals {
         }
     }
 
-    /// Builds the pool without connecting: the service starts even while Redis is down.
-    pub fn pool(url: &str, size: u32, timeout: Duration) -> Result<Pool, redis::RedisError> {
+    /// Builds the connections without connecting: the service starts even while Redis is down.
+    /// A read waits at most `timeout` for a connection and as long again for its answer; while
+    /// Redis is down every read fails at once or after one connection attempt, never queues.
+    /// Must be called within the Tokio runtime.
+    pub fn connect(url: &str, size: u32, timeout: Duration) -> Result<Redis, redis::RedisError> {
         let manager = RedisConnectionManager::new(url)?;
-        Ok(bb8::Pool::builder()
+        let pool = bb8::Pool::builder()
             .max_size(size)
             .connection_timeout(timeout)
-            .build_unchecked(manager))
+            .build_unchecked(manager);
+        let reads = redis::aio::ConnectionManager::new_lazy_with_config(
+            redis::Client::open(url)?,
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(0),
+        )?;
+        Ok(Redis { pool, reads })
     }
 
     /// `log` names one topic in one Kafka cluster (`{cluster_id}:{topic}`): offsets of another
@@ -316,7 +338,7 @@ impl Totals {
 
     /// The total of one user; zeros for a user never seen.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.reads.clone();
         let Some(key) = self.total_key(user.as_str(), &mut conn).await? else {
             return Ok(Total::default());
         };
@@ -324,7 +346,7 @@ impl Totals {
             .arg(&key)
             .arg(totals_schema::CENTS)
             .arg(totals_schema::COUNT)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         let corrupt = || TotalsError::Corrupt { key: key.clone() };
         Ok(Total {
