@@ -98,13 +98,50 @@ pg_writes() {
   psql "$DATABASE_URL" -Atc "SELECT COALESCE(json_object_agg(relname, json_build_array(n_tup_ins, n_tup_upd, n_tup_del)), '{}')
     FROM pg_stat_user_tables WHERE relname IN ('purchases', 'purchase_outbox', 'relay_rounds')"
 }
-log "project: sustained, closed loop (100 connections x 16 in flight)"
+# The backlog after the ack over time, sampled every half second while a run goes on: purchases
+# committed but not yet relayed (websocket_stream_backlog_rows), records in Kafka not yet counted
+# (the sum of grpc_kafka_consumer_lag_records) and records counted so far.
+sample_backlog() { # csv-file; runs until killed
+  local began; began=$(date +%s.%N)
+  echo "secs,relay_backlog,consumer_lag,applied" > "$1"
+  while :; do
+    local ws grpc
+    ws=$(curl -s --max-time 1 "http://$WEBSOCKET_ADDR/metrics" || true)
+    grpc=$(curl -s --max-time 1 "http://$METRICS_ADDR/metrics" || true)
+    awk -v t="$(date +%s.%N)" -v began="$began" -v ws="$ws" -v grpc="$grpc" 'BEGIN {
+      n = split(ws, lines, "\n"); backlog = ""
+      for (i = 1; i <= n; i++) if (lines[i] ~ /^websocket_stream_backlog_rows /) { split(lines[i], f, " "); backlog = f[2] }
+      n = split(grpc, lines, "\n"); lag = 0; applied = ""
+      for (i = 1; i <= n; i++) {
+        if (lines[i] ~ /^grpc_kafka_consumer_lag_records/) { split(lines[i], f, " "); lag += f[2] }
+        if (lines[i] ~ /^grpc_kafka_events_applied_total /) { split(lines[i], f, " "); applied = f[2] }
+      }
+      printf "%.2f,%s,%d,%s\n", t - began, backlog, lag, applied }' >> "$1"
+    sleep 0.5
+  done
+}
+with_backlog() { # csv-file command...: the command, sampled
+  local csv=$1; shift
+  sample_backlog "$csv" & local sampler=$!
+  local status=0
+  "$@" || status=$?
+  kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+  return $status
+}
+
+# Every figure of the project is the median of RUNS runs (minimum and maximum shown beside it),
+# the first run right after start-up among them.
+RUNS=3
+log "project: sustained, closed loop (100 connections x 16 in flight), $RUNS runs"
 writes_before=$(pg_writes)
-"${ctl[@]}" bench --mode closed --connections "$(pick 100 10)" --in-flight 16 --purchases "$(pick 3000 100)" \
-  --users 1000 --json "$OUT/closed.json" >&2 || die "closed-loop bench: totals not exact"
+for run in $(seq $RUNS); do
+  with_backlog "$OUT/backlog-closed-$run.csv" "${ctl[@]}" bench --mode closed --connections "$(pick 100 10)" \
+    --in-flight 16 --purchases "$(pick 3000 100)" --users 1000 --json "$OUT/closed-$run.json" >&2 \
+    || die "closed-loop bench: totals not exact"
+done
 # The statistics reach the view within a second or so of the commits: read them until every
 # acked purchase's insert shows (or 15 s), then count the writes per purchase.
-acked=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["acked"])' "$OUT/closed.json")
+acked=$(python3 -c 'import json, sys; print(sum(json.load(open(f))["acked"] for f in sys.argv[1:]))' "$OUT"/closed-*.json)
 for _ in $(seq 30); do
   writes_after=$(pg_writes)
   python3 -c 'import json, sys; b, a = (json.loads(x).get("purchases", [0]) for x in sys.argv[1:3])
@@ -113,16 +150,17 @@ sys.exit(0 if a[0] - b[0] >= int(sys.argv[3]) else 1)' "$writes_before" "$writes
 done
 echo "{\"purchases\": $acked, \"before\": $writes_before, \"after\": $writes_after}" > "$OUT/pg-writes.json"
 
-log "project: open-loop sweep (latency versus offered load, ack-to-visible sampled)"
-rates=$(pick "1000 2500 5000 10000 15000 20000 25000" "500 1000")
+log "project: open-loop sweep (latency versus offered load, ack-to-visible sampled), $RUNS runs per rate"
+rates=$(pick "1000 2500 5000 10000 15000 20000 25000 30000" "500 1000")
 secs=$(pick 15 3)
-for rate in $rates; do
-  "${ctl[@]}" bench --mode open --rate "$rate" --duration-secs "$secs" --connections 20 --users 1000 \
-    --json "$OUT/open-$rate.json" >&2 || log "open loop at $rate/s: not every purchase acked and counted (see figures)"
+for run in $(seq $RUNS); do
+  for rate in $rates; do
+    "${ctl[@]}" bench --mode open --rate "$rate" --duration-secs "$secs" --connections 20 --users 1000 \
+      --json "$OUT/open-$rate-$run.json" >&2 || log "open loop at $rate/s: not every purchase acked and counted (see figures)"
+  done
 done
 
-log "project: GetTotalSpent (walletctl, 50 concurrent over 4 connections; ghz, 1 and 50 concurrent)"
-"${ctl[@]}" bench --mode read --concurrency 50 --grpc-connections 4 --duration-secs "$(pick 10 2)" --json "$OUT/read.json" >&2
+log "project: GetTotalSpent (walletctl, 50 concurrent over 4 connections; ghz, 1 and 50 concurrent), $RUNS runs"
 GHZ="$(go env GOPATH)/bin/ghz"
 if [ ! -x "$GHZ" ]; then
   log "installing ghz from the Go module proxy"
@@ -133,12 +171,15 @@ reader_token="$("${ctl[@]}" token --user-id bench-reader)"
 ghz_args=(--insecure --proto proto/wallet/v1/wallet.proto --import-paths proto
   --call wallet.v1.WalletService/GetTotalSpent -d '{"user_id":"bench-reader"}' -O json
   --metadata "{\"authorization\":\"Bearer $reader_token\"}")
-"$GHZ" "${ghz_args[@]}" -c 1 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-1.json"
-"$GHZ" "${ghz_args[@]}" -c 50 --connections 4 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-50.json"
-# Figures of refused calls would mean nothing: every call must be OK, except the few in flight
-# when ghz ends its run (it closes the connections under them: Unavailable or Canceled).
-for run in ghz-1:1 ghz-50:50; do
-  python3 - "$OUT/${run%%:*}.json" "${run##*:}" <<'PY' || die "ghz calls failed (see $OUT/${run%%:*}.json)"
+for run in $(seq $RUNS); do
+  "${ctl[@]}" bench --mode read --concurrency 50 --grpc-connections 4 --duration-secs "$(pick 10 2)" \
+    --json "$OUT/read-$run.json" >&2
+  "$GHZ" "${ghz_args[@]}" -c 1 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-1-$run.json"
+  "$GHZ" "${ghz_args[@]}" -c 50 --connections 4 -z "$(pick 10s 2s)" "$GRPC_ADDR" > "$OUT/ghz-50-$run.json"
+  # Figures of refused calls would mean nothing: every call must be OK, except the few in flight
+  # when ghz ends its run (it closes the connections under them: Unavailable or Canceled).
+  for concurrency in 1 50; do
+    python3 - "$OUT/ghz-$concurrency-$run.json" "$concurrency" <<'PY' || die "ghz calls failed (see $OUT/ghz-$concurrency-$run.json)"
 import json, sys
 codes = json.load(open(sys.argv[1])).get("statusCodeDistribution", {})
 cut_short = sum(n for code, n in codes.items() if code in ("Unavailable", "Canceled"))
@@ -146,6 +187,7 @@ others = {code: n for code, n in codes.items() if code not in ("OK", "Unavailabl
 if not codes.get("OK") or others or cut_short > int(sys.argv[2]):
     sys.exit(f"{sys.argv[1]}: {codes}")
 PY
+  done
 done
 
 log "project: idle WebSocket connections (server memory per connection)"
@@ -153,12 +195,14 @@ log "project: idle WebSocket connections (server memory per connection)"
   --json "$OUT/idle.json" >&2
 
 if [ "$SOAK" -gt 0 ]; then
-  rate=$(python3 -c "import json; print(int(json.load(open('$OUT/closed.json'))['sustained_counted_per_sec'] / 2))")
+  rate=$(python3 -c 'import json, statistics, sys
+print(int(statistics.median(json.load(open(f))["sustained_counted_per_sec"] for f in sys.argv[1:]) / 2))' "$OUT"/closed-*.json)
   rss() { awk '/VmRSS/ {print $2}' "/proc/$(head -n1 "$STACK/$1/$1.pid")/status"; }
   log "soak: $SOAK s at $rate purchases/s (half the sustained maximum)"
   start_ws=$(rss websocket) start_grpc=$(rss grpc_kafka)
-  "${ctl[@]}" bench --mode open --rate "$rate" --duration-secs "$SOAK" --connections 20 --users 1000 \
-    --visible-samples 5 --json "$OUT/soak-load.json" >&2 || log "soak: not every purchase acked and counted"
+  with_backlog "$OUT/backlog-soak.csv" "${ctl[@]}" bench --mode open --rate "$rate" --duration-secs "$SOAK" \
+    --connections 20 --users 1000 --visible-samples 20 --json "$OUT/soak-load.json" >&2 \
+    || log "soak: not every purchase acked and counted"
   echo "{\"secs\": $SOAK, \"rate\": $rate, \"websocket_rss_kib\": [$start_ws, $(rss websocket)], \"grpc_kafka_rss_kib\": [$start_grpc, $(rss grpc_kafka)]}" > "$OUT/soak.json"
 fi
 

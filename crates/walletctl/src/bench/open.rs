@@ -27,6 +27,31 @@ pub struct Open {
     pub visible_samples_per_sec: f64,
 }
 
+/// Sampled ack-to-visible latencies: (ack time since the run's start, latency).
+type Visible = Arc<Mutex<Vec<(Duration, Duration)>>>;
+
+/// Ack-to-visible latency of each whole or partial minute of the run, by ack time: a soak's tail
+/// minute by minute.
+fn per_minute(samples: &[(Duration, Duration)]) -> Vec<serde_json::Value> {
+    let minutes = samples
+        .iter()
+        .map(|(at, _)| at.as_secs() / 60 + 1)
+        .max()
+        .unwrap_or(0);
+    (0..minutes)
+        .map(|minute| {
+            let took = samples
+                .iter()
+                .filter(|(at, _)| at.as_secs() / 60 == minute)
+                .map(|(_, took)| *took)
+                .collect();
+            let mut figures = summary(took);
+            figures["minute"] = json!(minute + 1);
+            figures
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Counters {
     sent: AtomicU64,
@@ -66,7 +91,7 @@ pub async fn open(
             )
         })
     };
-    let visible: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let visible: Visible = Arc::default();
     let start = Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::new();
     for c in 0..plan.connections {
@@ -80,6 +105,7 @@ pub async fn open(
             counters: counters.clone(),
             client: client.clone(),
             visible: visible.clone(),
+            start,
         })));
     }
     let (latencies, last_ack, expected) = gather(tasks, start).await?;
@@ -89,6 +115,7 @@ pub async fn open(
     // Every purchase visible: the end-to-end rate.
     let (counted, exact) = await_counted(&client, &expected, Duration::from_secs(120)).await?;
     let visible_after = start.elapsed();
+    let samples = std::mem::take(&mut *visible.lock().await);
     let figures = json!({
         "mode": "open",
         "offered_per_sec": plan.rate,
@@ -97,7 +124,8 @@ pub async fn open(
         "acked": total,
         "achieved_ack_per_sec": total as f64 / send_window.as_secs_f64(),
         "ack_latency": summary(latencies),
-        "ack_to_visible": summary(std::mem::take(&mut *visible.lock().await)),
+        "ack_to_visible": summary(samples.iter().map(|(_, took)| *took).collect()),
+        "ack_to_visible_per_minute": per_minute(&samples),
         "visible_per_sec": counted as f64 / visible_after.as_secs_f64(),
         "counted": counted,
         "send_window_secs": send_window.as_secs_f64(),
@@ -178,6 +206,13 @@ fn print_figures(figures: &serde_json::Value) {
         "{}",
         latency_line("ack-to-visible in gRPC", &figures["ack_to_visible"])
     );
+    if let Some(minutes) = figures["ack_to_visible_per_minute"]
+        .as_array()
+        .filter(|m| m.len() > 1)
+    {
+        let p99s: Vec<String> = minutes.iter().map(|m| m["p99_ms"].to_string()).collect();
+        println!("ack-to-visible p99 per minute ms: {}", p99s.join(" "));
+    }
     println!(
         "visible end to end: {} in {:.2} s: {:.0} purchases/s; totals exact: {}",
         figures["counted"],
@@ -204,7 +239,9 @@ struct OpenConnection {
     interval: Duration,
     counters: Arc<Counters>,
     client: crate::client::Wallet,
-    visible: Arc<Mutex<Vec<Duration>>>,
+    visible: Visible,
+    /// When the run's first purchase was due: sampled acks are placed in minutes from it.
+    start: Instant,
 }
 
 /// What one connection reports: its ack latencies, when its last ack came, the purchases sent.
@@ -220,6 +257,7 @@ async fn open_connection(connection: OpenConnection) -> anyhow::Result<Connectio
         counters,
         client,
         visible,
+        start,
     } = connection;
     let socket = target.ws().await?;
     let (mut sink, mut stream) = socket.split();
@@ -271,6 +309,7 @@ async fn open_connection(connection: OpenConnection) -> anyhow::Result<Connectio
                     client.clone(),
                     user,
                     acked_at,
+                    start,
                     visible.clone(),
                 )));
             }
@@ -292,7 +331,8 @@ async fn watch_visible(
     mut client: crate::client::Wallet,
     user: String,
     acked_at: Instant,
-    visible: Arc<Mutex<Vec<Duration>>>,
+    start: Instant,
+    visible: Visible,
 ) {
     let deadline = acked_at + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -304,7 +344,8 @@ async fn watch_visible(
             .map(|r| r.into_inner().purchase_count)
             .unwrap_or(0);
         if counted >= 1 {
-            visible.lock().await.push(acked_at.elapsed());
+            let since_start = acked_at.saturating_duration_since(start);
+            visible.lock().await.push((since_start, acked_at.elapsed()));
             return;
         }
         // The measurement's resolution: 1 ms, or 5% of the time waited so far, so that samples
