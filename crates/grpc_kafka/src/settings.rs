@@ -74,8 +74,10 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub consumer_batch_max: u32,
 
-    /// How long a batch waits for more events after its first one.
-    #[arg(long = "consumer-linger-ms", env = "CONSUMER_LINGER_MS", value_name = "CONSUMER_LINGER_MS", default_value = "5", value_parser = service_kit::millis(0..=60_000))]
+    /// How long a batch waits for more events after its first one. 0: a batch takes what has
+    /// arrived already and is applied at once (under lag that fills it: the consumer fetches
+    /// ahead); waiting only delays each purchase at light load.
+    #[arg(long = "consumer-linger-ms", env = "CONSUMER_LINGER_MS", value_name = "CONSUMER_LINGER_MS", default_value = "0", value_parser = service_kit::millis(0..=60_000))]
     pub consumer_linger: Duration,
 
     /// How purchases are counted. `sequence` (the default): events of websocket's stream relay,

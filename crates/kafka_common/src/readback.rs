@@ -26,6 +26,10 @@ impl Reader {
             .set("group.id", "wallet-readback")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            // A reader of single records never waits for more: with the default (500 ms) every
+            // record read at a partition's end held the next assignment up for as long, and the
+            // relay's loss check (one record per partition) for seconds.
+            .set("fetch.wait.max.ms", "10")
             .create()?;
         Ok(Self {
             consumer,

@@ -81,8 +81,11 @@ pub struct Settings {
     #[arg(long, env = "COMMIT_QUEUE_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub commit_queue_max: u32,
 
-    /// Purchases published per relay round (the stream relay's, and the outbox relay's rows).
-    #[arg(long, env = "OUTBOX_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Purchases published per relay round, at most (the stream relay's, and the outbox relay's
+    /// rows). A round takes what is committed, so rounds are small at light load; under load one
+    /// round's cost (its queries, the wait for Kafka, its bookkeeping row) is spread over more
+    /// purchases: at 1,000 the relay fell behind the commit path (BENCHMARKS.md).
+    #[arg(long, env = "OUTBOX_BATCH_MAX", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
     pub outbox_batch_max: u32,
 
     /// The outbox relay's topic, for a deployment moving from the outbox (MIGRATION.md). Set:

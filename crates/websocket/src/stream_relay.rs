@@ -543,28 +543,25 @@ impl StreamRelay {
     async fn detect_loss(&self, stream: Stream) -> Result<(), RoundError> {
         self.check_topic(stream).await?;
         let conn = self.pool.get().await?;
-        let all = self
-            .within("the stream's rounds", rounds::rounds(&*conn, stream))
-            .await?;
-        let Some(latest) = all.last() else {
+        let Some(latest) = self
+            .within("the latest round", rounds::latest_round(&*conn, stream))
+            .await?
+        else {
             return Ok(());
         };
-        check_history(&*conn, latest).await?;
-        let latest = latest.number;
-        let (brokers, topic) = (
-            self.topic_spec.brokers.clone(),
-            self.topic_spec.topic.clone(),
-        );
-        let timeout = self.message_timeout.min(Duration::from_secs(10));
-        // A reader of its own each time: a client from before an outage may still hold its
-        // errors, or have forgotten every broker (librdkafka 2.12 after a briefly fenced one).
-        let intact = tokio::task::spawn_blocking(move || {
-            let reader = kafka_common::readback::Reader::new(&brokers, &topic)?;
-            rounds::newest_intact_round(&all, &reader, stream, timeout)
-        })
-        .await
-        .map_err(|_| RoundError::Readback(rdkafka::error::KafkaError::Canceled))?
-        .map_err(RoundError::Readback)?;
+        check_history(&*conn, &latest).await?;
+        // The newest round is intact unless Kafka lost records: its records alone are read back,
+        // and every round kept is walked only when they are gone (a check holds the relay up for
+        // as long as it takes: tens of milliseconds, not the seconds of reading every round).
+        let latest_number = latest.number;
+        let mut intact = self.newest_intact(stream, vec![latest]).await?;
+        if intact != latest_number {
+            let all = self
+                .within("the stream's rounds", rounds::rounds(&*conn, stream))
+                .await?;
+            intact = self.newest_intact(stream, all).await?;
+        }
+        let latest = latest_number;
         if intact == latest {
             return Ok(());
         }
@@ -578,6 +575,28 @@ impl StreamRelay {
             .await?;
         self.metrics.stream_rewinds.inc();
         Ok(())
+    }
+
+    /// The newest of `rounds` (oldest first) whose records are all still in Kafka, read back by a
+    /// reader of its own: a client from before an outage may still hold its errors, or have
+    /// forgotten every broker (librdkafka 2.12 after a briefly fenced one). 0: none of them.
+    async fn newest_intact(
+        &self,
+        stream: Stream,
+        rounds: Vec<rounds::Round>,
+    ) -> Result<i64, RoundError> {
+        let (brokers, topic) = (
+            self.topic_spec.brokers.clone(),
+            self.topic_spec.topic.clone(),
+        );
+        let timeout = self.message_timeout.min(Duration::from_secs(10));
+        tokio::task::spawn_blocking(move || {
+            let reader = kafka_common::readback::Reader::new(&brokers, &topic)?;
+            rounds::newest_intact_round(&rounds, &reader, stream, timeout)
+        })
+        .await
+        .map_err(|_| RoundError::Readback(rdkafka::error::KafkaError::Canceled))?
+        .map_err(RoundError::Readback)
     }
 
     /// On shutdown: rounds until nothing is left or `drain_for` has passed.
