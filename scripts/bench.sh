@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Benchmarks: the machine's own ceilings and the project's figures, measured in the same run, in
-# one table (figure, ceiling or goal, ratio), plus a latency-versus-offered-load plot. Figures only:
-# nothing here passes or fails on speed.
+# one table (figure, ceiling or goal, ratio), plus a latency-versus-offered-load plot and the
+# backlog after the ack over time. The headline is the rate at which purchases become visible in
+# gRPC (acked and counted), not the ack rate. Every figure of the project is the median of three
+# runs with its range, the first run after start-up among them. Figures only: nothing here passes
+# or fails on speed.
 #
-#   scripts/bench.sh            the full run (about 10 minutes), on the stack of scripts/stack.sh
+#   scripts/bench.sh            the full run (about 15 minutes), on the stack of scripts/stack.sh
 #   scripts/bench.sh --smoke    every step, tiny and short (CI runs this to keep it working)
 #   scripts/bench.sh --soak S   the full run, then a soak of S seconds at half the sustained
-#                               maximum: RSS of both services at start and end, totals exact
+#                               maximum: ack-to-visible p99 minute by minute, RSS of both services
+#                               at start and end, totals exact
 #
 # Ceilings: pgbench with the project's schema and insert shape (scripts/bench/*.sql); Kafka's own
 # ProducerPerformance and ConsumerPerformance from the broker's jars; the project's Lua script
@@ -63,6 +67,13 @@ for shape in outbox only; do
   echo "{\"tps\": $tps, \"purchases_per_sec\": $(awk "BEGIN {print $tps * 100}")}" > "$OUT/ceiling-pg-$shape.json"
 done
 psql "$pg_admin" -qc "DROP DATABASE IF EXISTS bench_ceiling" >/dev/null
+
+log "ceiling: fdatasync of one 8 kB write where PostgreSQL keeps its data (pg_test_fsync)"
+fsync_us=$("${pgbench_bin%/*}/pg_test_fsync" -s "$(pick 2 1)" -f "$STACK/postgres/fsync.test" 2>/dev/null \
+  | awk '/fdatasync/ && /usecs\/op/ {print $(NF-1); exit}')
+rm -f "$STACK/postgres/fsync.test"
+[ -n "$fsync_us" ] || die "pg_test_fsync gave no figure"
+echo "{\"fdatasync_usecs\": $fsync_us}" > "$OUT/ceiling-fsync.json"
 
 log "ceiling: Kafka (ProducerPerformance acks=all, ConsumerPerformance; 180-byte records, 4 partitions)"
 records=$(pick 2000000 20000)

@@ -138,6 +138,10 @@ row("idle WebSocket connection, server memory", [idle["kib_per_connection"]], "K
     f"goal <= 20 KiB ({idle['connections']} connections)", higher_is_better=False)
 row("ceiling: PostgreSQL, purchases + outbox rows, the old path (pgbench, 4 clients)", [pg["purchases_per_sec"]], "/s", None, "")
 row("ceiling: PostgreSQL, purchases only (pgbench, 4 clients)", [pg_only["purchases_per_sec"]], "/s", None, "")
+fsync = load("ceiling-fsync.json")
+if fsync:
+    row("ceiling: fdatasync, one 8 kB write, where PostgreSQL keeps its data (pg_test_fsync)",
+        [fsync["fdatasync_usecs"] / 1000], "ms", None, "the floor of a commit's wait")
 row("ceiling: Kafka produce, acks=all, 180 B (ProducerPerformance)", [kafka["produce_per_sec"]], "/s", None, "")
 row("ceiling: Kafka consume (ConsumerPerformance)", [kafka["consume_per_sec"]], "/s", None, "")
 row("ceiling: Redis, the project's counting script, one record per call", [redis["events_per_sec"]], "/s", None, "")
