@@ -141,7 +141,7 @@ row("ceiling: PostgreSQL, purchases only (pgbench, 4 clients)", [pg_only["purcha
 fsync = load("ceiling-fsync.json")
 if fsync:
     row("ceiling: fdatasync, one 8 kB write, where PostgreSQL keeps its data (pg_test_fsync)",
-        [fsync["fdatasync_usecs"] / 1000], "ms", None, "the floor of a commit's wait")
+        [fsync["fdatasync_usecs"]], "µs", None, "the floor of a commit's wait")
 row("ceiling: Kafka produce, acks=all, 180 B (ProducerPerformance)", [kafka["produce_per_sec"]], "/s", None, "")
 row("ceiling: Kafka consume (ConsumerPerformance)", [kafka["consume_per_sec"]], "/s", None, "")
 row("ceiling: Redis, the project's counting script, one record per call", [redis["events_per_sec"]], "/s", None, "")
