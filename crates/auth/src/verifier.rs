@@ -46,6 +46,10 @@ impl VerifiedTokens {
         (now < verified.until).then_some(verified.access)
     }
 
+    fn clear(&self) {
+        self.0.clear();
+    }
+
     pub(crate) fn insert(&self, token: &str, access: &Access, now: u64) {
         let Access::Token(principal) = access else {
             return;
@@ -191,7 +195,7 @@ impl Verifier {
         let token = token.ok_or(AuthError::Missing)?;
         if let Some(reloaded) = keys.jwks_file.as_ref().and_then(JwksFile::changed_keys) {
             *keys.jwks.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(reloaded);
-            keys.verified.0.clear();
+            keys.verified.clear();
         }
         let now = crate::now_secs();
         if let Some(access) = keys.verified.get(token, now) {
@@ -206,7 +210,6 @@ impl Verifier {
 impl Keys {
     /// Verifies a token's signature and claims against these keys.
     fn verify(&self, token: &str) -> Result<Access, AuthError> {
-        let keys = self;
         // `alg` is one of jsonwebtoken's algorithms, so "none" fails here already.
         let header = jsonwebtoken::decode_header(token).map_err(|e| refusal(e.kind()))?;
         let typ_accepted = |typ: &String| {
@@ -215,16 +218,16 @@ impl Keys {
                 .as_deref()
                 .is_some_and(|given| given.eq_ignore_ascii_case(typ))
         };
-        if !keys.typ.as_ref().is_none_or(typ_accepted) {
+        if !self.typ.as_ref().is_none_or(typ_accepted) {
             return Err(AuthError::Type);
         }
-        let jwks = keys
+        let jwks = self
             .jwks
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let (algorithm, key) = keys.key_for(&header, &jwks)?;
-        let validation = keys
+        let (algorithm, key) = self.key_for(&header, &jwks)?;
+        let validation = self
             .validations
             .iter()
             .find_map(|(alg, validation)| (*alg == algorithm).then_some(validation))

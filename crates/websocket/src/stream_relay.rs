@@ -553,22 +553,21 @@ impl StreamRelay {
         // The newest round is intact unless Kafka lost records: its records alone are read back,
         // and every round kept is walked only when they are gone (a check holds the relay up for
         // as long as it takes: tens of milliseconds, not the seconds of reading every round).
-        let latest_number = latest.number;
+        let newest = latest.number;
         let mut intact = self.newest_intact(stream, vec![latest]).await?;
-        if intact != latest_number {
+        if intact != newest {
             let all = self
                 .within("the stream's rounds", rounds::rounds(&*conn, stream))
                 .await?;
             intact = self.newest_intact(stream, all).await?;
         }
-        let latest = latest_number;
-        if intact == latest {
+        if intact == newest {
             return Ok(());
         }
         let oldest = intact + 1;
         tracing::error!(
             stream = %stream.id,
-            rounds = %format!("{oldest}..={latest}"),
+            rounds = %format!("{oldest}..={newest}"),
             "kafka lost records it acknowledged; publishing them again with the same numbers"
         );
         self.within("the rewind", rounds::rewind(&*conn, stream, intact))

@@ -33,18 +33,18 @@ type Visible = Arc<Mutex<Vec<(Duration, Duration)>>>;
 /// Ack-to-visible latency of each whole or partial minute of the run, by ack time: a soak's tail
 /// minute by minute.
 fn per_minute(samples: &[(Duration, Duration)]) -> Vec<serde_json::Value> {
-    let minutes = samples
-        .iter()
-        .map(|(at, _)| at.as_secs() / 60 + 1)
-        .max()
-        .unwrap_or(0);
-    (0..minutes)
-        .map(|minute| {
-            let took = samples
-                .iter()
-                .filter(|(at, _)| at.as_secs() / 60 == minute)
-                .map(|(_, took)| *took)
-                .collect();
+    let mut minutes: Vec<Vec<Duration>> = Vec::new();
+    for (at, took) in samples {
+        let minute = (at.as_secs() / 60) as usize;
+        if minutes.len() <= minute {
+            minutes.resize_with(minute + 1, Vec::new);
+        }
+        minutes[minute].push(*took);
+    }
+    minutes
+        .into_iter()
+        .enumerate()
+        .map(|(minute, took)| {
             let mut figures = summary(took);
             figures["minute"] = json!(minute + 1);
             figures
