@@ -111,15 +111,18 @@ pg_writes() {
 }
 # The backlog after the ack over time, sampled every half second while a run goes on: purchases
 # committed but not yet relayed (websocket_stream_backlog_rows), records in Kafka not yet counted
-# (the sum of grpc_kafka_consumer_lag_records) and records counted so far.
+# (the sum of grpc_kafka_consumer_lag_records), records counted so far, and the resident memory
+# of both services.
+rss() { awk '/VmRSS/ {print $2}' "/proc/$(head -n1 "$STACK/$1/$1.pid")/status"; }
 sample_backlog() { # csv-file; runs until killed
   local began; began=$(date +%s.%N)
-  echo "secs,relay_backlog,consumer_lag,applied" > "$1"
+  echo "secs,relay_backlog,consumer_lag,applied,websocket_rss_kib,grpc_kafka_rss_kib" > "$1"
   while :; do
     local ws grpc
     ws=$(curl -s --max-time 1 "http://$WEBSOCKET_ADDR/metrics" || true)
     grpc=$(curl -s --max-time 1 "http://$METRICS_ADDR/metrics" || true)
-    awk -v t="$(date +%s.%N)" -v began="$began" -v ws="$ws" -v grpc="$grpc" 'BEGIN {
+    awk -v t="$(date +%s.%N)" -v began="$began" -v ws="$ws" -v grpc="$grpc" \
+      -v ws_rss="$(rss websocket)" -v grpc_rss="$(rss grpc_kafka)" 'BEGIN {
       n = split(ws, lines, "\n"); backlog = ""
       for (i = 1; i <= n; i++) if (lines[i] ~ /^websocket_stream_backlog_rows /) { split(lines[i], f, " "); backlog = f[2] }
       n = split(grpc, lines, "\n"); lag = 0; applied = ""
@@ -127,7 +130,7 @@ sample_backlog() { # csv-file; runs until killed
         if (lines[i] ~ /^grpc_kafka_consumer_lag_records/) { split(lines[i], f, " "); lag += f[2] }
         if (lines[i] ~ /^grpc_kafka_events_applied_total /) { split(lines[i], f, " "); applied = f[2] }
       }
-      printf "%.2f,%s,%d,%s\n", t - began, backlog, lag, applied }' >> "$1"
+      printf "%.2f,%s,%d,%s,%s,%s\n", t - began, backlog, lag, applied, ws_rss, grpc_rss }' >> "$1"
     sleep 0.5
   done
 }
@@ -208,7 +211,6 @@ log "project: idle WebSocket connections (server memory per connection)"
 if [ "$SOAK" -gt 0 ]; then
   rate=$(python3 -c 'import json, statistics, sys
 print(int(statistics.median(json.load(open(f))["sustained_counted_per_sec"] for f in sys.argv[1:]) / 2))' "$OUT"/closed-*.json)
-  rss() { awk '/VmRSS/ {print $2}' "/proc/$(head -n1 "$STACK/$1/$1.pid")/status"; }
   log "soak: $SOAK s at $rate purchases/s (half the sustained maximum)"
   start_ws=$(rss websocket) start_grpc=$(rss grpc_kafka)
   with_backlog "$OUT/backlog-soak.csv" "${ctl[@]}" bench --mode open --rate "$rate" --duration-secs "$SOAK" \

@@ -2,6 +2,7 @@
 (figure, value, ceiling or goal, ratio) and writes it to table.md, and draws the open-loop sweep
 as latency.svg. Figures only: nothing here passes or fails."""
 
+import csv
 import glob
 import json
 import os
@@ -183,6 +184,23 @@ for rate in rates:
 if soak_load and soak_load.get("ack_to_visible_per_minute"):
     lines += ["", "Soak, ack-to-visible p99 per minute (ms): "
               + " ".join(f"{m['p99_ms']:g}" for m in soak_load["ack_to_visible_per_minute"])]
+# The services' resident memory at the end of each minute of the soak (the sampler's last
+# reading in that minute): flat, a plateau, or growth.
+soak_csv = os.path.join(out, "backlog-soak.csv")
+if os.path.exists(soak_csv):
+    with open(soak_csv) as f:
+        samples = [r for r in csv.DictReader(f) if r.get("grpc_kafka_rss_kib")]
+    last = {}
+    for r in samples:
+        last[int(float(r["secs"]) // 60)] = r
+    if last:
+        ends = [last[m] for m in sorted(last)]
+        lines += ["", "Soak, RSS at the end of each minute (MiB), websocket: "
+                  + " ".join(f"{int(r['websocket_rss_kib']) / 1024:.0f}" for r in ends),
+                  "Soak, RSS at the end of each minute (MiB), grpc_kafka: "
+                  + " ".join(f"{int(r['grpc_kafka_rss_kib']) / 1024:.0f}" for r in ends),
+                  "Soak, consumer lag at the end of each minute (records): "
+                  + " ".join(r["consumer_lag"] for r in ends)]
 table = "\n".join(lines)
 print(table)
 open(os.path.join(out, "table.md"), "w").write(table + "\n")
@@ -237,8 +255,6 @@ open(os.path.join(out, "latency.svg"), "w").write("\n".join(svg) + "\n")
 # The backlog after the ack over time in each closed-loop run: purchases committed but not yet
 # relayed, and records in Kafka not yet counted (linear scale; sampled every half second).
 def backlog_svg():
-    import csv
-
     curves = []
     for path in sorted(glob.glob(os.path.join(out, "backlog-closed-*.csv"))):
         run = path.rsplit("-", 1)[1].split(".")[0]
