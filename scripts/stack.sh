@@ -148,10 +148,12 @@ start_postgres() {
     # Past the defaults (128 MB of buffers, a checkpoint every 1 GB of WAL): with those, a table
     # of tens of millions of purchases had its indexes' pages evicted and written by the
     # committing backends themselves and a checkpoint every 90 s, and commits stalled for
-    # seconds (BENCHMARKS.md, the soak).
+    # seconds (BENCHMARKS.md, the soak). No JIT: it compiled the backlog count of /metrics (an
+    # index range, milliseconds) for 8 ms on every scrape; no statement here runs long enough to
+    # gain from it.
     pg_run "$bindir/pg_ctl" -D "$data" -l "$STACK/postgres/postgres.log" -w -t 60 start \
       -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories='' -c max_connections=400 -c fsync=on \
-          -c shared_buffers=1GB -c max_wal_size=8GB -c checkpoint_timeout=15min" >/dev/null
+          -c shared_buffers=1GB -c max_wal_size=8GB -c checkpoint_timeout=15min -c jit=off" >/dev/null
   fi
   wait_port PostgreSQL "$PG_PORT" 30
   if ! psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$PG_DB'" | grep -q 1; then

@@ -434,6 +434,20 @@ async fn missing_or_invalid_settings_fail_at_start_naming_the_variable() {
         ],
     );
     assert!(stderr.contains("WEBSOCKET_ADDR"), "{stderr}");
+    // Each valid, not together: every pooled connection committing, none left for the relay.
+    let stderr = run(
+        "websocket",
+        &[
+            ("DATABASE_URL", "postgres://u@127.0.0.1:1/db"),
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("DATABASE_POOL_SIZE", "4"),
+            ("COMMIT_CONCURRENCY", "4"),
+        ],
+    );
+    assert!(
+        stderr.contains("COMMIT_CONCURRENCY") && stderr.contains("DATABASE_POOL_SIZE"),
+        "{stderr}"
+    );
     // A connection URL that does not parse is named, but never echoed: it may hold a password.
     let stderr = run(
         "websocket",

@@ -776,6 +776,7 @@ async fn readiness_and_metrics_do_not_wait_for_the_write_path_pool() {
     let topic = fresh_topic(1).await;
     let mut settings = websocket_settings(&db.url, &topic);
     settings.database_pool_size = 2;
+    settings.commit_concurrency = 1;
     settings.database_statement_timeout = Duration::from_millis(60_000);
     let ws = start_websocket(settings).await;
     let lock = lock_purchases(&db.url).await;

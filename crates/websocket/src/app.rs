@@ -70,6 +70,12 @@ impl Application {
                  events without a sequence number",
             ));
         }
+        if settings.commit_concurrency >= settings.database_pool_size {
+            return Err(StartError::Settings(
+                "COMMIT_CONCURRENCY must be below DATABASE_POOL_SIZE: the stream relay needs \
+                 connections of its own",
+            ));
+        }
         let verifier = auth::Verifier::from_settings(&settings.auth)?;
         let tls = tls::acceptor(&settings.tls).map_err(StartError::Tls)?;
         // Migrations on a connection of their own, without the statement timeout (an index build
@@ -101,7 +107,7 @@ impl Application {
             store::WriterConfig {
                 batch_max: settings.commit_batch_max as usize,
                 queue_max: settings.commit_queue_max as usize,
-                concurrent_commits: (settings.database_pool_size as usize / 2).max(1),
+                concurrent_commits: settings.commit_concurrency as usize,
                 statement_timeout: settings.database_statement_timeout,
                 outbox: settings.outbox_topic.is_some(),
                 committed: vec![committed.clone(), stream_committed.clone()],

@@ -77,6 +77,14 @@ pub struct Settings {
     #[arg(long, env = "COMMIT_BATCH_MAX", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub commit_batch_max: u32,
 
+    /// Commits in flight at once, at most, each a batch of up to COMMIT_BATCH_MAX. Fewer at once
+    /// make each batch larger and PostgreSQL's work per purchase smaller: at 21,500 purchases/s
+    /// on two cores, eight at once committed 4 purchases per transaction and stalled acks for
+    /// seconds, two at once 6 per transaction with 25% less CPU (BENCHMARKS.md). Must be below
+    /// DATABASE_POOL_SIZE: the stream relay needs connections of its own.
+    #[arg(long, env = "COMMIT_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub commit_concurrency: u32,
+
     /// Purchases waiting for a commit before new ones are answered `unavailable` (overload).
     #[arg(long, env = "COMMIT_QUEUE_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub commit_queue_max: u32,
