@@ -1,4 +1,5 @@
-# Starts (or stops) PostgreSQL, Redis and a KRaft Kafka broker on loopback for the flake's e2e
+# Starts (or stops) PostgreSQL, Redis, a Redis Cluster (three masters, three replicas) and a KRaft
+# Kafka broker on loopback for the flake's e2e
 # check, with data under $TMPDIR: inside the Nix build sandbox from nixpkgs, and natively in the
 # test command (scripts/nix-checks.sh e2e, with Debian's PostgreSQL and Redis and Kafka's jars on
 # PATH). Ports of its own (45xxx), so it never collides with scripts/stack.sh (55xxx) or the test
@@ -17,6 +18,9 @@
 set -euo pipefail
 dir="${TMPDIR:-/tmp}/e2e-services"
 PG_PORT=45432 REDIS_PORT=46379 KAFKA_PORT=49092 CONTROLLER_PORT=49093
+# The Redis Cluster's nodes on 44001-44006 (their cluster buses 10000 above).
+CLUSTER_NODES="44001 44002 44003 44004 44005 44006"
+cluster_hosts() { for port in $CLUSTER_NODES; do printf '127.0.0.1:%s\n' "$port"; done; }
 template="${KAFKA_PROPERTIES_TEMPLATE:-$(dirname "${BASH_SOURCE[0]}")/../scripts/kafka/kraft-single.properties}"
 as_pg() {
   if [ "$(id -u)" = 0 ]; then
@@ -30,6 +34,7 @@ case "$1" in
     echo "export TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
     echo "export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT"
     echo "export REDIS_URL=redis://127.0.0.1:$REDIS_PORT/"
+    echo "export REDIS_CLUSTER_URL=redis+cluster://$(cluster_hosts | paste -sd,)"
     ;;
   start)
     mkdir -p "$dir/pg"
@@ -43,6 +48,25 @@ case "$1" in
       -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$dir/pg -c max_connections=400"
     redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$dir" --appendonly yes \
       --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+    for port in $CLUSTER_NODES; do
+      mkdir -p "$dir/redis-cluster/$port"
+      redis-server --bind 127.0.0.1 --port "$port" --dir "$dir/redis-cluster/$port" \
+        --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+        --appendonly yes --daemonize yes --pidfile "$dir/redis-cluster/$port/redis.pid" \
+        --logfile "$dir/redis-cluster/$port/redis.log"
+    done
+    for port in $CLUSTER_NODES; do
+      for _ in $(seq 1 100); do redis-cli -p "$port" PING >/dev/null 2>&1 && break; sleep 0.1; done
+    done
+    # shellcheck disable=SC2046
+    redis-cli --cluster create $(cluster_hosts) \
+      --cluster-replicas 1 --cluster-yes >"$dir/redis-cluster/create.log"
+    for _ in $(seq 1 300); do
+      redis-cli -p 44001 CLUSTER INFO | grep -q '^cluster_state:ok' && break
+      sleep 0.2
+    done
+    redis-cli -p 44001 CLUSTER INFO | grep -q '^cluster_state:ok' \
+      || { echo "the Redis Cluster is not ok" >&2; cat "$dir/redis-cluster/create.log" >&2; exit 1; }
     sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" \
       -e "s|@LOG_DIRS@|$dir/kafka|g" "$template" > "$dir/kafka.properties"
     kafka-storage.sh format -t "$(kafka-storage.sh random-uuid)" -c "$dir/kafka.properties" >/dev/null
@@ -58,6 +82,9 @@ case "$1" in
     ;;
   stop)
     kill "$(cat "$dir/kafka.pid")" "$(cat "$dir/redis.pid")" 2>/dev/null || true
+    for port in $CLUSTER_NODES; do
+      kill "$(cat "$dir/redis-cluster/$port/redis.pid")" 2>/dev/null || true
+    done
     as_pg pg_ctl -D "$dir/pg" -m fast -w stop || true
     ;;
 esac

@@ -15,6 +15,11 @@
 #                                     ports 59291-59293, controllers 59391-59393) for the
 #                                     replicated-topic fault scenario; up also prints its brokers
 #   scripts/stack.sh cluster kill9|start N   one node of that cluster (N = 1, 2 or 3)
+#   scripts/stack.sh redis-cluster up|down   a Redis Cluster of three masters and three replicas
+#                                     (Debian's redis-server, cluster-enabled, created by
+#                                     redis-cli --cluster create; ports 47001-47006, buses 57001-57006); up also
+#                                     prints its seed URL (redis+cluster://host:port,host:port,...)
+#   scripts/stack.sh redis-cluster kill9|start N   one node of it (N = 1 to 6)
 #   scripts/stack.sh pg-bindir | kafka-libs   print PostgreSQL's server binaries folder, or the
 #                             Kafka jars' folder (resolved with Maven first): for scripts/nix-checks.sh
 #   scripts/stack.sh kill9|stop|start postgres|redis|kafka
@@ -40,6 +45,8 @@ METRICS_PORT="${STACK_METRICS_PORT:-9464}"
 # The three-broker cluster: node N listens on CLUSTER_PORT+N, its controller on CLUSTER_CONTROLLER_PORT+N.
 CLUSTER_PORT="${STACK_CLUSTER_PORT:-59290}"
 CLUSTER_CONTROLLER_PORT="${STACK_CLUSTER_CONTROLLER_PORT:-59390}"
+# The Redis Cluster: node N (1 to 6) listens on REDIS_CLUSTER_PORT+N, its cluster bus 10000 above.
+REDIS_CLUSTER_PORT="${STACK_REDIS_CLUSTER_PORT:-47000}"
 PG_USER=postgres
 PG_DB=wallet
 
@@ -122,6 +129,17 @@ stop_pidfile() { # name pidfile
   for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
   if kill -0 "$pid" 2>/dev/null; then log "$1 still running; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
   rm -f "$pidfile"
+}
+
+# kill -9 by pid file, returning once the process is gone.
+kill9_pidfile() { # name pidfile
+  local pid
+  pid_alive "$2" || die "$1 is not running"
+  pid=$(head -n1 "$2")
+  log "kill -9 $1 (pid $pid)"
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  rm -f "$2"
 }
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -336,18 +354,69 @@ cluster() { # action [node]
       cluster_brokers
       ;;
     down) for n in "${CLUSTER_NODES[@]}"; do stop_pidfile "Kafka cluster node $n" "$STACK/kafka-cluster/$n/kafka.pid"; done ;;
-    kill9)
-      local pidfile="$STACK/kafka-cluster/$2/kafka.pid" pid
-      pid_alive "$pidfile" || die "cluster node $2 is not running"
-      pid=$(head -n1 "$pidfile")
-      log "kill -9 Kafka cluster node $2 (pid $pid)"
-      kill -KILL "$pid"
-      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-      rm -f "$pidfile"
-      ;;
+    kill9) kill9_pidfile "Kafka cluster node $2" "$STACK/kafka-cluster/$2/kafka.pid" ;;
     start) cluster_node_start "$2"; cluster_node_wait "$2" ;;
     brokers) cluster_brokers ;;
     *) die "usage: $0 cluster up|down|brokers|kill9 N|start N" ;;
+  esac
+}
+
+# ---------------------------------------------------------------- Redis Cluster
+REDIS_CLUSTER_NODES=(1 2 3 4 5 6)
+redis_cluster_port() { echo $((REDIS_CLUSTER_PORT + $1)); }
+redis_cluster_url() {
+  local n list=()
+  for n in "${REDIS_CLUSTER_NODES[@]}"; do list+=("127.0.0.1:$(redis_cluster_port "$n")"); done
+  (IFS=,; echo "redis+cluster://${list[*]}")
+}
+
+redis_cluster_node_start() { # node
+  local n=$1 dir="$STACK/redis-cluster/$1"
+  mkdir -p "$dir"
+  if pid_alive "$dir/redis.pid"; then log "Redis Cluster node $n already running"; return; fi
+  log "starting Redis Cluster node $n on 127.0.0.1:$(redis_cluster_port "$n")"
+  # The same durability as the single Redis (AOF, fsync every second); a node is failed over
+  # after 2 s without an answer, so the failover tests take seconds, not the default 15. A master
+  # whose slots all moved away stays a master (no replica migration): the cluster keeps its three
+  # masters, which a failover needs the majority of, and slots can move back to it.
+  redis-server --bind 127.0.0.1 --port "$(redis_cluster_port "$n")" --dir "$dir" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --cluster-allow-replica-migration no \
+    --appendonly yes --appendfsync everysec --save '' --maxmemory-policy noeviction \
+    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+  wait_port "Redis Cluster node $n" "$(redis_cluster_port "$n")" 30
+}
+
+# Every slot served and every node agreeing (redis-cli --cluster check), within `seconds`.
+redis_cluster_wait_ok() { # seconds
+  local deadline=$((SECONDS + $1))
+  until redis-cli -p "$(redis_cluster_port 1)" --cluster check "127.0.0.1:$(redis_cluster_port 1)" >/dev/null 2>&1 \
+      && [ "$(redis-cli -p "$(redis_cluster_port 1)" CLUSTER INFO | tr -d '\r' | sed -n 's/^cluster_state://p')" = ok ]; do
+    [ $SECONDS -lt "$deadline" ] || die "the Redis Cluster is not ok within $1 s (see $STACK/redis-cluster/*/redis.log)"
+    sleep 0.2
+  done
+}
+
+redis_cluster() { # action [node]
+  local n hosts=()
+  case $1 in
+    up)
+      ensure_installed
+      for n in "${REDIS_CLUSTER_NODES[@]}"; do redis_cluster_node_start "$n"; done
+      if [ "$(redis-cli -p "$(redis_cluster_port 1)" CLUSTER INFO | tr -d '\r' | sed -n 's/^cluster_known_nodes://p')" != 6 ]; then
+        for n in "${REDIS_CLUSTER_NODES[@]}"; do hosts+=("127.0.0.1:$(redis_cluster_port "$n")"); done
+        log "creating the Redis Cluster (three masters, one replica each)"
+        redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$STACK/redis-cluster/create.log" 2>&1 \
+          || die "redis-cli --cluster create failed (see $STACK/redis-cluster/create.log)"
+      fi
+      redis_cluster_wait_ok 60
+      redis_cluster_url
+      ;;
+    down) for n in "${REDIS_CLUSTER_NODES[@]}"; do stop_pidfile "Redis Cluster node $n" "$STACK/redis-cluster/$n/redis.pid"; done ;;
+    kill9) kill9_pidfile "Redis Cluster node $2" "$STACK/redis-cluster/$2/redis.pid" ;;
+    start) redis_cluster_node_start "$2" ;;
+    url) redis_cluster_url ;;
+    *) die "usage: $0 redis-cluster up|down|url|kill9 N|start N" ;;
   esac
 }
 
@@ -429,6 +498,7 @@ down() {
   stop_pidfile "Kafka (ZooKeeper mode)" "$STACK/kafka-zookeeper/kafka.pid"
   stop_pidfile ZooKeeper "$STACK/kafka-zookeeper/zookeeper.pid"
   cluster down
+  redis_cluster down
   stop_pidfile Redis "$STACK/redis/redis.pid"
   stop_postgres
 }
@@ -481,6 +551,7 @@ case "${1:-}" in
   deps) deps ;;
   deps-zookeeper) ensure_installed; start_zookeeper_mode ;;
   cluster) [ $# -ge 2 ] || die "usage: $0 cluster up|down|brokers|kill9 N|start N"; cluster "$2" "${3:-}" ;;
+  redis-cluster) [ $# -ge 2 ] || die "usage: $0 redis-cluster up|down|url|kill9 N|start N"; redis_cluster "$2" "${3:-}" ;;
   kill9|stop|start) [ $# -eq 2 ] || die "usage: $0 $1 postgres|redis|kafka"; one "$1" "$2" ;;
   services) start_services ;;
   stop-services) stop_pidfile websocket "$STACK/websocket/websocket.pid"; stop_pidfile grpc_kafka "$STACK/grpc_kafka/grpc_kafka.pid" ;;

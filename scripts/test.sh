@@ -7,7 +7,8 @@
 #   scripts/test.sh env      print the test stack's environment: eval "$(scripts/test.sh env)"
 #   scripts/test.sh down     stop the test stack
 #
-# The tests run against a stack of their own: PostgreSQL, Redis and Kafka under .stack-test/ on
+# The tests run against a stack of their own: PostgreSQL, Redis (one, and a Redis Cluster of three
+# masters and three replicas) and Kafka under .stack-test/ on
 # ports of their own (below), started and stopped here. A system started with `scripts/stack.sh up`
 # (.stack/, the default ports) is never touched, even by the fault suite that kills and wipes.
 #
@@ -52,6 +53,8 @@ export STACK_PG_PORT=25532 STACK_REDIS_PORT=26479
 export STACK_KAFKA_PORT=29592 STACK_KAFKA_CONTROLLER_PORT=29593
 export STACK_ZK_PORT=22281 STACK_ZK_KAFKA_PORT=29692
 export STACK_CLUSTER_PORT=29790 STACK_CLUSTER_CONTROLLER_PORT=29890
+# The Redis Cluster's nodes on 21001-21006, their cluster buses 10000 above (31001-31006).
+export STACK_REDIS_CLUSTER_PORT=21000
 export STACK_WS_PORT=18180 STACK_GRPC_PORT=20151 STACK_METRICS_PORT=19464
 export STACK_WIRING_WS_PORT=18181 STACK_WIRING_GRPC_PORT=20152 STACK_WIRING_METRICS_PORT=19465
 
@@ -60,11 +63,12 @@ test_env() {
   local database_url
   database_url="$(scripts/stack.sh env | sed -n 's/^export DATABASE_URL=//p')"
   echo "export TEST_DATABASE_URL=${database_url%/*}/postgres"
+  echo "export REDIS_CLUSTER_URL=$(scripts/stack.sh redis-cluster url)"
   env | grep '^STACK_' | sed 's/^/export /'
 }
 
 case "${1:-}" in
-  deps) scripts/stack.sh deps; test_env; exit 0 ;;
+  deps) scripts/stack.sh deps; scripts/stack.sh redis-cluster up >/dev/null; test_env; exit 0 ;;
   env) test_env; exit 0 ;;
   down) scripts/stack.sh down; exit 0 ;;
   "") ;;
@@ -74,8 +78,9 @@ esac
 step() { printf '\n==> %s\n' "$*"; }
 trap 'step "stopping the test stack"; scripts/stack.sh down || true' EXIT
 
-step "test stack (PostgreSQL, Redis, Kafka under .stack-test/)"
+step "test stack (PostgreSQL, Redis, a Redis Cluster, Kafka under .stack-test/)"
 scripts/stack.sh deps
+scripts/stack.sh redis-cluster up >/dev/null
 eval "$(test_env)"
 
 step "cargo fmt --check"

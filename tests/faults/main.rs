@@ -381,6 +381,8 @@ struct Scenario {
     group: String,
     /// The stream the relay publishes and grpc_kafka counts (one of its own per scenario).
     stream: Uuid,
+    /// Where grpc_kafka counts: the stack's Redis, or its Redis Cluster.
+    redis_url: String,
 }
 
 impl Scenario {
@@ -412,6 +414,15 @@ impl Scenario {
             prefix: format!("{}:", unique("faults")),
             group: unique("group"),
             stream: Uuid::new_v4(),
+            redis_url: Env::get().redis_url,
+        }
+    }
+
+    /// A scenario whose grpc_kafka counts in the test stack's Redis Cluster.
+    async fn in_redis_cluster(name: &'static str) -> Self {
+        Self {
+            redis_url: Env::get().redis_cluster_url,
+            ..Self::new(name).await
         }
     }
 
@@ -424,6 +435,8 @@ impl Scenario {
     fn grpc_kafka(&self) -> ServiceProcess {
         let mut service = grpc_kafka_service(&self.kafka, &self.topic, &self.prefix, &self.group);
         service.env.push(("STREAM_ID", self.stream.to_string()));
+        service.env.retain(|(name, _)| *name != "REDIS_URL");
+        service.env.push(("REDIS_URL", self.redis_url.clone()));
         service
     }
 
@@ -441,7 +454,7 @@ impl Scenario {
                 &self.prefix,
             ])
             .env("DATABASE_URL", &self.db.url)
-            .env("REDIS_URL", Env::get().redis_url)
+            .env("REDIS_URL", &self.redis_url)
             .output()
             .expect("run walletctl reconcile");
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -1025,4 +1038,249 @@ async fn kill9_each_service_in_turn_mid_stream() {
     grpc.start().await;
     let report = stream.finish(WARMUP).await;
     scenario.verify(&report, grpc.addr).await;
+}
+
+// ------------------------------------------------------------------------------------ Redis Cluster
+
+/// The test stack's Redis Cluster as `CLUSTER NODES` describes it, asked of any node that answers.
+async fn cluster_nodes() -> ClusterNodes {
+    let base: u16 = std::env::var("STACK_REDIS_CLUSTER_PORT")
+        .ok()
+        .and_then(|port| port.parse().ok())
+        .expect("STACK_REDIS_CLUSTER_PORT (the test stack's environment)");
+    for node in 1..=6u16 {
+        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{}/", base + node)) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let Ok((text, info)) = redis::pipe()
+            .cmd("CLUSTER")
+            .arg("NODES")
+            .cmd("CLUSTER")
+            .arg("INFO")
+            .query_async::<(String, String)>(&mut conn)
+            .await
+        else {
+            continue;
+        };
+        return ClusterNodes {
+            base,
+            text,
+            ok: info.contains("cluster_state:ok"),
+        };
+    }
+    panic!("no node of the Redis Cluster answers; {HINT}");
+}
+
+struct ClusterNodes {
+    base: u16,
+    text: String,
+    /// `cluster_state:ok` where it was asked.
+    ok: bool,
+}
+
+/// A master of the Redis Cluster, not failed.
+#[derive(Clone)]
+struct Master {
+    id: String,
+    /// Its number in `scripts/stack.sh redis-cluster` (1 to 6).
+    node: u16,
+    /// The slot ranges it serves, inclusive.
+    slots: Vec<(u16, u16)>,
+}
+
+impl ClusterNodes {
+    fn masters(&self) -> Vec<Master> {
+        self.text
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let flags = fields.get(2)?;
+                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                    return None;
+                }
+                let port: u16 = fields[1]
+                    .split(['@', ','])
+                    .next()?
+                    .rsplit_once(':')?
+                    .1
+                    .parse()
+                    .ok()?;
+                let slots = fields[8..]
+                    .iter()
+                    .filter(|range| !range.starts_with('['))
+                    .filter_map(|range| match range.split_once('-') {
+                        Some((from, to)) => Some((from.parse().ok()?, to.parse().ok()?)),
+                        None => range.parse().ok().map(|slot| (slot, slot)),
+                    })
+                    .collect();
+                Some(Master {
+                    id: fields[0].to_owned(),
+                    node: port - self.base,
+                    slots,
+                })
+            })
+            .collect()
+    }
+
+    /// The master serving `slot`: (node id, node number).
+    fn master_of(&self, slot: u16) -> Option<(String, u16)> {
+        self.masters().into_iter().find_map(|master| {
+            master
+                .slots
+                .iter()
+                .any(|(from, to)| (*from..=*to).contains(&slot))
+                .then_some((master.id, master.node))
+        })
+    }
+}
+
+/// The cluster as a scenario needs it at its start: every slot served and three masters holding
+/// slots (a failover needs the majority of them). Waits for it a while: a node restarted by the
+/// scenario before may still be syncing.
+async fn healthy_cluster() -> ClusterNodes {
+    eventually(
+        Duration::from_secs(60),
+        "the Redis Cluster ok with three masters serving slots",
+        || async {
+            let nodes = cluster_nodes().await;
+            let serving = nodes
+                .masters()
+                .iter()
+                .filter(|master| !master.slots.is_empty())
+                .count();
+            (nodes.ok && serving == 3).then_some(nodes)
+        },
+    )
+    .await
+}
+
+/// The slot of a partition's marks (and of every total of that partition).
+async fn marks_slot(scenario: &Scenario, partition: u32) -> u16 {
+    let key = totals_schema::Keys::new(scenario.prefix.as_str())
+        .marks(&scenario.stream.to_string(), partition);
+    let mut conn = redis::Client::open(
+        match totals_schema::Location::parse(&scenario.redis_url).expect("cluster url") {
+            totals_schema::Location::Cluster(seeds) => seeds[0].clone(),
+            totals_schema::Location::Single(url) => url,
+        },
+    )
+    .expect("seed")
+    .get_multiplexed_async_connection()
+    .await
+    .expect("a seed of the Redis Cluster");
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("CLUSTER KEYSLOT")
+}
+
+/// A Redis Cluster master killed with -9 mid-stream: its replica is promoted (after the 2 s node
+/// timeout) and counting goes on there; the old master comes back as a replica. Totals exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_master_killed_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    healthy_cluster().await;
+    let scenario = Scenario::in_redis_cluster("redis-cluster-kill9").await;
+    let (ws, grpc) = single(&scenario).await;
+    let stream = Stream::start(&[ws.addr]);
+    stream.until_acked(WARMUP).await;
+    let slot = marks_slot(&scenario, 0).await;
+    let (_, node) = cluster_nodes()
+        .await
+        .master_of(slot)
+        .expect("a master serves partition 0's slot");
+    stack("redis-cluster", &format!("kill9 {node}"));
+    let promoted = eventually(
+        SCENARIO_DEADLINE,
+        "a replica promoted for the slot",
+        || async {
+            let nodes = cluster_nodes().await;
+            let (_, serving) = nodes.master_of(slot)?;
+            (nodes.ok && serving != node).then_some(serving)
+        },
+    )
+    .await;
+    stream.until_acked(WARMUP).await;
+    stack("redis-cluster", &format!("start {node}"));
+    let report = stream.finish(WARMUP).await;
+    scenario.verify(&report, grpc.addr).await;
+    println!("partition 0's slot {slot}: master node {node} killed, node {promoted} promoted");
+}
+
+/// Every slot of the master serving partition 0's marks moved to another master mid-stream
+/// (`redis-cli --cluster reshard`: keys migrate one by one, clients see `ASK` and `MOVED`).
+/// Totals exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_slots_migrated_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    healthy_cluster().await;
+    let scenario = Scenario::in_redis_cluster("redis-cluster-reshard").await;
+    let (ws, grpc) = single(&scenario).await;
+    let stream = Stream::start(&[ws.addr]);
+    stream.until_acked(WARMUP).await;
+    let slot = marks_slot(&scenario, 0).await;
+    let nodes = cluster_nodes().await;
+    let masters = nodes.masters();
+    let (from, from_node) = nodes.master_of(slot).expect("a master serves the slot");
+    let to = masters
+        .iter()
+        .find(|master| master.id != from)
+        .expect("another master")
+        .id
+        .clone();
+    let count: u32 = masters
+        .iter()
+        .find(|master| master.id == from)
+        .map(|master| master.slots.iter().map(|(a, b)| u32::from(b - a) + 1).sum())
+        .expect("the source's slots");
+    let seed = format!("127.0.0.1:{}", nodes.base + from_node);
+    let reshard = tokio::process::Command::new("redis-cli")
+        .args([
+            "--cluster",
+            "reshard",
+            &seed,
+            "--cluster-from",
+            &from,
+            "--cluster-to",
+            &to,
+        ])
+        .args(["--cluster-slots", &count.to_string(), "--cluster-yes"])
+        .stdout(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run redis-cli --cluster reshard");
+    assert!(
+        reshard.status.success(),
+        "redis-cli --cluster reshard failed: {}",
+        String::from_utf8_lossy(&reshard.stderr)
+    );
+    let nodes = cluster_nodes().await;
+    let (now, _) = nodes.master_of(slot).expect("a master serves the slot");
+    assert_eq!(now, to, "the slot moved");
+    let report = stream.finish(WARMUP).await;
+    scenario.verify(&report, grpc.addr).await;
+    println!("{count} slots moved, partition 0's slot {slot} among them");
+    // The slots spread over the three masters again, for the next scenario.
+    let rebalance = tokio::process::Command::new("redis-cli")
+        .args([
+            "--cluster",
+            "rebalance",
+            &seed,
+            "--cluster-use-empty-masters",
+        ])
+        .stdout(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run redis-cli --cluster rebalance");
+    assert!(
+        rebalance.status.success(),
+        "redis-cli --cluster rebalance failed: {}",
+        String::from_utf8_lossy(&rebalance.stderr)
+    );
+    healthy_cluster().await;
 }

@@ -7,12 +7,14 @@
 //! - `auth`: forged tokens, who may submit and read, rate limit, per-address cap, TLS;
 //! - `observability`: `/metrics` of both services against what was sent; readiness;
 //! - `supervision`: every long-lived task of both services killed in turn;
-//! - `rounds`: the sequence-numbered relay's PostgreSQL side (order, watermark, bookkeeping).
+//! - `rounds`: the sequence-numbered relay's PostgreSQL side (order, watermark, bookkeeping);
+//! - `cluster`: grpc_kafka counting in a Redis Cluster, reconcile scanning its masters.
 //!
 //! The fault-injection suite is a binary of its own (`tests/faults`): it takes the shared services
 //! down, so it runs alone.
 
 mod auth;
+mod cluster;
 mod e2e;
 mod grpc_kafka;
 mod hostile;

@@ -3,7 +3,8 @@
 //! Redis key prefix.
 //!
 //! The services' addresses come from `TEST_DATABASE_URL` (a superuser connection; each test creates
-//! its own database), `KAFKA_BROKERS` and `REDIS_URL`, defaulting to the test stack of
+//! its own database), `KAFKA_BROKERS`, `REDIS_URL` and `REDIS_CLUSTER_URL` (a Redis Cluster's
+//! seeds), defaulting to the test stack of
 //! `scripts/test.sh` (its own folder and ports), never to the system `scripts/stack.sh up` runs.
 //! A service that cannot be reached fails the test with a message saying how to start it: these
 //! tests never skip.
@@ -43,6 +44,7 @@ pub struct Env {
     pub admin_database_url: String,
     pub kafka_brokers: String,
     pub redis_url: String,
+    pub redis_cluster_url: String,
 }
 
 impl Env {
@@ -56,6 +58,11 @@ impl Env {
             ),
             kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:29592"),
             redis_url: var("REDIS_URL", "redis://127.0.0.1:26479/"),
+            redis_cluster_url: var(
+                "REDIS_CLUSTER_URL",
+                "redis+cluster://127.0.0.1:21001,127.0.0.1:21002,127.0.0.1:21003,\
+                 127.0.0.1:21004,127.0.0.1:21005,127.0.0.1:21006",
+            ),
         }
     }
 }
@@ -311,6 +318,24 @@ pub async fn reconcile(
     prefix: &str,
     wait_secs: u64,
 ) -> (bool, String) {
+    reconcile_in(
+        grpc_addr,
+        database_url,
+        prefix,
+        wait_secs,
+        &Env::get().redis_url,
+    )
+    .await
+}
+
+/// [`reconcile`] with the totals in the Redis (or Redis Cluster) at `redis_url`.
+pub async fn reconcile_in(
+    grpc_addr: SocketAddr,
+    database_url: &str,
+    prefix: &str,
+    wait_secs: u64,
+    redis_url: &str,
+) -> (bool, String) {
     // Awaited, never blocking: the grpc_kafka it asks may run on this test's runtime.
     let output = tokio::process::Command::new(binary("walletctl"))
         .env_clear()
@@ -324,7 +349,7 @@ pub async fn reconcile(
             prefix,
         ])
         .env("DATABASE_URL", database_url)
-        .env("REDIS_URL", Env::get().redis_url)
+        .env("REDIS_URL", redis_url)
         .output()
         .await
         .expect("run walletctl");

@@ -218,6 +218,7 @@ fn every_test_architecture_names_exists() {
         ("websocket", "tests/it/websocket.rs"),
         ("grpc_kafka", "tests/it/grpc_kafka.rs"),
         ("e2e", "tests/it/e2e.rs"),
+        ("cluster", "tests/it/cluster.rs"),
         ("hostile", "tests/it/hostile.rs"),
         ("auth", "tests/it/auth.rs"),
         ("observability", "tests/it/observability.rs"),

@@ -36,7 +36,7 @@ pub enum StartError {
     #[error("TLS settings: {0}")]
     Tls(String),
     #[error("invalid REDIS_URL: {0}")]
-    Redis(#[source] redis::RedisError),
+    Redis(#[source] totals::ConnectError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// A long-lived task ended while the service should run.

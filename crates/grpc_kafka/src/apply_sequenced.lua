@@ -1,3 +1,4 @@
+#!lua
 -- Counts one partition's records by sequence number, atomically (COUNT_BY=sequence).
 --
 -- KEYS[1] the partition's marks hash (fields 'next' and 'hint'), then KEYS[1 + i] the total of

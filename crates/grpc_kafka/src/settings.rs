@@ -40,8 +40,9 @@ pub struct Settings {
     #[command(flatten)]
     pub tls: service_kit::TlsSettings,
 
-    /// Redis connection URL, e.g. redis://:password@host:6379/0. Or REDIS_URL_FILE: a file
-    /// holding it (the Docker secrets convention).
+    /// Redis connection URL, e.g. redis://:password@host:6379/0; or a Redis Cluster's seed
+    /// nodes, redis+cluster://[user[:password]@]host:port,host:port,... (COUNT_BY=sequence
+    /// only). Or REDIS_URL_FILE: a file holding it (the Docker secrets convention).
     #[arg(long, env = "REDIS_URL", value_parser = service_kit::SecretParser::new("REDIS_URL", parse_redis_url), hide_env_values = true)]
     pub redis_url: String,
 
@@ -177,6 +178,17 @@ impl Settings {
                 self.grpc_idle_timeout.as_millis()
             ));
         }
+        let cluster = matches!(
+            totals_schema::Location::parse(&self.redis_url),
+            Ok(totals_schema::Location::Cluster(_))
+        );
+        if cluster && self.count_by == CountBy::Offsets {
+            return Err(
+                "COUNT_BY=offsets cannot count in a Redis Cluster (its script builds keys of \
+                 many slots); count by sequence, or give REDIS_URL one Redis"
+                    .to_owned(),
+            );
+        }
         Ok(())
     }
 }
@@ -189,9 +201,18 @@ pub enum CountBy {
 }
 
 fn parse_redis_url(text: &str) -> Result<String, String> {
-    redis::Client::open(text)
-        .map(|_| text.to_owned())
-        .map_err(|e| format!("not a Redis URL: {e}"))
+    match totals_schema::Location::parse(text)? {
+        totals_schema::Location::Single(url) => redis::Client::open(url.as_str())
+            .map(|_| url)
+            .map_err(|e| format!("not a Redis URL: {e}")),
+        totals_schema::Location::Cluster(seeds) => {
+            for seed in &seeds {
+                redis::Client::open(seed.as_str())
+                    .map_err(|e| format!("not a Redis Cluster seed: {e}"))?;
+            }
+            Ok(text.to_owned())
+        }
+    }
 }
 
 /// An origin as browsers send it: scheme, host and optional port, nothing else.

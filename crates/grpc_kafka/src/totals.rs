@@ -6,25 +6,137 @@
 //! script per batch, so totals and offsets never disagree. Readiness also writes the probe key
 //! (expires after 10 s) to learn that Redis takes writes. Money is only ever changed with HINCRBY
 //! on integer cents.
+//!
+//! The store is one Redis or a Redis Cluster ([`Redis`]); every call below goes through the same
+//! [`ConnectionLike`] either way, and a cluster counts by sequence only (each partition's script
+//! in one slot).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
 use purchase::{PurchaseEvent, UserId};
 use redis::Script;
+use redis::aio::ConnectionLike;
+use redis::cluster_async::ClusterConnection;
+use totals_schema::Location;
 
 pub use crate::positions::OffsetMoves;
 
 pub type Pool = bb8::Pool<RedisConnectionManager>;
 
-/// The connections to Redis: a pool for the aggregator's writes and the probes (one connection
-/// per batch or probe), and one multiplexed connection that carries the reads of every
-/// `GetTotalSpent` call at once, pipelined, and reconnects by itself.
+/// The connections to Redis.
 #[derive(Clone)]
-pub struct Redis {
-    pub pool: Pool,
-    pub reads: redis::aio::ConnectionManager,
+pub enum Redis {
+    /// One Redis: a pool for the aggregator's writes and the probes (one connection per batch or
+    /// probe), and one multiplexed connection that carries the reads of every `GetTotalSpent`
+    /// call at once, pipelined, and reconnects by itself.
+    Single {
+        pool: Pool,
+        reads: redis::aio::ConnectionManager,
+    },
+    /// A Redis Cluster: the redis crate's cluster client, one multiplexed connection per node,
+    /// each command sent to the master of its keys' slot (a batch's script declares all its keys,
+    /// which share the hash tag of its (stream, partition): one slot). It follows `MOVED` and
+    /// `ASK`, and retries on `TRYAGAIN` and `CLUSTERDOWN` within its retry budget; made on first
+    /// use, so the service starts while the cluster is down.
+    Cluster {
+        client: Arc<redis::cluster::ClusterClient>,
+        connection: Arc<tokio::sync::OnceCell<ClusterConnection>>,
+    },
+}
+
+/// One connection to send a command on, whichever the deployment: a pooled one, the shared
+/// multiplexed one, or the cluster's.
+enum Conn<'a> {
+    Pooled(bb8::PooledConnection<'a, RedisConnectionManager>),
+    Shared(redis::aio::ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn<'_> {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Pooled(conn) => conn.req_packed_command(cmd),
+            Self::Shared(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Pooled(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Shared(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Pooled(conn) => conn.get_db(),
+            Self::Shared(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+impl Redis {
+    /// A connection for a write, a probe or a script.
+    async fn writer(&self) -> Result<Conn<'_>, TotalsError> {
+        match self {
+            Self::Single { pool, .. } => Ok(Conn::Pooled(pool.get().await?)),
+            Self::Cluster { client, connection } => {
+                Ok(Conn::Cluster(cluster(client, connection).await?))
+            }
+        }
+    }
+
+    /// A connection for a read.
+    async fn reader(&self) -> Result<Conn<'_>, TotalsError> {
+        match self {
+            Self::Single { reads, .. } => Ok(Conn::Shared(reads.clone())),
+            Self::Cluster { client, connection } => {
+                Ok(Conn::Cluster(cluster(client, connection).await?))
+            }
+        }
+    }
+
+    /// `INFO memory` of every node: one answer for one Redis, one per node of a cluster.
+    async fn memory_infos(&self) -> Result<Vec<String>, TotalsError> {
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        match self {
+            Self::Single { .. } => {
+                let answer: String = info.query_async(&mut self.writer().await?).await?;
+                Ok(vec![answer])
+            }
+            Self::Cluster { .. } => {
+                let answers: std::collections::HashMap<String, String> =
+                    info.query_async(&mut self.writer().await?).await?;
+                Ok(answers.into_values().collect())
+            }
+        }
+    }
+}
+
+/// The cluster's connection, made on first use (and tried again on the next use when that fails).
+async fn cluster(
+    client: &redis::cluster::ClusterClient,
+    connection: &tokio::sync::OnceCell<ClusterConnection>,
+) -> Result<ClusterConnection, TotalsError> {
+    let connection = connection
+        .get_or_try_init(|| client.get_async_connection())
+        .await?;
+    Ok(connection.clone())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +155,15 @@ pub enum TotalsError {
         "redis maxmemory-policy is {policy}: an evicting policy may drop totals or offsets; set it to noeviction"
     )]
     Evicting { policy: String },
+}
+
+/// Why the Redis connections could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Url(String),
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 impl TotalsError {
@@ -118,8 +239,7 @@ pub struct SequencedRecord<'a> {
 
 #[derive(Clone)]
 pub struct Totals {
-    pool: Pool,
-    reads: redis::aio::ConnectionManager,
+    redis: Redis,
     keys: totals_schema::Keys,
     script: Script,
     sequenced: Script,
@@ -141,8 +261,7 @@ pub struct Total {
 impl Totals {
     pub fn new(redis: Redis, prefix: String, dedupe_horizon: Duration, layout: Layout) -> Self {
         Self {
-            pool: redis.pool,
-            reads: redis.reads,
+            redis,
             keys: totals_schema::Keys::new(prefix),
             script: Script::new(APPLY_BATCH),
             sequenced: Script::new(APPLY_SEQUENCED),
@@ -159,11 +278,10 @@ impl Totals {
         stream: uuid::Uuid,
         partitions: u32,
     ) -> Result<(), TotalsError> {
-        let mut conn = self.pool.get().await?;
         let () = redis::cmd("SET")
             .arg(self.keys.partitions(&stream.to_string()))
             .arg(partitions)
-            .query_async(&mut *conn)
+            .query_async(&mut self.redis.writer().await?)
             .await?;
         self.partitions
             .store(partitions, std::sync::atomic::Ordering::Relaxed);
@@ -226,12 +344,11 @@ impl Totals {
     /// A partition's marks (zero and no hint when none are stored).
     pub async fn marks(&self, stream: uuid::Uuid, partition: u32) -> Result<Marks, TotalsError> {
         let key = self.keys.marks(&stream.to_string(), partition);
-        let mut conn = self.pool.get().await?;
         let (next, hint): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(&key)
             .arg(totals_schema::NEXT)
             .arg(totals_schema::HINT)
-            .query_async(&mut *conn)
+            .query_async(&mut self.redis.writer().await?)
             .await?;
         let corrupt = || TotalsError::Corrupt { key: key.clone() };
         Ok(Marks {
@@ -259,8 +376,9 @@ impl Totals {
                 .arg(record.offset)
                 .arg(record.event.purchase.amount.cents());
         }
-        let mut conn = self.pool.get().await?;
-        let reply: Vec<i64> = invocation.invoke_async(&mut *conn).await?;
+        let reply: Vec<i64> = invocation
+            .invoke_async(&mut self.redis.writer().await?)
+            .await?;
         let unsigned = |value: i64| {
             u64::try_from(value).map_err(|_| TotalsError::Corrupt { key: marks.clone() })
         };
@@ -277,23 +395,38 @@ impl Totals {
     }
 
     /// Builds the connections without connecting: the service starts even while Redis is down.
-    /// A read waits at most `timeout` for a connection and as long again for its answer; while
-    /// Redis is down every read fails at once or after one connection attempt, never queues.
-    /// Must be called within the Tokio runtime.
-    pub fn connect(url: &str, size: u32, timeout: Duration) -> Result<Redis, redis::RedisError> {
-        let manager = RedisConnectionManager::new(url)?;
-        let pool = bb8::Pool::builder()
-            .max_size(size)
-            .connection_timeout(timeout)
-            .build_unchecked(manager);
-        let reads = redis::aio::ConnectionManager::new_lazy_with_config(
-            redis::Client::open(url)?,
-            redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(0),
-        )?;
-        Ok(Redis { pool, reads })
+    /// `url` is one Redis or a Redis Cluster's seeds ([`Location`]). A read waits at most
+    /// `timeout` for a connection and as long again for its answer; while Redis is down every
+    /// read fails at once or after one connection attempt, never queues. Must be called within
+    /// the Tokio runtime.
+    pub fn connect(url: &str, size: u32, timeout: Duration) -> Result<Redis, ConnectError> {
+        match Location::parse(url).map_err(ConnectError::Url)? {
+            Location::Single(url) => {
+                let manager = RedisConnectionManager::new(url.as_str())?;
+                let pool = bb8::Pool::builder()
+                    .max_size(size)
+                    .connection_timeout(timeout)
+                    .build_unchecked(manager);
+                let reads = redis::aio::ConnectionManager::new_lazy_with_config(
+                    redis::Client::open(url)?,
+                    redis::aio::ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(timeout))
+                        .set_response_timeout(Some(timeout))
+                        .set_number_of_retries(0),
+                )?;
+                Ok(Redis::Single { pool, reads })
+            }
+            Location::Cluster(seeds) => {
+                let client = redis::cluster::ClusterClient::builder(seeds)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()?;
+                Ok(Redis::Cluster {
+                    client: Arc::new(client),
+                    connection: Arc::default(),
+                })
+            }
+        }
     }
 
     /// `log` names one topic in one Kafka cluster (`{cluster_id}:{topic}`): offsets of another
@@ -307,38 +440,31 @@ impl Totals {
     }
 
     /// Readiness: Redis answers, accepts a write (a short-lived `{prefix}probe` key, so a
-    /// read-only replica, an out-of-memory or a MISCONF Redis is not ready), and does not evict.
-    /// One round trip.
+    /// read-only replica, an out-of-memory or a MISCONF Redis is not ready), and does not evict
+    /// (every node of a cluster).
     pub async fn ready(&self) -> Result<(), TotalsError> {
-        let mut conn = self.pool.get().await?;
-        let (info,): (String,) = redis::pipe()
-            .cmd("SET")
+        let () = redis::cmd("SET")
             .arg(self.keys.probe())
             .arg(1)
             .arg("PX")
             .arg(10_000)
-            .ignore()
-            .cmd("INFO")
-            .arg("memory")
-            .query_async(&mut *conn)
+            .query_async(&mut self.redis.writer().await?)
             .await?;
-        refuse_evicting_policy(&info)
+        self.refuse_eviction().await
     }
 
-    /// Fails unless Redis's `maxmemory-policy` is `noeviction`, read from `INFO memory` (which
-    /// answers where `CONFIG` is disabled).
+    /// Fails unless every node's `maxmemory-policy` is `noeviction`, read from `INFO memory`
+    /// (which answers where `CONFIG` is disabled).
     pub async fn refuse_eviction(&self) -> Result<(), TotalsError> {
-        let mut conn = self.pool.get().await?;
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut *conn)
-            .await?;
-        refuse_evicting_policy(&info)
+        for info in self.redis.memory_infos().await? {
+            refuse_evicting_policy(&info)?;
+        }
+        Ok(())
     }
 
     /// The total of one user; zeros for a user never seen.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
-        let mut conn = self.reads.clone();
+        let mut conn = self.redis.reader().await?;
         let Some(key) = self.total_key(user.as_str(), &mut conn).await? else {
             return Ok(Total::default());
         };
@@ -357,11 +483,10 @@ impl Totals {
 
     /// The next offset to apply for a partition (0 when none is stored).
     pub async fn next_offset(&self, log: &str, partition: i32) -> Result<i64, TotalsError> {
-        let mut conn = self.pool.get().await?;
         let stored: Option<i64> = redis::cmd("HGET")
             .arg(self.offsets_key(log))
             .arg(partition)
-            .query_async(&mut *conn)
+            .query_async(&mut self.redis.writer().await?)
             .await?;
         Ok(stored.unwrap_or(0))
     }
@@ -374,7 +499,6 @@ impl Totals {
         partition: i32,
     ) -> Result<(i64, Option<u128>), TotalsError> {
         let key = self.fingerprints_key(log);
-        let mut conn = self.pool.get().await?;
         let (next, last): (Option<i64>, Option<String>) = redis::pipe()
             .cmd("HGET")
             .arg(self.offsets_key(log))
@@ -382,7 +506,7 @@ impl Totals {
             .cmd("HGET")
             .arg(&key)
             .arg(partition)
-            .query_async(&mut *conn)
+            .query_async(&mut self.redis.writer().await?)
             .await?;
         let last = match last {
             None => None,
@@ -426,8 +550,9 @@ impl Totals {
                 .arg(event.created_at.timestamp().div_euclid(DEDUPE_BUCKET_SECS))
                 .arg(event.purchase.amount.cents());
         }
-        let mut conn = self.pool.get().await?;
-        let reply: Vec<i64> = invocation.invoke_async(&mut *conn).await?;
+        let reply: Vec<i64> = invocation
+            .invoke_async(&mut self.redis.writer().await?)
+            .await?;
         let corrupt = || TotalsError::Corrupt {
             key: self.offsets_key(log),
         };

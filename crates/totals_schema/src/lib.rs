@@ -23,6 +23,8 @@
 //! where `{tag}` is `{<stream>.<partition>}`, the Redis Cluster hash tag of the (stream,
 //! partition) the user's purchases go to: one batch of a partition touches one slot.
 //!
+//! Where the keys live is one Redis or a Redis Cluster ([`Location`], parsed from `REDIS_URL`).
+//!
 //! No I/O here.
 
 /// What follows the prefix in a total's key, before the user id.
@@ -129,6 +131,48 @@ impl Keys {
     }
 }
 
+/// Where the totals are: one Redis (`redis://...`), or a Redis Cluster given by seed nodes
+/// (`redis+cluster://[user[:password]@]host:port[,host:port...][/]`; the credentials are every
+/// node's). A cluster client learns the other nodes and the slots from any seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// One Redis: its URL as given.
+    Single(String),
+    /// A Redis Cluster: one `redis://` URL per seed node.
+    Cluster(Vec<String>),
+}
+
+/// The scheme of a Redis Cluster's seed list.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+impl Location {
+    /// Splits a cluster URL into its seeds; any other URL is one Redis (checked by the client
+    /// that opens it).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
+            return Ok(Self::Single(url.to_owned()));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (credentials, hosts) = match rest.rsplit_once('@') {
+            Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let seeds = hosts
+            .split(',')
+            .map(|node| {
+                let (host, port) = node
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{CLUSTER_SCHEME} seed {node:?} is not host:port"))?;
+                if host.is_empty() || host.contains('/') || port.parse::<u16>().is_err() {
+                    return Err(format!("{CLUSTER_SCHEME} seed {node:?} is not host:port"));
+                }
+                Ok(format!("redis://{credentials}{node}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::Cluster(seeds))
+    }
+}
+
 /// The Redis Cluster hash tag of one (stream, partition).
 fn tag(stream: &str, partition: u32) -> String {
     format!("{{{stream}.{partition}}}")
@@ -137,6 +181,39 @@ fn tag(stream: &str, partition: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_url_is_its_seeds_with_their_credentials_and_anything_else_one_redis() {
+        assert_eq!(
+            Location::parse("redis://127.0.0.1:6379/0"),
+            Ok(Location::Single("redis://127.0.0.1:6379/0".into()))
+        );
+        assert_eq!(
+            Location::parse("redis+cluster://a:7001,b:7002/"),
+            Ok(Location::Cluster(vec![
+                "redis://a:7001".into(),
+                "redis://b:7002".into()
+            ]))
+        );
+        assert_eq!(
+            Location::parse("redis+cluster://u:pw@a:7001,b:7002"),
+            Ok(Location::Cluster(vec![
+                "redis://u:pw@a:7001".into(),
+                "redis://u:pw@b:7002".into()
+            ]))
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://a",
+            "redis+cluster://a:7001,",
+            "redis+cluster://a:70000",
+            "redis+cluster://:7001",
+            "redis+cluster://a:7001/0",
+        ] {
+            let error = Location::parse(bad).expect_err(bad);
+            assert!(error.contains("host:port"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn every_key_starts_with_the_prefix_and_a_total_names_its_user() {

@@ -21,37 +21,70 @@ type Ledger = BTreeMap<String, (i64, i64)>;
 /// A user whose sides differ: (user, (PostgreSQL, gRPC)), each as (cents, count).
 type Difference = (String, ((i64, i64), (i64, i64)));
 
-/// Where grpc_kafka keeps its totals (the `totals_schema` keys under its prefix).
+/// Where grpc_kafka keeps its totals (the `totals_schema` keys under its prefix): one Redis, or
+/// a Redis Cluster (every master scanned).
 pub struct RedisTotals {
-    client: redis::Client,
+    redis: Deployment,
     keys: totals_schema::Keys,
+}
+
+enum Deployment {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
 }
 
 impl RedisTotals {
     pub fn new(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let redis = match totals_schema::Location::parse(url)
+            .map_err(anyhow::Error::msg)
+            .context("bad REDIS_URL")?
+        {
+            totals_schema::Location::Single(url) => {
+                Deployment::Single(redis::Client::open(url).context("bad REDIS_URL")?)
+            }
+            totals_schema::Location::Cluster(seeds) => Deployment::Cluster(
+                redis::cluster::ClusterClient::new(seeds).context("bad REDIS_URL")?,
+            ),
+        };
         Ok(Self {
-            client: redis::Client::open(url).context("bad REDIS_URL")?,
+            redis,
             keys: totals_schema::Keys::new(prefix),
         })
     }
 
     /// The totals of users the ledger does not know: (user, (cents, count)).
     async fn only_here(&self, ledger: &Ledger) -> anyhow::Result<Vec<(String, (i64, i64))>> {
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection()
-            .await
-            .context("cannot connect to Redis (REDIS_URL)")?;
         let pattern = self.keys.total_pattern();
-        let mut keys: Vec<String> = Vec::new();
-        let mut iter: redis::AsyncIter<String> =
-            redis::AsyncCommands::scan_match(&mut conn, &pattern)
-                .await
-                .context("cannot scan Redis")?;
-        while let Some(key) = iter.next_item().await {
-            keys.push(key.context("cannot scan Redis")?);
+        match &self.redis {
+            Deployment::Single(client) => {
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .context("cannot connect to Redis (REDIS_URL)")?;
+                let keys = scan(&mut conn, &pattern).await?;
+                self.unknown_totals(&mut conn, keys, ledger).await
+            }
+            Deployment::Cluster(client) => {
+                let mut conn = client
+                    .get_async_connection()
+                    .await
+                    .context("cannot connect to the Redis Cluster (REDIS_URL)")?;
+                let mut keys = Vec::new();
+                for (host, port) in masters(&mut conn).await? {
+                    keys.extend(scan_node(&mut conn, &host, port, &pattern).await?);
+                }
+                self.unknown_totals(&mut conn, keys, ledger).await
+            }
         }
-        drop(iter);
+    }
+
+    /// The totals among `keys` of users the ledger does not know.
+    async fn unknown_totals(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        keys: Vec<String>,
+        ledger: &Ledger,
+    ) -> anyhow::Result<Vec<(String, (i64, i64))>> {
         let mut found = Vec::new();
         for key in keys {
             let Some(user) = self.keys.user_of_total(&key).map(str::to_owned) else {
@@ -64,12 +97,99 @@ impl RedisTotals {
                 .arg(&key)
                 .arg(totals_schema::CENTS)
                 .arg(totals_schema::COUNT)
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await
                 .with_context(|| format!("cannot read {key}"))?;
             found.push((user, (cents.unwrap_or(0), count.unwrap_or(0))));
         }
         Ok(found)
+    }
+}
+
+/// Every key of one Redis matching `pattern`.
+async fn scan(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> anyhow::Result<Vec<String>> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut iter: redis::AsyncIter<String> = redis::AsyncCommands::scan_match(conn, pattern)
+        .await
+        .context("cannot scan Redis")?;
+    while let Some(key) = iter.next_item().await {
+        keys.push(key.context("cannot scan Redis")?);
+    }
+    Ok(keys)
+}
+
+/// The masters of a Redis Cluster that serve slots, from `CLUSTER NODES`.
+async fn masters(
+    conn: &mut redis::cluster_async::ClusterConnection,
+) -> anyhow::Result<Vec<(String, u16)>> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let mut nodes = redis::cmd("CLUSTER");
+    nodes.arg("NODES");
+    let answer = conn
+        .route_command(
+            nodes,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+        )
+        .await
+        .context("cannot read CLUSTER NODES")?;
+    let text: String = redis::from_redis_value(answer).context("CLUSTER NODES")?;
+    Ok(serving_masters(&text))
+}
+
+/// `CLUSTER NODES` lines are `id host:port@bus[,hostname] flags master ping pong epoch link
+/// slot...`: the masters not failed that hold at least one slot.
+fn serving_masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            let serving = flags.contains(&"master") && !flags.iter().any(|f| f.starts_with("fail"));
+            if !serving || fields.len() < 9 {
+                return None;
+            }
+            let address = fields[1].split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Every key of one cluster node matching `pattern` (SCAN is per node).
+async fn scan_node(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    host: &str,
+    port: u16,
+    pattern: &str,
+) -> anyhow::Result<Vec<String>> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_owned(),
+            port,
+        });
+        let answer = conn
+            .route_command(scan, routing)
+            .await
+            .with_context(|| format!("cannot scan {host}:{port}"))?;
+        let (next, batch): (u64, Vec<String>) =
+            redis::from_redis_value(answer).with_context(|| format!("SCAN of {host}:{port}"))?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
     }
 }
 
@@ -188,4 +308,27 @@ async fn compare(
         differences.extend(answer?);
     }
     Ok(differences)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_masters_serving_slots_are_scanned_and_replicas_failed_or_empty_masters_are_not() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:7002@17002,host2 master - 0 1 2 connected 5461-10922
+a3 127.0.0.1:7003@17003 master,fail - 0 1 3 disconnected 10923-16383
+a4 127.0.0.1:7004@17004 slave a1 0 1 1 connected
+a5 127.0.0.1:7005@17005 master - 0 1 5 connected
+a6 127.0.0.1:7006@17006 master - 0 1 6 connected 10923-16383
+";
+        assert_eq!(
+            super::serving_masters(nodes),
+            vec![
+                ("127.0.0.1".to_owned(), 7001),
+                ("127.0.0.1".to_owned(), 7002),
+                ("127.0.0.1".to_owned(), 7006)
+            ]
+        );
+    }
 }
