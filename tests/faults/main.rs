@@ -1082,7 +1082,6 @@ struct ClusterNodes {
 }
 
 /// A master of the Redis Cluster, not failed.
-#[derive(Clone)]
 struct Master {
     id: String,
     /// Its number in `scripts/stack.sh redis-cluster` (1 to 6).
@@ -1161,22 +1160,39 @@ async fn healthy_cluster() -> ClusterNodes {
 async fn marks_slot(scenario: &Scenario, partition: u32) -> u16 {
     let key = totals_schema::Keys::new(scenario.prefix.as_str())
         .marks(&scenario.stream.to_string(), partition);
-    let mut conn = redis::Client::open(
-        match totals_schema::Location::parse(&scenario.redis_url).expect("cluster url") {
-            totals_schema::Location::Cluster(seeds) => seeds[0].clone(),
-            totals_schema::Location::Single(url) => url,
-        },
-    )
-    .expect("seed")
-    .get_multiplexed_async_connection()
-    .await
-    .expect("a seed of the Redis Cluster");
+    let Ok(totals_schema::Location::Cluster(seeds)) =
+        totals_schema::Location::parse(&scenario.redis_url)
+    else {
+        panic!("{} is not a Redis Cluster's seeds", scenario.redis_url);
+    };
+    let mut conn = redis::Client::open(seeds[0].as_str())
+        .expect("seed")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a seed of the Redis Cluster");
     redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(key)
         .query_async(&mut conn)
         .await
         .expect("CLUSTER KEYSLOT")
+}
+
+/// `redis-cli --cluster ARGS...`, which must succeed.
+async fn redis_cli_cluster(args: &[&str]) {
+    let output = tokio::process::Command::new("redis-cli")
+        .arg("--cluster")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run redis-cli");
+    assert!(
+        output.status.success(),
+        "redis-cli --cluster {} failed: {}",
+        args[0],
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// A Redis Cluster master killed with -9 mid-stream: its replica is promoted (after the 2 s node
@@ -1239,26 +1255,18 @@ async fn redis_cluster_slots_migrated_mid_stream() {
         .map(|master| master.slots.iter().map(|(a, b)| u32::from(b - a) + 1).sum())
         .expect("the source's slots");
     let seed = format!("127.0.0.1:{}", nodes.base + from_node);
-    let reshard = tokio::process::Command::new("redis-cli")
-        .args([
-            "--cluster",
-            "reshard",
-            &seed,
-            "--cluster-from",
-            &from,
-            "--cluster-to",
-            &to,
-        ])
-        .args(["--cluster-slots", &count.to_string(), "--cluster-yes"])
-        .stdout(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run redis-cli --cluster reshard");
-    assert!(
-        reshard.status.success(),
-        "redis-cli --cluster reshard failed: {}",
-        String::from_utf8_lossy(&reshard.stderr)
-    );
+    redis_cli_cluster(&[
+        "reshard",
+        &seed,
+        "--cluster-from",
+        &from,
+        "--cluster-to",
+        &to,
+        "--cluster-slots",
+        &count.to_string(),
+        "--cluster-yes",
+    ])
+    .await;
     let nodes = cluster_nodes().await;
     let (now, _) = nodes.master_of(slot).expect("a master serves the slot");
     assert_eq!(now, to, "the slot moved");
@@ -1266,21 +1274,6 @@ async fn redis_cluster_slots_migrated_mid_stream() {
     scenario.verify(&report, grpc.addr).await;
     println!("{count} slots moved, partition 0's slot {slot} among them");
     // The slots spread over the three masters again, for the next scenario.
-    let rebalance = tokio::process::Command::new("redis-cli")
-        .args([
-            "--cluster",
-            "rebalance",
-            &seed,
-            "--cluster-use-empty-masters",
-        ])
-        .stdout(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run redis-cli --cluster rebalance");
-    assert!(
-        rebalance.status.success(),
-        "redis-cli --cluster rebalance failed: {}",
-        String::from_utf8_lossy(&rebalance.stderr)
-    );
+    redis_cli_cluster(&["rebalance", &seed, "--cluster-use-empty-masters"]).await;
     healthy_cluster().await;
 }
