@@ -11,6 +11,11 @@
 #   scripts/bench.sh --soak S   the full run, then a soak of S seconds at half the sustained
 #                               maximum: ack-to-visible p99 minute by minute, RSS of both services
 #                               at start and end, totals exact
+#   scripts/bench.sh --cluster  instead of the full run: the same closed loop on one of each (the
+#                               stack of scripts/stack.sh up) and on the replicas stack (scripts/stack.sh
+#                               replicas up: two websocket and three grpc_kafka processes, three
+#                               brokers with replication 3, a Redis Cluster), three runs each,
+#                               figures in $STACK_DIR/bench-cluster/ (with --smoke: tiny)
 #
 # Ceilings: pgbench with the project's schema and insert shape (scripts/bench/*.sql); Kafka's own
 # ProducerPerformance and ConsumerPerformance from the broker's jars; the project's Lua script
@@ -20,10 +25,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-SMOKE=0 SOAK=0
+SMOKE=0 SOAK=0 CLUSTER=0
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) SMOKE=1 ;;
+    --cluster) CLUSTER=1 ;;
     --soak) SOAK="${2:?--soak needs seconds}"; shift ;;
     *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
   esac
@@ -40,8 +46,36 @@ pick() { if [ $SMOKE = 1 ]; then echo "$2"; else echo "$1"; fi; } # full smoke
 export WS_RATE_LIMIT_PER_SEC=1000000 WS_RATE_LIMIT_BURST=1000000
 scripts/stack.sh up >&2
 eval "$(scripts/stack.sh env)"
-rm -rf "$OUT" && mkdir -p "$OUT"
 ctl=(target/release/walletctl --ws-url "ws://$WEBSOCKET_ADDR/ws" --grpc-url "http://$GRPC_ADDR")
+# Every figure of the project is the median of RUNS runs (minimum and maximum shown beside it),
+# the first run right after start-up among them.
+RUNS=3
+
+if [ $CLUSTER = 1 ]; then
+  OUT="$STACK/bench-cluster"
+  rm -rf "$OUT" && mkdir -p "$OUT"
+  trap 'scripts/stack.sh replicas down >&2 || true' EXIT
+  mapfile -t endpoints < <(scripts/stack.sh replicas up)
+  connections=$(pick 100 10) purchases=$(pick 3000 100)
+  closed=(bench --mode closed --in-flight 16 --purchases "$purchases" --users 1000)
+  for run in $(seq $RUNS); do
+    log "cluster: one of each, closed loop ($connections connections x 16 in flight), run $run"
+    "${ctl[@]}" "${closed[@]}" --connections "$connections" --json "$OUT/single-$run.json" >&2 \
+      || die "closed-loop bench on one of each: totals not exact"
+    log "cluster: the replicas, the same load split over both websockets at once, run $run"
+    pids=()
+    for n in 1 2; do
+      target/release/walletctl --ws-url "${endpoints[$((n - 1))]}" --grpc-url "${endpoints[$((n + 1))]}" \
+        "${closed[@]}" --connections $((connections / 2)) --json "$OUT/replicas-$run-$n.json" >&2 &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || die "closed-loop bench on the replicas: totals not exact"; done
+  done
+  python3 scripts/bench/cluster_report.py "$OUT"
+  exit 0
+fi
+
+rm -rf "$OUT" && mkdir -p "$OUT"
 libs="$STACK/kafka/libs"
 java_tool() { java -Xmx512m -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$libs/*" "$@"; }
 cpus=$(nproc)
@@ -143,9 +177,6 @@ with_backlog() { # csv-file command...: the command, sampled
   return $status
 }
 
-# Every figure of the project is the median of RUNS runs (minimum and maximum shown beside it),
-# the first run right after start-up among them.
-RUNS=3
 log "project: sustained, closed loop (100 connections x 16 in flight), $RUNS runs"
 writes_before=$(pg_writes)
 for run in $(seq $RUNS); do

@@ -20,6 +20,12 @@
 #                                     redis-cli --cluster create; ports 47001-47006, buses 57001-57006); up also
 #                                     prints its seed URL (redis+cluster://host:port,host:port,...)
 #   scripts/stack.sh redis-cluster kill9|start N   one node of it (N = 1 to 6)
+#   scripts/stack.sh replicas up|down|endpoints   the cluster stack: PostgreSQL, the three-broker
+#                                     Kafka, the Redis Cluster, two websocket and three grpc_kafka
+#                                     processes (websocket N on port WS_PORT+N, grpc_kafka N on
+#                                     GRPC_PORT+N, its metrics on METRICS_PORT+N), with a database,
+#                                     topic, stream and group of their own; up also prints the
+#                                     endpoints; down stops the five and the three brokers
 #   scripts/stack.sh pg-bindir | kafka-libs   print PostgreSQL's server binaries folder, or the
 #                             Kafka jars' folder (resolved with Maven first): for scripts/nix-checks.sh
 #   scripts/stack.sh kill9|stop|start postgres|redis|kafka
@@ -28,11 +34,18 @@
 #
 # Processes are tracked by pid files under .stack/ and stopped by pid, never by name.
 # STACK_DIR and the STACK_*_PORT variables move the whole stack elsewhere: scripts/test.sh runs a
-# stack of its own that way (.stack-test/, other ports), so it never touches this one.
+# stack of its own that way (.stack-test/, other ports), so it never touches this one. STACK_HOST
+# (default 127.0.0.1) is the address everything listens on and is reached at: the fault suite's
+# hosts scenarios start each dependency in a network namespace of its own, on its own address.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STACK="${STACK_DIR:-$ROOT/.stack}"
+HOST="${STACK_HOST:-127.0.0.1}"
+# Off the loopback, Redis answers the hosts of its subnet too: without a password it would refuse
+# them in its protected mode.
+REDIS_REACH=()
+[ "$HOST" = 127.0.0.1 ] || REDIS_REACH=(--protected-mode no)
 PG_PORT="${STACK_PG_PORT:-55432}"
 REDIS_PORT="${STACK_REDIS_PORT:-56379}"
 KAFKA_PORT="${STACK_KAFKA_PORT:-59092}"
@@ -68,14 +81,14 @@ print_env() {
   local key
   key="$(dev_key)"
   cat <<EOF
-export DATABASE_URL=postgres://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB
-export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
-export REDIS_URL=redis://127.0.0.1:$REDIS_PORT/
-export WEBSOCKET_ADDR=127.0.0.1:$WS_PORT
-export GRPC_ADDR=127.0.0.1:$GRPC_PORT
-export METRICS_ADDR=127.0.0.1:$METRICS_PORT
-export CONSOLE_TOTALS_URL=http://127.0.0.1:$GRPC_PORT
-export GRPC_WEB_ALLOWED_ORIGINS=http://127.0.0.1:$WS_PORT,http://localhost:$WS_PORT
+export DATABASE_URL=postgres://$PG_USER@$HOST:$PG_PORT/$PG_DB
+export KAFKA_BROKERS=$HOST:$KAFKA_PORT
+export REDIS_URL=redis://$HOST:$REDIS_PORT/
+export WEBSOCKET_ADDR=$HOST:$WS_PORT
+export GRPC_ADDR=$HOST:$GRPC_PORT
+export METRICS_ADDR=$HOST:$METRICS_PORT
+export CONSOLE_TOTALS_URL=http://$HOST:$GRPC_PORT
+export GRPC_WEB_ALLOWED_ORIGINS=http://$HOST:$WS_PORT,http://localhost:$WS_PORT
 export KAFKA_TOPIC=user_purchase
 export AUTH_MODE=jwt
 export JWT_HS256_SECRET_FILE=$key
@@ -114,7 +127,7 @@ pid_alive() { [ -f "$1" ] && kill -0 "$(head -n1 "$1")" 2>/dev/null; }
 
 wait_port() { # name port seconds
   local deadline=$((SECONDS + $3))
-  until (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; do
+  until (exec 3<>"/dev/tcp/$HOST/$2") 2>/dev/null; do
     [ $SECONDS -lt "$deadline" ] || die "$1 did not open port $2 within $3 s (see $STACK/*/*.log)"
     sleep 0.2
   done
@@ -158,11 +171,13 @@ start_postgres() {
   if [ ! -f "$data/PG_VERSION" ]; then
     log "initialising PostgreSQL in $data"
     pg_run "$bindir/initdb" -D "$data" -U "$PG_USER" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+    # On an address of its own (STACK_HOST), the hosts of its subnet connect too.
+    [ "$HOST" = 127.0.0.1 ] || echo "host all all samenet trust" >> "$data/pg_hba.conf"
   fi
   if pg_run "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     log "PostgreSQL already running"
   else
-    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    log "starting PostgreSQL on $HOST:$PG_PORT"
     # Past the defaults (128 MB of buffers, a checkpoint every 1 GB of WAL): with those, a table
     # of tens of millions of purchases had its indexes' pages evicted and written by the
     # committing backends themselves and a checkpoint every 90 s, and commits stalled for
@@ -170,12 +185,12 @@ start_postgres() {
     # index range, milliseconds) for 8 ms on every scrape; no statement here runs long enough to
     # gain from it.
     pg_run "$bindir/pg_ctl" -D "$data" -l "$STACK/postgres/postgres.log" -w -t 60 start \
-      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories='' -c max_connections=400 -c fsync=on \
+      -o "-c listen_addresses=$HOST -p $PG_PORT -c unix_socket_directories='' -c max_connections=400 -c fsync=on \
           -c shared_buffers=1GB -c max_wal_size=8GB -c checkpoint_timeout=15min -c jit=off" >/dev/null
   fi
   wait_port PostgreSQL "$PG_PORT" 30
-  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$PG_DB'" | grep -q 1; then
-    psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $PG_DB" >/dev/null
+  if ! psql -h $HOST -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$PG_DB'" | grep -q 1; then
+    psql -h $HOST -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $PG_DB" >/dev/null
   fi
 }
 
@@ -192,8 +207,8 @@ stop_postgres() {
 start_redis() {
   mkdir -p "$STACK/redis"
   if pid_alive "$STACK/redis/redis.pid"; then log "Redis already running"; return; fi
-  log "starting Redis on 127.0.0.1:$REDIS_PORT (AOF, fsync every second)"
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$STACK/redis" \
+  log "starting Redis on $HOST:$REDIS_PORT (AOF, fsync every second)"
+  redis-server --bind $HOST "${REDIS_REACH[@]}" --port "$REDIS_PORT" --dir "$STACK/redis" \
     --appendonly yes --appendfsync everysec --save '' --maxmemory-policy noeviction \
     --daemonize yes --pidfile "$STACK/redis/redis.pid" --logfile "$STACK/redis/redis.log"
   wait_port Redis "$REDIS_PORT" 30
@@ -228,7 +243,8 @@ start_kafka() {
   if pid_alive "$dir/kafka.pid"; then log "Kafka already running"; return; fi
   libs="$(kafka_jars kafka "$dir/libs")"
   sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
-    -e "s|@LOG_DIRS@|$dir/data|g" "$ROOT/scripts/kafka/kraft-single.properties" > "$dir/server.properties"
+    -e "s|@LOG_DIRS@|$dir/data|g" -e "s|127\.0\.0\.1|$HOST|g" \
+    "$ROOT/scripts/kafka/kraft-single.properties" > "$dir/server.properties"
   local java=(java -Xms256m -Xmx768m -XX:+UseG1GC -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$libs/*")
   if [ ! -f "$dir/data/meta.properties" ]; then
     log "formatting Kafka storage (KRaft)"
@@ -237,7 +253,7 @@ start_kafka() {
     "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
       || die "cannot format Kafka storage (see $dir/format.log)"
   fi
-  log "starting Kafka (KRaft) on 127.0.0.1:$KAFKA_PORT"
+  log "starting Kafka (KRaft) on $HOST:$KAFKA_PORT"
   nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
   echo $! > "$dir/kafka.pid"
   wait_port Kafka "$KAFKA_PORT" 90
@@ -255,12 +271,12 @@ start_zookeeper_mode() {
     cat > "$dir/zoo.cfg" <<EOF
 dataDir=$dir/zookeeper-data
 clientPort=$ZK_PORT
-clientPortAddress=127.0.0.1
+clientPortAddress=$HOST
 tickTime=2000
 admin.enableServer=false
 4lw.commands.whitelist=ruok,srvr
 EOF
-    log "starting ZooKeeper on 127.0.0.1:$ZK_PORT"
+    log "starting ZooKeeper on $HOST:$ZK_PORT"
     nohup "${java[@]}" org.apache.zookeeper.server.ZooKeeperServerMain "$dir/zoo.cfg" >"$dir/zookeeper.log" 2>&1 </dev/null &
     echo $! > "$dir/zookeeper.pid"
     wait_port ZooKeeper "$ZK_PORT" 60
@@ -268,9 +284,9 @@ EOF
   if pid_alive "$dir/kafka.pid"; then log "Kafka (ZooKeeper mode) already running"; return; fi
   cat > "$dir/server.properties" <<EOF
 broker.id=1
-zookeeper.connect=127.0.0.1:$ZK_PORT
-listeners=PLAINTEXT://127.0.0.1:$ZK_KAFKA_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$ZK_KAFKA_PORT
+zookeeper.connect=$HOST:$ZK_PORT
+listeners=PLAINTEXT://$HOST:$ZK_KAFKA_PORT
+advertised.listeners=PLAINTEXT://$HOST:$ZK_KAFKA_PORT
 log.dirs=$dir/data
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=8
@@ -279,7 +295,7 @@ transaction.state.log.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 EOF
-  log "starting Kafka 3.9 (ZooKeeper mode) on 127.0.0.1:$ZK_KAFKA_PORT"
+  log "starting Kafka 3.9 (ZooKeeper mode) on $HOST:$ZK_KAFKA_PORT"
   nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
   echo $! > "$dir/kafka.pid"
   wait_port "Kafka (ZooKeeper mode)" "$ZK_KAFKA_PORT" 90
@@ -292,7 +308,7 @@ cluster_port() { echo $((CLUSTER_PORT + $1)); }
 cluster_controller_port() { echo $((CLUSTER_CONTROLLER_PORT + $1)); }
 cluster_brokers() {
   local n list=()
-  for n in "${CLUSTER_NODES[@]}"; do list+=("127.0.0.1:$(cluster_port "$n")"); done
+  for n in "${CLUSTER_NODES[@]}"; do list+=("$HOST:$(cluster_port "$n")"); done
   (IFS=,; echo "${list[*]}")
 }
 
@@ -301,13 +317,13 @@ cluster_node_start() { # node
   mkdir -p "$dir"
   if pid_alive "$dir/kafka.pid"; then log "cluster node $n already running"; return; fi
   libs="$(kafka_jars kafka "$STACK/kafka/libs")"
-  for m in "${CLUSTER_NODES[@]}"; do voters+="${voters:+,}$m@127.0.0.1:$(cluster_controller_port "$m")"; done
+  for m in "${CLUSTER_NODES[@]}"; do voters+="${voters:+,}$m@$HOST:$(cluster_controller_port "$m")"; done
   cat > "$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=$n
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://127.0.0.1:$(cluster_port "$n"),CONTROLLER://127.0.0.1:$(cluster_controller_port "$n")
-advertised.listeners=PLAINTEXT://127.0.0.1:$(cluster_port "$n")
+listeners=PLAINTEXT://$HOST:$(cluster_port "$n"),CONTROLLER://$HOST:$(cluster_controller_port "$n")
+advertised.listeners=PLAINTEXT://$HOST:$(cluster_port "$n")
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
@@ -330,7 +346,7 @@ EOF
     "${java[@]}" kafka.tools.StorageTool format -t "$(cat "$STACK/kafka-cluster/cluster-id")" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
       || die "cannot format cluster node $n (see $dir/format.log)"
   fi
-  log "starting Kafka cluster node $n on 127.0.0.1:$(cluster_port "$n")"
+  log "starting Kafka cluster node $n on $HOST:$(cluster_port "$n")"
   : > "$dir/broker.log"
   nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
   echo $! > "$dir/kafka.pid"
@@ -366,7 +382,7 @@ REDIS_CLUSTER_NODES=(1 2 3 4 5 6)
 redis_cluster_port() { echo $((REDIS_CLUSTER_PORT + $1)); }
 redis_cluster_url() {
   local n list=()
-  for n in "${REDIS_CLUSTER_NODES[@]}"; do list+=("127.0.0.1:$(redis_cluster_port "$n")"); done
+  for n in "${REDIS_CLUSTER_NODES[@]}"; do list+=("$HOST:$(redis_cluster_port "$n")"); done
   (IFS=,; echo "redis+cluster://${list[*]}")
 }
 
@@ -374,12 +390,12 @@ redis_cluster_node_start() { # node
   local n=$1 dir="$STACK/redis-cluster/$1"
   mkdir -p "$dir"
   if pid_alive "$dir/redis.pid"; then log "Redis Cluster node $n already running"; return; fi
-  log "starting Redis Cluster node $n on 127.0.0.1:$(redis_cluster_port "$n")"
+  log "starting Redis Cluster node $n on $HOST:$(redis_cluster_port "$n")"
   # The same durability as the single Redis (AOF, fsync every second); a node is failed over
   # after 2 s without an answer, so the failover tests take seconds, not the default 15. A master
   # whose slots all moved away stays a master (no replica migration): the cluster keeps its three
   # masters, which a failover needs the majority of, and slots can move back to it.
-  redis-server --bind 127.0.0.1 --port "$(redis_cluster_port "$n")" --dir "$dir" \
+  redis-server --bind $HOST "${REDIS_REACH[@]}" --port "$(redis_cluster_port "$n")" --dir "$dir" \
     --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
     --cluster-allow-replica-migration no \
     --appendonly yes --appendfsync everysec --save '' --maxmemory-policy noeviction \
@@ -390,7 +406,7 @@ redis_cluster_node_start() { # node
 # Every slot served and every node agreeing (redis-cli --cluster check), within `seconds`.
 redis_cluster_wait_ok() { # seconds
   local deadline=$((SECONDS + $1))
-  until redis-cli -p "$(redis_cluster_port 1)" --cluster check "127.0.0.1:$(redis_cluster_port 1)" >/dev/null 2>&1 \
+  until redis-cli -p "$(redis_cluster_port 1)" --cluster check "$HOST:$(redis_cluster_port 1)" >/dev/null 2>&1 \
       && [ "$(redis-cli -p "$(redis_cluster_port 1)" CLUSTER INFO | tr -d '\r' | sed -n 's/^cluster_state://p')" = ok ]; do
     [ $SECONDS -lt "$deadline" ] || die "the Redis Cluster is not ok within $1 s (see $STACK/redis-cluster/*/redis.log)"
     sleep 0.2
@@ -404,7 +420,7 @@ redis_cluster() { # action [node]
       ensure_installed
       for n in "${REDIS_CLUSTER_NODES[@]}"; do redis_cluster_node_start "$n"; done
       if [ "$(redis-cli -p "$(redis_cluster_port 1)" CLUSTER INFO | tr -d '\r' | sed -n 's/^cluster_known_nodes://p')" != 6 ]; then
-        for n in "${REDIS_CLUSTER_NODES[@]}"; do hosts+=("127.0.0.1:$(redis_cluster_port "$n")"); done
+        for n in "${REDIS_CLUSTER_NODES[@]}"; do hosts+=("$HOST:$(redis_cluster_port "$n")"); done
         log "creating the Redis Cluster (three masters, one replica each)"
         redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$STACK/redis-cluster/create.log" 2>&1 \
           || die "redis-cli --cluster create failed (see $STACK/redis-cluster/create.log)"
@@ -417,6 +433,71 @@ redis_cluster() { # action [node]
     start) redis_cluster_node_start "$2" ;;
     url) redis_cluster_url ;;
     *) die "usage: $0 redis-cluster up|down|url|kill9 N|start N" ;;
+  esac
+}
+
+# ---------------------------------------------------------------- the replicas stack
+REPLICA_WEBSOCKETS=(1 2)
+REPLICA_GRPC=(1 2 3)
+REPLICA_DB=wallet_replicas
+# What every replica runs with, past print_env's: the three brokers (replication 3, min.insync 2),
+# the Redis Cluster, and a database, topic, stream and consumer group of their own, so the
+# single-node services (if running) are untouched.
+replica_env() {
+  echo "DATABASE_URL=postgres://$PG_USER@$HOST:$PG_PORT/$REPLICA_DB KAFKA_BROKERS=$(cluster_brokers)"
+  echo "KAFKA_TOPIC=user_purchase_replicas KAFKA_TOPIC_REPLICATION_FACTOR=3 KAFKA_TOPIC_MIN_INSYNC_REPLICAS=2"
+  echo "KAFKA_GROUP_ID=grpc_kafka_replicas STREAM_ID=7a1e7000-0000-4000-8000-000000000002 REDIS_URL=$(redis_cluster_url)"
+}
+
+# Waits until `binary healthcheck` passes with the replica's environment.
+replica_wait() { # name binary extra-env...
+  local name=$1 bin="$ROOT/target/release/$2" deadline=$((SECONDS + 60)); shift 2
+  # shellcheck disable=SC2046
+  until env $(print_env | sed 's/^export //') $(replica_env) "$@" "$bin" healthcheck >/dev/null 2>&1; do
+    pid_alive "$STACK/$name/$name.pid" || die "$name exited (see $STACK/$name/$name.log)"
+    [ $SECONDS -lt $deadline ] || die "$name not ready within 60 s (see $STACK/$name/$name.log)"
+    sleep 0.2
+  done
+}
+
+replica_endpoints() {
+  local n
+  for n in "${REPLICA_WEBSOCKETS[@]}"; do echo "ws://$HOST:$((WS_PORT + n))/ws"; done
+  for n in "${REPLICA_GRPC[@]}"; do echo "http://$HOST:$((GRPC_PORT + n))"; done
+}
+
+replicas() { # action
+  local n
+  case $1 in
+    up)
+      deps
+      cluster up >/dev/null
+      redis_cluster up >/dev/null
+      if ! psql -h "$HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$REPLICA_DB'" | grep -q 1; then
+        psql -h "$HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $REPLICA_DB" >/dev/null
+      fi
+      build_services
+      for n in "${REPLICA_WEBSOCKETS[@]}"; do
+        # shellcheck disable=SC2046
+        start_service "websocket-$n" websocket $(replica_env) WEBSOCKET_ADDR="$HOST:$((WS_PORT + n))"
+      done
+      for n in "${REPLICA_GRPC[@]}"; do
+        # shellcheck disable=SC2046
+        start_service "grpc_kafka-$n" grpc_kafka $(replica_env) GRPC_ADDR="$HOST:$((GRPC_PORT + n))" \
+          METRICS_ADDR="$HOST:$((METRICS_PORT + n))"
+      done
+      for n in "${REPLICA_WEBSOCKETS[@]}"; do replica_wait "websocket-$n" websocket WEBSOCKET_ADDR="$HOST:$((WS_PORT + n))"; done
+      for n in "${REPLICA_GRPC[@]}"; do replica_wait "grpc_kafka-$n" grpc_kafka GRPC_ADDR="$HOST:$((GRPC_PORT + n))"; done
+      replica_endpoints
+      ;;
+    down)
+      for n in "${REPLICA_WEBSOCKETS[@]}"; do stop_pidfile "websocket-$n" "$STACK/websocket-$n/websocket-$n.pid"; done
+      for n in "${REPLICA_GRPC[@]}"; do stop_pidfile "grpc_kafka-$n" "$STACK/grpc_kafka-$n/grpc_kafka-$n.pid"; done
+      # The Redis Cluster stays up: the test stack keeps it for its tests (down stops it).
+      cluster down
+      ;;
+    endpoints) replica_endpoints ;;
+    *) die "usage: $0 replicas up|down|endpoints" ;;
   esac
 }
 
@@ -452,7 +533,7 @@ start_services() {
 }
 
 demo() {
-  local ctl="$ROOT/target/release/walletctl" ws="ws://127.0.0.1:$WS_PORT/ws" grpc="http://127.0.0.1:$GRPC_PORT"
+  local ctl="$ROOT/target/release/walletctl" ws="ws://$HOST:$WS_PORT/ws" grpc="http://$HOST:$GRPC_PORT"
   # walletctl mints each command's token with the stack's development key.
   export JWT_HS256_SECRET_FILE
   JWT_HS256_SECRET_FILE="$(dev_key)"
@@ -492,6 +573,7 @@ deps() {
 }
 
 down() {
+  replicas down
   stop_pidfile websocket "$STACK/websocket/websocket.pid"
   stop_pidfile grpc_kafka "$STACK/grpc_kafka/grpc_kafka.pid"
   stop_pidfile Kafka "$STACK/kafka/kafka.pid"
@@ -525,7 +607,7 @@ one() { # action service
       # PostgreSQL's children outlive a killed postmaster until they notice; wait for the port.
       if [ "$2" = postgres ]; then
         local deadline=$((SECONDS + 30))
-        while (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null; do
+        while (exec 3<>"/dev/tcp/$HOST/$PG_PORT") 2>/dev/null; do
           [ $SECONDS -lt $deadline ] || die "PostgreSQL port still open after kill -9"; sleep 0.1
         done
       fi
@@ -552,6 +634,7 @@ case "${1:-}" in
   deps-zookeeper) ensure_installed; start_zookeeper_mode ;;
   cluster) [ $# -ge 2 ] || die "usage: $0 cluster up|down|brokers|kill9 N|start N"; cluster "$2" "${3:-}" ;;
   redis-cluster) [ $# -ge 2 ] || die "usage: $0 redis-cluster up|down|url|kill9 N|start N"; redis_cluster "$2" "${3:-}" ;;
+  replicas) [ $# -eq 2 ] || die "usage: $0 replicas up|down|endpoints"; replicas "$2" ;;
   kill9|stop|start) [ $# -eq 2 ] || die "usage: $0 $1 postgres|redis|kafka"; one "$1" "$2" ;;
   services) start_services ;;
   stop-services) stop_pidfile websocket "$STACK/websocket/websocket.pid"; stop_pidfile grpc_kafka "$STACK/grpc_kafka/grpc_kafka.pid" ;;

@@ -23,9 +23,12 @@
 #   6. the flake's e2e check natively (scripts/nix-checks.sh e2e: every unit, integration and
 #      end-to-end test, in the copied source, against nix/e2e-services.sh), the tidy checks of
 #      the hand-kept documents against the code (tests/tidy), a smoke run of the
-#      benchmarks (scripts/bench.sh --smoke), the console page in a real browser
+#      benchmarks (scripts/bench.sh --smoke, and --smoke --cluster on the replicas stack of two
+#      websocket and three grpc_kafka processes), the console page in a real browser
 #      (scripts/browser-test.sh), then the fault-injection suite, which prints one line of figures
-#      per scenario; closing with one summary line.
+#      per scenario (each on the Redis and on the Redis Cluster, and the network partitions
+#      between hosts of their own: network namespaces, so it runs as root); closing with one
+#      summary line.
 #
 # Tests need the real services: if they cannot be reached, the tests fail, they never skip.
 #
@@ -56,7 +59,7 @@ export STACK_CLUSTER_PORT=29790 STACK_CLUSTER_CONTROLLER_PORT=29890
 # The Redis Cluster's nodes on 21001-21006, their cluster buses 10000 above (31001-31006).
 export STACK_REDIS_CLUSTER_PORT=21000
 export STACK_WS_PORT=18180 STACK_GRPC_PORT=20151 STACK_METRICS_PORT=19464
-export STACK_WIRING_WS_PORT=18181 STACK_WIRING_GRPC_PORT=20152 STACK_WIRING_METRICS_PORT=19465
+export STACK_WIRING_WS_PORT=18191 STACK_WIRING_GRPC_PORT=20162 STACK_WIRING_METRICS_PORT=19475
 
 test_env() {
   scripts/stack.sh env | grep -v -e WEBSOCKET_ADDR -e GRPC_ADDR -e METRICS_ADDR -e CONSOLE_TOTALS_URL -e GRPC_WEB_ALLOWED_ORIGINS
@@ -115,6 +118,9 @@ cargo test --release --locked -p tests --test tidy 2>&1 | tee -a "$log" || statu
 
 step "benchmark smoke: scripts/bench.sh --smoke (every step, tiny; figures printed, never asserted)"
 scripts/bench.sh --smoke || status=1
+
+step "benchmark smoke, cluster mode: one of each against the replicas stack (tiny)"
+scripts/bench.sh --smoke --cluster || status=1
 
 step "browser test of the console page (Chromium, playwright-core) against the same services"
 scripts/stack.sh services >/dev/null

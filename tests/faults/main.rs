@@ -25,6 +25,8 @@ use tests::*;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
+mod hosts;
+
 /// Scenarios share the stack's PostgreSQL, Redis and Kafka and take them down: one at a time,
 /// whatever the test runner's thread count. (Async-aware: each test has its own runtime.)
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -141,11 +143,23 @@ struct ClientReport {
     close_codes: Vec<u16>,
 }
 
+impl ClientReport {
+    /// Adds another client's or an earlier stream's report: all their purchases, checked as one.
+    fn add(&mut self, other: ClientReport) {
+        self.sent.extend(other.sent);
+        self.acked.extend(other.acked);
+        self.retries += other.retries;
+        self.close_codes.extend(other.close_codes);
+    }
+}
+
 /// Acks and retries of all clients, and the signal that ends the stream.
 #[derive(Default)]
 struct Counters {
     acked: AtomicUsize,
     retries: AtomicUsize,
+    /// Replies `unavailable` (a subset of the retries).
+    unavailable: AtomicUsize,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -194,6 +208,7 @@ async fn client(addrs: Vec<SocketAddr>, counters: Arc<Counters>) -> ClientReport
                 }
                 Some(Attempt::Retry) => {
                     // `unavailable`: the connection is fine, the server asks for a retry.
+                    counters.unavailable.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(BACKOFF).await;
                 }
                 None => socket = None,
@@ -297,6 +312,19 @@ impl Stream {
         .await;
     }
 
+    fn unavailable(&self) -> usize {
+        self.counters.unavailable.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the clients have been answered `unavailable` `more` times from now.
+    async fn until_unavailable(&self, more: usize) {
+        let target = self.unavailable() + more;
+        eventually(SCENARIO_DEADLINE, "replies `unavailable`", || async {
+            (self.unavailable() >= target).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until the clients have retried `more` times from now.
     async fn until_retried(&self, more: usize) {
         let target = self.retries() + more;
@@ -312,11 +340,7 @@ impl Stream {
         self.counters.stop.store(true, Ordering::SeqCst);
         let mut total = ClientReport::default();
         for task in self.tasks {
-            let report = task.await.expect("client task");
-            total.sent.extend(report.sent);
-            total.acked.extend(report.acked);
-            total.retries += report.retries;
-            total.close_codes.extend(report.close_codes);
+            total.add(task.await.expect("client task"));
         }
         total
     }
@@ -354,6 +378,90 @@ impl Drop for Outage {
 
 // ------------------------------------------------------------------------------------ the check
 
+/// Where a scenario's grpc_kafka counts: the test stack's Redis, or its Redis Cluster. Every
+/// scenario that is not about one of them runs on both ([`on_each_store`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Redis,
+    RedisCluster,
+}
+
+impl Store {
+    fn url(self) -> String {
+        match self {
+            Self::Redis => Env::get().redis_url,
+            Self::RedisCluster => Env::get().redis_cluster_url,
+        }
+    }
+
+    /// After the scenario's name in its line of figures.
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Redis => "",
+            Self::RedisCluster => " @cluster",
+        }
+    }
+
+    /// A connection for the scenarios that reach into the store themselves: to the Redis, or to
+    /// the whole cluster (commands routed by key; FLUSHALL to every master).
+    async fn connection(self) -> StoreConnection {
+        match self {
+            Self::Redis => StoreConnection::Redis(redis_connection().await),
+            Self::RedisCluster => {
+                let Ok(totals_schema::Location::Cluster(seeds)) =
+                    totals_schema::Location::parse(&self.url())
+                else {
+                    panic!("{} is not a Redis Cluster's seeds", self.url());
+                };
+                let client = redis::cluster::ClusterClient::new(seeds).expect("cluster seeds");
+                StoreConnection::Cluster(
+                    client
+                        .get_async_connection()
+                        .await
+                        .unwrap_or_else(|e| panic!("the Redis Cluster: {e}; {HINT}")),
+                )
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+enum StoreConnection {
+    Redis(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for StoreConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Redis(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Redis(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Redis(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
 /// The Kafka a scenario runs on: the stack's single broker, or the three-broker cluster.
 struct Kafka {
     brokers: String,
@@ -381,20 +489,48 @@ struct Scenario {
     group: String,
     /// The stream the relay publishes and grpc_kafka counts (one of its own per scenario).
     stream: Uuid,
-    /// Where grpc_kafka counts: the stack's Redis, or its Redis Cluster.
+    /// Where grpc_kafka counts, and its `REDIS_URL`.
+    store: Store,
     redis_url: String,
 }
 
 impl Scenario {
-    async fn new(name: &'static str) -> Self {
-        Self::on(name, Kafka::single()).await
+    async fn new(name: &'static str, store: Store) -> Self {
+        Self::on(name, Kafka::single(), store).await
     }
 
-    async fn on(name: &'static str, kafka: Kafka) -> Self {
-        Self::with_partitions(name, kafka, 4).await
+    async fn on(name: &'static str, kafka: Kafka, store: Store) -> Self {
+        Self::with_partitions(name, kafka, 4, store).await
     }
 
-    async fn with_partitions(name: &'static str, kafka: Kafka, partitions: i32) -> Self {
+    async fn with_partitions(
+        name: &'static str,
+        kafka: Kafka,
+        partitions: i32,
+        store: Store,
+    ) -> Self {
+        if store == Store::RedisCluster {
+            healthy_cluster().await;
+        }
+        Self::build(
+            name,
+            kafka,
+            partitions,
+            store,
+            fresh_database().await,
+            store.url(),
+        )
+        .await
+    }
+
+    async fn build(
+        name: &'static str,
+        kafka: Kafka,
+        partitions: i32,
+        store: Store,
+        db: TestDb,
+        redis_url: String,
+    ) -> Self {
         let topic = unique("topic");
         let spec = kafka_common::TopicSpec {
             brokers: kafka.brokers.clone(),
@@ -408,21 +544,14 @@ impl Scenario {
             .unwrap_or_else(|e| panic!("Kafka at {} unreachable: {e}; {HINT}", kafka.brokers));
         Self {
             name,
-            db: fresh_database().await,
+            db,
             kafka,
             topic,
             prefix: format!("{}:", unique("faults")),
             group: unique("group"),
             stream: Uuid::new_v4(),
-            redis_url: Env::get().redis_url,
-        }
-    }
-
-    /// A scenario whose grpc_kafka counts in the test stack's Redis Cluster.
-    async fn in_redis_cluster(name: &'static str) -> Self {
-        Self {
-            redis_url: Env::get().redis_cluster_url,
-            ..Self::new(name).await
+            store,
+            redis_url,
         }
     }
 
@@ -516,8 +645,8 @@ impl Scenario {
         let reconciled = self.reconcile(grpc);
         // On a line of its own: the test runner prints "test NAME ... " before it.
         println!(
-            "\nscenario {:<22} sent {:>5}  acked {:>5}  postgres {:>5}  topic {:>5} distinct ({} records)  redis {:>5} counted  users equal {}/{}  client retries {}  [{reconciled}]",
-            self.name,
+            "\nscenario {:<30} sent {:>5}  acked {:>5}  postgres {:>5}  topic {:>5} distinct ({} records)  redis {:>5} counted  users equal {}/{}  client retries {}  [{reconciled}]",
+            format!("{}{}", self.name, self.store.suffix()),
             sent.len(),
             acked.len(),
             rows.len(),
@@ -575,10 +704,9 @@ async fn single(scenario: &Scenario) -> (ServiceProcess, ServiceProcess) {
     (ws, grpc)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_websocket_mid_stream() {
+async fn kill9_websocket_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("kill9-websocket").await;
+    let scenario = Scenario::new("kill9-websocket", store).await;
     let (mut ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -588,10 +716,9 @@ async fn kill9_websocket_mid_stream() {
     scenario.verify(&report, grpc.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_grpc_kafka_mid_stream() {
+async fn kill9_grpc_kafka_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("kill9-grpc_kafka").await;
+    let scenario = Scenario::new("kill9-grpc_kafka", store).await;
     let (ws, mut grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     // Three times, while batches flow steadily: some kills land mid-batch.
@@ -604,10 +731,9 @@ async fn kill9_grpc_kafka_mid_stream() {
     scenario.verify(&report, grpc.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_kafka_broker_mid_stream() {
+async fn kill9_kafka_broker_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("kill9-kafka").await;
+    let scenario = Scenario::new("kill9-kafka", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -619,10 +745,9 @@ async fn kill9_kafka_broker_mid_stream() {
     scenario.verify(&report, grpc.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_stopped_for_30_seconds() {
+async fn kafka_stopped_for_30_seconds(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("kafka-down-30s").await;
+    let scenario = Scenario::new("kafka-down-30s", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -687,10 +812,9 @@ impl Drop for Frozen {
 /// Kafka call of the periodic check waits its 5 s timeout, 80 s for one pass, and the aggregator
 /// beats its heartbeat in every one, so with `AGGREGATOR_STALL_SECS=30` it is never declared
 /// stalled (that would end the process). Once the broker answers, everything is counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_unresponsive_for_40_seconds_with_16_partitions() {
+async fn kafka_unresponsive_for_40_seconds_with_16_partitions(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::with_partitions("kafka-frozen-40s", Kafka::single(), 16).await;
+    let scenario = Scenario::with_partitions("kafka-frozen-40s", Kafka::single(), 16, store).await;
     let mut ws = scenario.websocket();
     ws.start().await;
     let mut grpc = scenario.grpc_kafka();
@@ -718,26 +842,36 @@ async fn kafka_unresponsive_for_40_seconds_with_16_partitions() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_redis_and_restart_from_aof() {
+async fn kill9_redis_and_restart_from_aof(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("kill9-redis").await;
+    let scenario = Scenario::new("kill9-redis", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
-    Outage::new("kill9", "redis").restore();
+    match store {
+        Store::Redis => Outage::new("kill9", "redis").restore(),
+        // Every node at once (a power loss of the whole cluster), each back from its own AOF.
+        Store::RedisCluster => {
+            for node in 1..=6 {
+                stack("redis-cluster", &format!("kill9 {node}"));
+            }
+            for node in 1..=6 {
+                stack("redis-cluster", &format!("start {node}"));
+            }
+        }
+    }
     let report = stream.finish(WARMUP).await;
     scenario.verify(&report, grpc.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_wiped_completely_is_rebuilt() {
+async fn redis_wiped_completely_is_rebuilt(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("flushall-redis").await;
+    let scenario = Scenario::new("flushall-redis", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
-    let mut conn = redis_connection().await;
+    // On a cluster, the client sends FLUSHALL to every master.
+    let mut conn = store.connection().await;
     // ASYNC: the command returns at once whatever the dataset; the keys are gone for every reader
     // from then on, memory is freed in the background.
     let _: () = redis::cmd("FLUSHALL")
@@ -749,10 +883,9 @@ async fn redis_wiped_completely_is_rebuilt() {
     scenario.verify(&report, grpc.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_fast_stop_and_restart() {
+async fn postgres_fast_stop_and_restart(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("postgres-fast-stop").await;
+    let scenario = Scenario::new("postgres-fast-stop", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -769,10 +902,9 @@ async fn postgres_fast_stop_and_restart() {
     scenario.verify(&report, grpc.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_each_one_grpc_kafka_killed() {
+async fn two_replicas_each_one_grpc_kafka_killed(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("replicas-kill9-grpc").await;
+    let scenario = Scenario::new("replicas-kill9-grpc", store).await;
     let (mut ws1, mut ws2) = (scenario.websocket(), scenario.websocket());
     let (mut grpc1, mut grpc2) = (scenario.grpc_kafka(), scenario.grpc_kafka());
     for service in [&mut ws1, &mut ws2, &mut grpc1, &mut grpc2] {
@@ -786,10 +918,9 @@ async fn two_replicas_each_one_grpc_kafka_killed() {
     scenario.verify(&report, grpc2.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_each_service_mid_stream() {
+async fn sigterm_each_service_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("sigterm").await;
+    let scenario = Scenario::new("sigterm", store).await;
     let (mut ws, mut grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -812,14 +943,13 @@ async fn sigterm_each_service_mid_stream() {
 /// users' totals) put back as they were a moment earlier, mid-stream, five times in turn. The
 /// purchases counted since are counted again from the resume offset the restored marks hold;
 /// those counted before are not.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_partitions_keys_rolled_back_mid_stream() {
+async fn one_partitions_keys_rolled_back_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("partition-rolled-back").await;
+    let scenario = Scenario::new("partition-rolled-back", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
-    let mut conn = redis_connection().await;
+    let mut conn = store.connection().await;
     let keys = totals_schema::Keys::new(&scenario.prefix);
     for partition in 0..5u32 {
         let partition = partition % 4;
@@ -841,7 +971,8 @@ async fn one_partitions_keys_rolled_back_mid_stream() {
         })
         .await;
         // Taken and put back atomically, as a Redis snapshot is taken and a restore applies: a
-        // script sees one instant of the partition's keys.
+        // script sees one instant of the partition's keys. The marks are the script's key, so a
+        // cluster runs it on the master of their slot, which holds every key of the tag.
         let saved: Vec<(String, Vec<u8>)> = redis::Script::new(
             "local saved = {} \
              for _, key in ipairs(redis.call('KEYS', ARGV[1])) do \
@@ -849,6 +980,7 @@ async fn one_partitions_keys_rolled_back_mid_stream() {
              end \
              return saved",
         )
+        .key(&marks)
         .arg(&pattern)
         .invoke_async(&mut conn)
         .await
@@ -864,7 +996,7 @@ async fn one_partitions_keys_rolled_back_mid_stream() {
              return 0",
         );
         let mut restore = put_back.prepare_invoke();
-        restore.arg(&pattern);
+        restore.key(&marks).arg(&pattern);
         for (key, dump) in &saved {
             restore.arg(key).arg(dump.as_slice());
         }
@@ -881,10 +1013,9 @@ async fn one_partitions_keys_rolled_back_mid_stream() {
 
 /// Replicas join and leave the group for 10 s and more (kill -9 and SIGTERM in turn) while the
 /// clients stream: every rebalance moves partitions between owners mid-batch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebalance_storm_of_grpc_kafka_replicas() {
+async fn rebalance_storm_of_grpc_kafka_replicas(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("rebalance-storm").await;
+    let scenario = Scenario::new("rebalance-storm", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -916,8 +1047,7 @@ async fn rebalance_storm_of_grpc_kafka_replicas() {
 
 /// Kafka as a replicated log: three brokers, the topic with replication factor 3 and
 /// min.insync.replicas 2; one broker is killed with -9 mid-stream and started again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_brokers_one_killed_mid_stream() {
+async fn three_brokers_one_killed_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
     let up = stack_command()
         .args(["cluster", "up"])
@@ -934,7 +1064,7 @@ async fn three_brokers_one_killed_mid_stream() {
         replication: 3,
         min_insync: 2,
     };
-    let scenario = Scenario::on("three-brokers-kill9", kafka).await;
+    let scenario = Scenario::on("three-brokers-kill9", kafka, store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -987,10 +1117,9 @@ async fn until_counted(grpc: SocketAddr, count: u64) {
 /// it (a power loss; here its data directory put back from a copy taken seconds earlier). Nothing
 /// is counted twice, the lost purchases are published again and counted, the relay recovers by
 /// itself.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_restored_from_a_copy_seconds_old() {
+async fn kafka_restored_from_a_copy_seconds_old(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("kafka-restored").await;
+    let scenario = Scenario::new("kafka-restored", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -1010,10 +1139,9 @@ async fn kafka_restored_from_a_copy_seconds_old() {
 }
 
 /// The stream's topic deleted and created again while purchases flow.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topic_recreated_mid_stream() {
+async fn topic_recreated_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("topic-recreated").await;
+    let scenario = Scenario::new("topic-recreated", store).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -1024,10 +1152,9 @@ async fn topic_recreated_mid_stream() {
 
 /// The relay killed at any point, also between Kafka's acknowledgement and its bookkeeping write,
 /// and the aggregator killed too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_each_service_in_turn_mid_stream() {
+async fn kill9_each_service_in_turn_mid_stream(store: Store) {
     let _serial = SERIAL.lock().await;
-    let scenario = Scenario::new("kill9-each-in-turn").await;
+    let scenario = Scenario::new("kill9-each-in-turn", store).await;
     let (mut ws, mut grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -1048,8 +1175,16 @@ async fn cluster_nodes() -> ClusterNodes {
         .ok()
         .and_then(|port| port.parse().ok())
         .expect("STACK_REDIS_CLUSTER_PORT (the test stack's environment)");
-    for node in 1..=6u16 {
-        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{}/", base + node)) else {
+    let nodes = (1..=6u16)
+        .map(|node| SocketAddr::from(([127, 0, 0, 1], base + node)))
+        .collect::<Vec<_>>();
+    cluster_nodes_on(&nodes, base).await
+}
+
+/// [`cluster_nodes`] of the cluster whose nodes listen at `nodes`, node N on port `base` + N.
+async fn cluster_nodes_on(nodes: &[SocketAddr], base: u16) -> ClusterNodes {
+    for node in nodes {
+        let Ok(client) = redis::Client::open(format!("redis://{node}/")) else {
             continue;
         };
         let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
@@ -1160,16 +1295,7 @@ async fn healthy_cluster() -> ClusterNodes {
 async fn marks_slot(scenario: &Scenario, partition: u32) -> u16 {
     let key = totals_schema::Keys::new(scenario.prefix.as_str())
         .marks(&scenario.stream.to_string(), partition);
-    let Ok(totals_schema::Location::Cluster(seeds)) =
-        totals_schema::Location::parse(&scenario.redis_url)
-    else {
-        panic!("{} is not a Redis Cluster's seeds", scenario.redis_url);
-    };
-    let mut conn = redis::Client::open(seeds[0].as_str())
-        .expect("seed")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("a seed of the Redis Cluster");
+    let mut conn = scenario.store.connection().await;
     redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(key)
@@ -1183,14 +1309,14 @@ async fn redis_cli_cluster(args: &[&str]) {
     let output = tokio::process::Command::new("redis-cli")
         .arg("--cluster")
         .args(args)
-        .stdout(std::process::Stdio::null())
         .output()
         .await
         .expect("run redis-cli");
     assert!(
         output.status.success(),
-        "redis-cli --cluster {} failed: {}",
+        "redis-cli --cluster {} failed: {}{}",
         args[0],
+        String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
 }
@@ -1201,7 +1327,7 @@ async fn redis_cli_cluster(args: &[&str]) {
 async fn redis_cluster_master_killed_mid_stream() {
     let _serial = SERIAL.lock().await;
     healthy_cluster().await;
-    let scenario = Scenario::in_redis_cluster("redis-cluster-kill9").await;
+    let scenario = Scenario::new("redis-cluster-kill9", Store::RedisCluster).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -1235,7 +1361,7 @@ async fn redis_cluster_master_killed_mid_stream() {
 async fn redis_cluster_slots_migrated_mid_stream() {
     let _serial = SERIAL.lock().await;
     healthy_cluster().await;
-    let scenario = Scenario::in_redis_cluster("redis-cluster-reshard").await;
+    let scenario = Scenario::new("redis-cluster-reshard", Store::RedisCluster).await;
     let (ws, grpc) = single(&scenario).await;
     let stream = Stream::start(&[ws.addr]);
     stream.until_acked(WARMUP).await;
@@ -1277,3 +1403,47 @@ async fn redis_cluster_slots_migrated_mid_stream() {
     redis_cli_cluster(&["rebalance", &seed, "--cluster-use-empty-masters"]).await;
     healthy_cluster().await;
 }
+
+// ------------------------------------------------------------------------------------ on each store
+
+/// Runs each scenario twice, in modules of their own: `on_redis::NAME` counts in the test stack's
+/// Redis, `on_redis_cluster::NAME` in its Redis Cluster.
+macro_rules! on_each_store {
+    ($($scenario:ident),* $(,)?) => {
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::Store::Redis).await;
+                }
+            )*
+        }
+        mod on_redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::Store::RedisCluster).await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_store!(
+    kill9_websocket_mid_stream,
+    kill9_grpc_kafka_mid_stream,
+    kill9_kafka_broker_mid_stream,
+    kafka_stopped_for_30_seconds,
+    kafka_unresponsive_for_40_seconds_with_16_partitions,
+    kill9_redis_and_restart_from_aof,
+    redis_wiped_completely_is_rebuilt,
+    postgres_fast_stop_and_restart,
+    two_replicas_each_one_grpc_kafka_killed,
+    sigterm_each_service_mid_stream,
+    one_partitions_keys_rolled_back_mid_stream,
+    rebalance_storm_of_grpc_kafka_replicas,
+    three_brokers_one_killed_mid_stream,
+    kafka_restored_from_a_copy_seconds_old,
+    topic_recreated_mid_stream,
+    kill9_each_service_in_turn_mid_stream,
+);

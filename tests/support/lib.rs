@@ -110,14 +110,18 @@ pub async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 pub async fn fresh_database() -> TestDb {
-    let env = Env::get();
-    let admin = connect_pg(&env.admin_database_url).await.expect("postgres");
+    fresh_database_on(&Env::get().admin_database_url).await
+}
+
+/// [`fresh_database`] on the PostgreSQL whose `postgres` database `admin_url` names.
+pub async fn fresh_database_on(admin_url: &str) -> TestDb {
+    let admin = connect_pg(admin_url).await.expect("postgres");
     let name = unique("db");
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .expect("create test database");
-    let url = replace_dbname(&env.admin_database_url, &name);
+    let url = replace_dbname(admin_url, &name);
     TestDb { name, url }
 }
 
@@ -1180,7 +1184,20 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(name: &'static str, env: &[(&str, String)]) -> Self {
-        let mut command = tokio::process::Command::new(binary(name));
+        Self::spawn_in(None, name, env)
+    }
+
+    /// [`Process::spawn`] in network namespace `netns` (`ip netns exec`, which execs the binary:
+    /// the pid is the binary's).
+    pub fn spawn_in(netns: Option<&str>, name: &'static str, env: &[(&str, String)]) -> Self {
+        let mut command = match netns {
+            None => tokio::process::Command::new(binary(name)),
+            Some(netns) => {
+                let mut command = tokio::process::Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(binary(name));
+                command
+            }
+        };
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -1232,6 +1249,8 @@ pub struct ServiceProcess {
     pub env: Vec<(&'static str, String)>,
     pub addr: SocketAddr,
     pub process: Option<Process>,
+    /// The network namespace it runs in (the test's own when `None`).
+    pub netns: Option<String>,
 }
 
 impl ServiceProcess {
@@ -1257,12 +1276,30 @@ impl ServiceProcess {
             env,
             addr,
             process: None,
+            netns: None,
         }
+    }
+
+    /// Runs in network namespace `netns`, listening on `ip`, its address there.
+    pub fn in_netns(mut self, netns: &str, ip: std::net::IpAddr) -> Self {
+        let (old, new) = (self.addr.to_string(), SocketAddr::new(ip, self.addr.port()));
+        for (_, value) in &mut self.env {
+            if *value == old {
+                *value = new.to_string();
+            }
+        }
+        self.addr = new;
+        self.netns = Some(netns.to_owned());
+        self
     }
 
     /// Starts the process and waits until its health check passes.
     pub async fn start(&mut self) {
-        self.process = Some(Process::spawn(self.name, &self.env));
+        self.process = Some(Process::spawn_in(
+            self.netns.as_deref(),
+            self.name,
+            &self.env,
+        ));
         let (name, addr) = (self.name, self.addr);
         eventually(
             Duration::from_secs(60),

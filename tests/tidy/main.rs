@@ -231,6 +231,7 @@ fn every_test_architecture_names_exists() {
         ("supervise::tests", "crates/service_kit/src/supervise.rs"),
         ("totals::schema_tests", "crates/grpc_kafka/src/totals.rs"),
         ("faults", "tests/faults/main.rs"),
+        ("hosts", "tests/faults/hosts.rs"),
         (
             "positions::tests",
             "crates/grpc_kafka/src/positions/tests.rs",

@@ -90,6 +90,9 @@ impl Heartbeat {
 pub(crate) enum Halt {
     Stopping,
     Fatal(AggregatorError),
+    /// Redis has not taken a call for the handover time ([`Retry::hand_over_after`]): the loop
+    /// leaves its consumer group until Redis answers again.
+    HandOver,
 }
 
 pub(crate) type Step<T> = Result<T, Halt>;
@@ -99,6 +102,11 @@ pub(crate) type Step<T> = Result<T, Halt>;
 pub(crate) struct Retry {
     backoff: service_kit::backoff::Backoff,
     heartbeat: Heartbeat,
+    /// After how long of failing Redis calls [`Retry::redis`] gives up with [`Halt::HandOver`];
+    /// `None`: never (the default, and always before the loop holds partitions).
+    hand_over_after: Option<Duration>,
+    /// Since when every Redis call has failed.
+    failing_since: Option<Instant>,
 }
 
 impl Retry {
@@ -106,11 +114,20 @@ impl Retry {
         Self {
             backoff: service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX),
             heartbeat,
+            hand_over_after: None,
+            failing_since: None,
         }
     }
 
     fn reset(&mut self) {
         self.backoff.reset();
+        self.failing_since = None;
+    }
+
+    /// From now on, Redis calls that have failed for `after` (zero: never) end with
+    /// [`Halt::HandOver`] instead of retrying on.
+    pub(crate) fn hand_over_after(&mut self, after: Duration) {
+        self.hand_over_after = (!after.is_zero()).then_some(after);
     }
 
     pub(crate) async fn wait(&mut self, stop: &CancellationToken) -> Step<()> {
@@ -152,13 +169,22 @@ impl Retry {
                 Err(error @ TotalsError::Evicting { .. }) => {
                     return Err(Halt::Fatal(AggregatorError::UnfitRedis(error)));
                 }
-                Err(error) if error.refuses_writes() => {
-                    // Health is NOT_SERVING meanwhile (the readiness probe writes too).
-                    tracing::error!(%error, "redis refuses writes; cannot {what}; retrying");
-                    self.wait(stop).await?;
-                }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot {what}; retrying");
+                    let since = *self.failing_since.get_or_insert_with(Instant::now);
+                    if self
+                        .hand_over_after
+                        .is_some_and(|after| since.elapsed() >= after)
+                    {
+                        tracing::error!(%error, failing_for = ?since.elapsed(), "cannot {what}; handing the partitions over");
+                        self.reset();
+                        return Err(Halt::HandOver);
+                    }
+                    if error.refuses_writes() {
+                        // Health is NOT_SERVING meanwhile (the readiness probe writes too).
+                        tracing::error!(%error, "redis refuses writes; cannot {what}; retrying");
+                    } else {
+                        tracing::warn!(%error, "cannot {what}; retrying");
+                    }
                     self.wait(stop).await?;
                 }
             }
@@ -208,7 +234,8 @@ pub async fn run(
             .await
         {
             Ok(()) => {}
-            Err(Halt::Stopping) => return Ok(()),
+            // (No handover before the loop holds partitions.)
+            Err(Halt::Stopping | Halt::HandOver) => return Ok(()),
             Err(Halt::Fatal(error)) => return Err(error),
         }
         return crate::sequenced::Sequenced::new(
@@ -276,7 +303,7 @@ async fn prepare(
         .await;
     match refused {
         Ok(()) => {}
-        Err(Halt::Stopping) => return Ok(None),
+        Err(Halt::Stopping | Halt::HandOver) => return Ok(None),
         Err(Halt::Fatal(error)) => return Err(error),
     }
     Source::create(&spec.brokers, &settings.kafka_group_id, &spec.topic)
@@ -340,7 +367,8 @@ impl Aggregator {
             };
             match step.await {
                 Ok(()) => {}
-                Err(Halt::Stopping) => break Ok(()),
+                // Counting by offsets never hands over (its Retry never asks to).
+                Err(Halt::Stopping | Halt::HandOver) => break Ok(()),
                 Err(Halt::Fatal(error)) => break Err(error),
             }
         };

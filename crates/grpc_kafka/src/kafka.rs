@@ -95,6 +95,17 @@ impl Source {
         Self::create(&self.brokers, &self.group_id, &self.topic)
     }
 
+    /// Leaves the consumer group: the group's other members take this one's partitions. The
+    /// revocation is served by the next calls of [`Source::recv`].
+    pub fn leave_group(&self) {
+        self.consumer.unsubscribe();
+    }
+
+    /// Joins the consumer group again after [`Source::leave_group`].
+    pub fn join_group(&self) -> Result<(), KafkaError> {
+        self.consumer.subscribe(&[&self.topic])
+    }
+
     /// The next record. Waiting for one never blocks a worker, but a rebalance is handled
     /// inside this call: the rebalance callback (assignment, the stored offsets read from
     /// Redis and the seeks) runs synchronously within `recv` on the calling task.

@@ -100,10 +100,11 @@ impl Sequenced {
         totals: Totals,
         settings: &Settings,
         partitions: u32,
-        retry: Retry,
+        mut retry: Retry,
         heartbeat: Heartbeat,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Self {
+        retry.hand_over_after(settings.redis_handover_after);
         Self {
             source,
             reach: Reach::new(Instant::now()),
@@ -152,14 +153,49 @@ impl Sequenced {
                 }
                 Ok(())
             };
-            match step.await {
+            let step = match step.await {
+                Err(Halt::HandOver) => self.hand_over(&stop).await,
+                other => other,
+            };
+            match step {
                 Ok(()) => {}
-                Err(Halt::Stopping) => break Ok(()),
+                Err(Halt::Stopping | Halt::HandOver) => break Ok(()),
                 Err(Halt::Fatal(error)) => break Err(error),
             }
         };
         tracing::info!("aggregator stopped");
         outcome
+    }
+
+    /// Redis has refused or not answered every call for `REDIS_HANDOVER_AFTER_MS` (this replica
+    /// is cut off from it, or Redis is down): the consumer leaves its group, so that replicas
+    /// which reach Redis count this one's partitions meanwhile, and joins again once Redis takes
+    /// a write. Nothing is counted twice by it: the batch cut short either ran its script or not,
+    /// and whoever owns a partition next resumes from the marks Redis holds.
+    async fn hand_over(&mut self, stop: &CancellationToken) -> Step<()> {
+        tracing::warn!(
+            partitions = ?self.parts.keys().collect::<Vec<_>>(),
+            "redis unreachable: leaving the consumer group until it answers"
+        );
+        self.source.leave_group();
+        self.parts.clear();
+        loop {
+            self.heartbeat.beat();
+            // Polling serves the group's revocation (librdkafka runs rebalances inside a poll);
+            // a record fetched before it is dropped: its owner reads it again from the marks.
+            tokio::select! {
+                () = stop.cancelled() => return Err(Halt::Stopping),
+                _ = tokio::time::timeout(CHECK_INTERVAL, self.source.recv()) => {}
+            }
+            if self.totals.takes_writes().await.is_ok() {
+                break;
+            }
+        }
+        if let Err(error) = self.source.join_group() {
+            return Err(Halt::Fatal(AggregatorError::Consumer(error)));
+        }
+        tracing::info!("redis answers again: joined the consumer group");
+        Ok(())
     }
 
     /// Waits for one record (at most the check interval), then gathers what else arrives within

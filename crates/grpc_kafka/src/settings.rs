@@ -71,6 +71,12 @@ pub struct Settings {
     #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value = "2000", value_parser = service_kit::millis(100..=600_000))]
     pub redis_timeout: Duration,
 
+    /// With COUNT_BY=sequence: when every Redis call has failed for this long (this replica cut
+    /// off from Redis, or Redis down), the replica leaves its consumer group, so replicas that
+    /// reach Redis count its partitions, and joins again once Redis answers. 0: never.
+    #[arg(long = "redis-handover-after-ms", env = "REDIS_HANDOVER_AFTER_MS", value_name = "REDIS_HANDOVER_AFTER_MS", default_value = "15000", value_parser = service_kit::millis(0..=3_600_000))]
+    pub redis_handover_after: Duration,
+
     /// Most events applied to Redis in one script call.
     #[arg(long, env = "CONSUMER_BATCH_MAX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub consumer_batch_max: u32,

@@ -40,19 +40,66 @@ pub enum Redis {
     /// each command sent to the master of its keys' slot (a batch's script declares all its keys,
     /// which share the hash tag of its (stream, partition): one slot). It follows `MOVED` and
     /// `ASK`, and retries on `TRYAGAIN` and `CLUSTERDOWN` within its retry budget; made on first
-    /// use, so the service starts while the cluster is down.
+    /// use, so the service starts while the cluster is down, and made again when it broke
+    /// ([`ClusterShared`]).
     Cluster {
         client: Arc<redis::cluster::ClusterClient>,
-        connection: Arc<tokio::sync::OnceCell<ClusterConnection>>,
+        connection: Arc<ClusterShared>,
     },
 }
 
+/// A broken cluster connection is replaced at most this often.
+const CLUSTER_REMAKE_AFTER: Duration = Duration::from_secs(1);
+
+/// The cluster's one connection, shared by every call: made on first use, and made again from the
+/// seeds when a call on it fails with a dropped connection or an I/O error. The redis crate's
+/// connection does not always heal by itself: after every node of the cluster was restarted, each
+/// call on it failed with "broken pipe", for good (`faults::on_redis_cluster::kill9_redis_and_restart_from_aof`;
+/// the redis crate's issue 2277 describes it).
+#[derive(Default)]
+pub struct ClusterShared {
+    /// The connection and when it was made.
+    current: tokio::sync::Mutex<Option<(ClusterConnection, std::time::Instant)>>,
+}
+
+impl ClusterShared {
+    /// The connection, made now if there is none (one caller makes it, the others wait for it).
+    async fn get(
+        &self,
+        client: &redis::cluster::ClusterClient,
+    ) -> Result<ClusterConnection, TotalsError> {
+        let mut current = self.current.lock().await;
+        if let Some((connection, _)) = current.as_ref() {
+            return Ok(connection.clone());
+        }
+        let connection = client.get_async_connection().await?;
+        *current = Some((connection.clone(), std::time::Instant::now()));
+        Ok(connection)
+    }
+
+    /// A call failed with `error`: a connection that dropped or failed on I/O is let go (unless it
+    /// was made within [`CLUSTER_REMAKE_AFTER`]), so the next call makes a new one.
+    async fn failed(&self, error: &redis::RedisError) {
+        if !(error.is_io_error() || error.is_connection_dropped()) {
+            return;
+        }
+        let mut current = self.current.lock().await;
+        if current
+            .as_ref()
+            .is_some_and(|(_, made)| made.elapsed() >= CLUSTER_REMAKE_AFTER)
+        {
+            tracing::warn!(%error, "the redis cluster connection failed; making a new one");
+            *current = None;
+        }
+    }
+}
+
 /// One connection to send a command on, whichever the deployment: a pooled one, the shared
-/// multiplexed one, or the cluster's.
+/// multiplexed one, or the cluster's (with where to report that it broke).
 enum Conn<'a> {
     Pooled(bb8::PooledConnection<'a, RedisConnectionManager>),
     Shared(redis::aio::ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, &'a ClusterShared),
 }
 
 impl ConnectionLike for Conn<'_> {
@@ -63,7 +110,13 @@ impl ConnectionLike for Conn<'_> {
         match self {
             Self::Pooled(conn) => conn.req_packed_command(cmd),
             Self::Shared(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn, shared) => Box::pin(async move {
+                let outcome = conn.req_packed_command(cmd).await;
+                if let Err(error) = &outcome {
+                    shared.failed(error).await;
+                }
+                outcome
+            }),
         }
     }
 
@@ -76,7 +129,13 @@ impl ConnectionLike for Conn<'_> {
         match self {
             Self::Pooled(conn) => conn.req_packed_commands(cmd, offset, count),
             Self::Shared(conn) => conn.req_packed_commands(cmd, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn, shared) => Box::pin(async move {
+                let outcome = conn.req_packed_commands(cmd, offset, count).await;
+                if let Err(error) = &outcome {
+                    shared.failed(error).await;
+                }
+                outcome
+            }),
         }
     }
 
@@ -84,7 +143,7 @@ impl ConnectionLike for Conn<'_> {
         match self {
             Self::Pooled(conn) => conn.get_db(),
             Self::Shared(conn) => conn.get_db(),
-            Self::Cluster(conn) => conn.get_db(),
+            Self::Cluster(conn, _) => conn.get_db(),
         }
     }
 }
@@ -95,7 +154,7 @@ impl Redis {
         match self {
             Self::Single { pool, .. } => Ok(Conn::Pooled(pool.get().await?)),
             Self::Cluster { client, connection } => {
-                Ok(Conn::Cluster(cluster(client, connection).await?))
+                Ok(Conn::Cluster(connection.get(client).await?, connection))
             }
         }
     }
@@ -105,7 +164,7 @@ impl Redis {
         match self {
             Self::Single { reads, .. } => Ok(Conn::Shared(reads.clone())),
             Self::Cluster { client, connection } => {
-                Ok(Conn::Cluster(cluster(client, connection).await?))
+                Ok(Conn::Cluster(connection.get(client).await?, connection))
             }
         }
     }
@@ -126,17 +185,6 @@ impl Redis {
             }
         }
     }
-}
-
-/// The cluster's connection, made on first use (and tried again on the next use when that fails).
-async fn cluster(
-    client: &redis::cluster::ClusterClient,
-    connection: &tokio::sync::OnceCell<ClusterConnection>,
-) -> Result<ClusterConnection, TotalsError> {
-    let connection = connection
-        .get_or_try_init(|| client.get_async_connection())
-        .await?;
-    Ok(connection.clone())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -443,14 +491,20 @@ impl Totals {
     /// read-only replica, an out-of-memory or a MISCONF Redis is not ready), and does not evict
     /// (every node of a cluster).
     pub async fn ready(&self) -> Result<(), TotalsError> {
-        let () = redis::cmd("SET")
+        self.takes_writes().await?;
+        self.refuse_eviction().await
+    }
+
+    /// Redis answers and accepts a write (the `{prefix}probe` key of [`Totals::ready`]).
+    pub async fn takes_writes(&self) -> Result<(), TotalsError> {
+        redis::cmd("SET")
             .arg(self.keys.probe())
             .arg(1)
             .arg("PX")
             .arg(10_000)
             .query_async(&mut self.redis.writer().await?)
-            .await?;
-        self.refuse_eviction().await
+            .await
+            .map_err(TotalsError::from)
     }
 
     /// Fails unless every node's `maxmemory-policy` is `noeviction`, read from `INFO memory`
