@@ -361,3 +361,24 @@ async fn loss_detection_keeps_the_rounds_still_in_kafka_and_rewinds_past_the_res
         "a recreated topic keeps no round: publish from the start"
     );
 }
+
+/// Replicas starting together on a new database all start: each applies the migrations in turn
+/// under the advisory lock, and none fails. A replica waiting in `pg_advisory_lock` held its
+/// statement's transaction open while the holder built the stream's index `CONCURRENTLY`, which
+/// waits for every open transaction: PostgreSQL ended the deadlock by failing one replica's start
+/// (two websocket processes of `scripts/stack.sh replicas up`).
+#[tokio::test]
+async fn replicas_migrating_one_new_database_together_all_start() {
+    for _ in 0..3 {
+        let db = fresh_database().await;
+        let pools: Vec<_> = (0..4)
+            .map(|_| websocket::db::pool(db.url.parse().expect("url"), 1, Duration::from_secs(5)))
+            .collect();
+        let migrations = pools
+            .iter()
+            .map(|pool| websocket::db::migrate(pool, Duration::from_secs(5)));
+        for outcome in futures_util::future::join_all(migrations).await {
+            outcome.expect("every replica migrates and starts");
+        }
+    }
+}

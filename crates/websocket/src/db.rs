@@ -16,6 +16,8 @@ mod embedded {
 
 /// Arbitrary, fixed key of the advisory lock that serialises migrations across replicas.
 const MIGRATION_LOCK_KEY: i64 = 0x7075_7263_6861_7365;
+/// How often a replica asks for the migration lock while another holds it.
+const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -113,8 +115,22 @@ pub async fn migrate(pool: &Pool, wait: Duration) -> Result<(), DbError> {
             Err(error) => return Err(error.into()),
         }
     };
-    conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await?;
+    // Asked for, not waited on: a replica blocked in `pg_advisory_lock` holds its statement's
+    // transaction open, and the holder's `CREATE INDEX CONCURRENTLY` waits for every open
+    // transaction, a deadlock PostgreSQL ended by failing one replica's start
+    // (`rounds::replicas_migrating_one_new_database_together_all_start`).
+    let mut waited = false;
+    while !conn
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?
+        .get::<_, bool>(0)
+    {
+        if !waited {
+            tracing::info!("another replica is migrating the database; waiting for it");
+            waited = true;
+        }
+        tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+    }
     let report = embedded::migrations::runner().run_async(&mut *conn).await;
     let indexed = match &report {
         Ok(_) => stream_order_index(&conn).await,
