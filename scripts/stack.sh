@@ -22,8 +22,8 @@
 #   scripts/stack.sh redis-cluster kill9|start N   one node of it (N = 1 to 6)
 #   scripts/stack.sh replicas up|down|endpoints   the cluster stack: PostgreSQL, the three-broker
 #                                     Kafka, the Redis Cluster, two websocket and three grpc_kafka
-#                                     processes (websocket N on port WS_PORT+N, grpc_kafka N on
-#                                     GRPC_PORT+N, its metrics on METRICS_PORT+N), with a database,
+#                                     processes (websocket N on port 8180+N, grpc_kafka N on
+#                                     15050+N, its metrics on 9560+N), with a database,
 #                                     topic, stream and group of their own; up also prints the
 #                                     endpoints; down stops the five and the three brokers
 #   scripts/stack.sh pg-bindir | kafka-libs   print PostgreSQL's server binaries folder, or the
@@ -439,6 +439,11 @@ redis_cluster() { # action [node]
 # ---------------------------------------------------------------- the replicas stack
 REPLICA_WEBSOCKETS=(1 2)
 REPLICA_GRPC=(1 2 3)
+# Replica N listens on these + N: all below Linux's ephemeral ports (32768-60999), where a client's
+# source port took 50052 once while the brokers started.
+REPLICA_WS_PORT="${STACK_REPLICA_WS_PORT:-8180}"
+REPLICA_GRPC_PORT="${STACK_REPLICA_GRPC_PORT:-15050}"
+REPLICA_METRICS_PORT="${STACK_REPLICA_METRICS_PORT:-9560}"
 REPLICA_DB=wallet_replicas
 # What every replica runs with, past print_env's: the three brokers (replication 3, min.insync 2),
 # the Redis Cluster, and a database, topic, stream and consumer group of their own, so the
@@ -462,8 +467,8 @@ replica_wait() { # name binary extra-env...
 
 replica_endpoints() {
   local n
-  for n in "${REPLICA_WEBSOCKETS[@]}"; do echo "ws://$HOST:$((WS_PORT + n))/ws"; done
-  for n in "${REPLICA_GRPC[@]}"; do echo "http://$HOST:$((GRPC_PORT + n))"; done
+  for n in "${REPLICA_WEBSOCKETS[@]}"; do echo "ws://$HOST:$((REPLICA_WS_PORT + n))/ws"; done
+  for n in "${REPLICA_GRPC[@]}"; do echo "http://$HOST:$((REPLICA_GRPC_PORT + n))"; done
 }
 
 replicas() { # action
@@ -479,15 +484,15 @@ replicas() { # action
       build_services
       for n in "${REPLICA_WEBSOCKETS[@]}"; do
         # shellcheck disable=SC2046
-        start_service "websocket-$n" websocket $(replica_env) WEBSOCKET_ADDR="$HOST:$((WS_PORT + n))"
+        start_service "websocket-$n" websocket $(replica_env) WEBSOCKET_ADDR="$HOST:$((REPLICA_WS_PORT + n))"
       done
       for n in "${REPLICA_GRPC[@]}"; do
         # shellcheck disable=SC2046
-        start_service "grpc_kafka-$n" grpc_kafka $(replica_env) GRPC_ADDR="$HOST:$((GRPC_PORT + n))" \
-          METRICS_ADDR="$HOST:$((METRICS_PORT + n))"
+        start_service "grpc_kafka-$n" grpc_kafka $(replica_env) GRPC_ADDR="$HOST:$((REPLICA_GRPC_PORT + n))" \
+          METRICS_ADDR="$HOST:$((REPLICA_METRICS_PORT + n))"
       done
-      for n in "${REPLICA_WEBSOCKETS[@]}"; do replica_wait "websocket-$n" websocket WEBSOCKET_ADDR="$HOST:$((WS_PORT + n))"; done
-      for n in "${REPLICA_GRPC[@]}"; do replica_wait "grpc_kafka-$n" grpc_kafka GRPC_ADDR="$HOST:$((GRPC_PORT + n))"; done
+      for n in "${REPLICA_WEBSOCKETS[@]}"; do replica_wait "websocket-$n" websocket WEBSOCKET_ADDR="$HOST:$((REPLICA_WS_PORT + n))"; done
+      for n in "${REPLICA_GRPC[@]}"; do replica_wait "grpc_kafka-$n" grpc_kafka GRPC_ADDR="$HOST:$((REPLICA_GRPC_PORT + n))"; done
       replica_endpoints
       ;;
     down)

@@ -126,12 +126,15 @@ pub async fn run(target: &crate::client::Target, args: &Args) -> anyhow::Result<
     Ok(ok)
 }
 
+/// The prefix of a run's user ids: its start and its process, so that benches started at once
+/// (`scripts/bench.sh --cluster` runs one per websocket replica) never share a user. With the
+/// milliseconds alone two started together each counted the other's purchases.
 pub fn run_id(kind: &str) -> String {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    format!("{kind}-{millis}")
+    format!("{kind}-{millis}-{}", std::process::id())
 }
 
 /// Polls until every user's total is as expected (or `wait` passed): (purchases counted, exact).
