@@ -405,21 +405,28 @@ async fn a_grpc_kafka_replica_cut_from_redis_hands_its_partitions_over() {
     scenario.verify(&report_after, grpc1.addr).await;
 }
 
+/// The hosts up, with one websocket on ws1 and one grpc_kafka on grpc1 started and a stream of
+/// purchases acked past its warm-up. (Dropped in reverse: the stream, the services, the hosts.)
+async fn streaming(
+    name: &'static str,
+) -> (Hosts, Scenario, ServiceProcess, ServiceProcess, Stream) {
+    let hosts = Hosts::up().await;
+    let scenario = hosts.scenario(name).await;
+    let mut ws = hosts.websocket(&scenario, "ws1");
+    let mut grpc = hosts.grpc_kafka(&scenario, "grpc1");
+    ws.start().await;
+    grpc.start().await;
+    let stream = Stream::start(&[ws.addr]);
+    stream.until_acked(WARMUP).await;
+    (hosts, scenario, ws, grpc, stream)
+}
+
 /// The websocket cut from PostgreSQL: it answers `unavailable` and acks nothing meanwhile, and
 /// recovers by itself once the link heals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_cut_from_postgres_answers_unavailable_and_recovers() {
     let _serial = SERIAL.lock().await;
-    let hosts = Hosts::up().await;
-    let scenario = hosts.scenario("hosts-ws-from-postgres").await;
-    let (mut ws, mut grpc) = (
-        hosts.websocket(&scenario, "ws1"),
-        hosts.grpc_kafka(&scenario, "grpc1"),
-    );
-    ws.start().await;
-    grpc.start().await;
-    let stream = Stream::start(&[ws.addr]);
-    stream.until_acked(WARMUP).await;
+    let (hosts, scenario, _ws, grpc, stream) = streaming("hosts-ws-from-postgres").await;
     hosts.cut("ws1", "pg");
     stream.until_unavailable(CLIENTS).await;
     let during = stream.acked();
@@ -435,16 +442,7 @@ async fn a_websocket_cut_from_postgres_answers_unavailable_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_cut_from_kafka_acks_on_and_its_relay_catches_up() {
     let _serial = SERIAL.lock().await;
-    let hosts = Hosts::up().await;
-    let scenario = hosts.scenario("hosts-ws-from-kafka").await;
-    let (mut ws, mut grpc) = (
-        hosts.websocket(&scenario, "ws1"),
-        hosts.grpc_kafka(&scenario, "grpc1"),
-    );
-    ws.start().await;
-    grpc.start().await;
-    let stream = Stream::start(&[ws.addr]);
-    stream.until_acked(WARMUP).await;
+    let (hosts, scenario, _ws, grpc, stream) = streaming("hosts-ws-from-kafka").await;
     hosts.cut("ws1", "kafka");
     // What reached the broker before the cut is on the topic; from then on nothing is published,
     // while purchases are still acked (for seconds: past the producer's message timeout).
@@ -467,16 +465,7 @@ async fn a_websocket_cut_from_kafka_acks_on_and_its_relay_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_master_cut_from_the_rest_fails_over() {
     let _serial = SERIAL.lock().await;
-    let hosts = Hosts::up().await;
-    let scenario = hosts.scenario("hosts-redis-master-cut").await;
-    let (mut ws, mut grpc) = (
-        hosts.websocket(&scenario, "ws1"),
-        hosts.grpc_kafka(&scenario, "grpc1"),
-    );
-    ws.start().await;
-    grpc.start().await;
-    let stream = Stream::start(&[ws.addr]);
-    stream.until_acked(WARMUP).await;
+    let (hosts, scenario, _ws, grpc, stream) = streaming("hosts-redis-master-cut").await;
     let slot = marks_slot(&scenario, 0).await;
     let (_, node) = hosts
         .healthy_cluster(None)

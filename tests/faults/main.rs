@@ -407,22 +407,21 @@ impl Store {
     async fn connection(self) -> StoreConnection {
         match self {
             Self::Redis => StoreConnection::Redis(redis_connection().await),
-            Self::RedisCluster => {
-                let Ok(totals_schema::Location::Cluster(seeds)) =
-                    totals_schema::Location::parse(&self.url())
-                else {
-                    panic!("{} is not a Redis Cluster's seeds", self.url());
-                };
-                let client = redis::cluster::ClusterClient::new(seeds).expect("cluster seeds");
-                StoreConnection::Cluster(
-                    client
-                        .get_async_connection()
-                        .await
-                        .unwrap_or_else(|e| panic!("the Redis Cluster: {e}; {HINT}")),
-                )
-            }
+            Self::RedisCluster => StoreConnection::Cluster(cluster_connection(&self.url()).await),
         }
     }
+}
+
+/// A connection to the whole Redis Cluster whose seeds `url` names (`redis+cluster://...`).
+async fn cluster_connection(url: &str) -> redis::cluster_async::ClusterConnection {
+    let Ok(totals_schema::Location::Cluster(seeds)) = totals_schema::Location::parse(url) else {
+        panic!("{url} is not a Redis Cluster's seeds");
+    };
+    redis::cluster::ClusterClient::new(seeds)
+        .expect("cluster seeds")
+        .get_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("the Redis Cluster at {url}: {e}; {HINT}"))
 }
 
 #[derive(Clone)]
@@ -1295,7 +1294,7 @@ async fn healthy_cluster() -> ClusterNodes {
 async fn marks_slot(scenario: &Scenario, partition: u32) -> u16 {
     let key = totals_schema::Keys::new(scenario.prefix.as_str())
         .marks(&scenario.stream.to_string(), partition);
-    let mut conn = scenario.store.connection().await;
+    let mut conn = cluster_connection(&scenario.redis_url).await;
     redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(key)
