@@ -401,6 +401,12 @@ redis_cluster_node_start() { # node
     --appendonly yes --appendfsync everysec --save '' --maxmemory-policy noeviction \
     --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
   wait_port "Redis Cluster node $n" "$(redis_cluster_port "$n")" 30
+  # A node back with its data answers LOADING until its AOF is read: not ready for the checks below.
+  local deadline=$((SECONDS + 60))
+  until [ "$(redis-cli -h "$HOST" -p "$(redis_cluster_port "$n")" PING 2>/dev/null)" = PONG ]; do
+    [ $SECONDS -lt "$deadline" ] || die "Redis Cluster node $n not answering PING within 60 s (see $dir/redis.log)"
+    sleep 0.2
+  done
 }
 
 # Every slot served and every node agreeing (redis-cli --cluster check), within `seconds`.

@@ -4,11 +4,17 @@
 # generator as the rest of the machine) during one closed-loop walletctl bench, from /proc.
 # Everything shares the same cores, so this is the profile that says which part to make cheaper.
 #
-#   scripts/bench/cpu-profile.sh [connections purchases-per-connection in-flight]
+#   scripts/bench/cpu-profile.sh [--replicas] [connections purchases-per-connection in-flight]
+#
+# --replicas: the same on the replicas stack (scripts/stack.sh replicas up: two websocket and three
+# grpc_kafka processes, three brokers, six Redis Cluster nodes), the load split over both websockets
+# by two walletctl processes at once; each component's figure is the sum over its processes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 STACK="${STACK_DIR:-$ROOT/.stack}"
+REPLICAS=0
+if [ "${1:-}" = --replicas ]; then REPLICAS=1; shift; fi
 eval "$(scripts/stack.sh env)"
 connections=${1:-100} purchases=${2:-3000} in_flight=${3:-16}
 hz=$(getconf CLK_TCK)
@@ -28,19 +34,42 @@ pg_pids() {
   echo "$master" $(ps -o pid= --ppid "$master")
 }
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+# The pid files of a component's processes.
+pidfiles() {
+  if [ $REPLICAS = 0 ]; then echo "$STACK/$1/$1.pid"; return; fi
+  case $1 in
+    kafka) ls "$STACK"/kafka-cluster/*/kafka.pid ;;
+    redis) ls "$STACK"/redis-cluster/*/redis.pid ;;
+    *) ls "$STACK/$1"-*/"$1"-*.pid ;;
+  esac
+}
+pids_of() { local file; for file in $(pidfiles "$1"); do head -n1 "$file"; done; }
 snapshot() {
+  local name
   echo "postgres $(ticks_of $(pg_pids))"
-  echo "kafka $(ticks_of "$(head -n1 "$STACK/kafka/kafka.pid")")"
-  echo "redis $(ticks_of "$(head -n1 "$STACK/redis/redis.pid")")"
-  echo "websocket $(ticks_of "$(head -n1 "$STACK/websocket/websocket.pid")")"
-  echo "grpc_kafka $(ticks_of "$(head -n1 "$STACK/grpc_kafka/grpc_kafka.pid")")"
+  # shellcheck disable=SC2046
+  for name in kafka redis websocket grpc_kafka; do echo "$name $(ticks_of $(pids_of "$name"))"; done
   echo "machine $(machine_ticks)"
 }
 
+bench=(bench --purchases "$purchases" --in-flight "$in_flight" --users 1000)
+if [ $REPLICAS = 1 ]; then
+  mapfile -t endpoints < <(scripts/stack.sh replicas up)
+fi
 before=$(snapshot)
 started=$(date +%s%N)
-target/release/walletctl --ws-url "ws://$WEBSOCKET_ADDR/ws" --grpc-url "http://$GRPC_ADDR" bench \
-  --connections "$connections" --purchases "$purchases" --in-flight "$in_flight" --users 1000 >&2
+if [ $REPLICAS = 0 ]; then
+  target/release/walletctl --ws-url "ws://$WEBSOCKET_ADDR/ws" --grpc-url "http://$GRPC_ADDR" \
+    "${bench[@]}" --connections "$connections" >&2
+else
+  loads=()
+  for n in 1 2; do
+    target/release/walletctl --ws-url "${endpoints[$((n - 1))]}" --grpc-url "${endpoints[$((n + 1))]}" \
+      "${bench[@]}" --connections $((connections / 2)) >&2 &
+    loads+=($!)
+  done
+  for pid in "${loads[@]}"; do wait "$pid"; done
+fi
 wall=$(awk -v a="$started" -v b="$(date +%s%N)" 'BEGIN {printf "%.3f", (b - a) / 1e9}')
 after=$(snapshot)
 total=$((connections * purchases))
