@@ -2,8 +2,10 @@
 # Kafka broker on loopback for the flake's e2e
 # check, with data under $TMPDIR: inside the Nix build sandbox from nixpkgs, and natively in the
 # test command (scripts/nix-checks.sh e2e, with Debian's PostgreSQL and Redis and Kafka's jars on
-# PATH). Ports of its own (45xxx), so it never collides with scripts/stack.sh (55xxx) or the test
-# stack of scripts/test.sh.
+# PATH). Ports of its own (22xxx and 23xxx), so it never collides with scripts/stack.sh (55xxx) or
+# the test stack of scripts/test.sh; all below Linux's ephemeral ports (32768-60999), where a
+# client's source port can hold one when the server starts (PostgreSQL once could not start on
+# 45432 in the test command).
 #
 #   e2e-services.sh start | stop | env
 #
@@ -17,9 +19,9 @@
 # read) so that nobody can reach it.
 set -euo pipefail
 dir="${TMPDIR:-/tmp}/e2e-services"
-PG_PORT=45432 REDIS_PORT=46379 KAFKA_PORT=49092 CONTROLLER_PORT=49093
-# The Redis Cluster's nodes on 44001-44006 (their cluster buses 10000 above).
-CLUSTER_NODES="44001 44002 44003 44004 44005 44006"
+PG_PORT=23432 REDIS_PORT=23379 KAFKA_PORT=23092 CONTROLLER_PORT=23093
+# The Redis Cluster's nodes on 22001-22006 (their cluster buses 10000 above, 32001-32006).
+CLUSTER_NODES="22001 22002 22003 22004 22005 22006"
 cluster_hosts() { for port in $CLUSTER_NODES; do printf '127.0.0.1:%s\n' "$port"; done; }
 template="${KAFKA_PROPERTIES_TEMPLATE:-$(dirname "${BASH_SOURCE[0]}")/../scripts/kafka/kraft-single.properties}"
 as_pg() {
@@ -62,10 +64,10 @@ case "$1" in
     redis-cli --cluster create $(cluster_hosts) \
       --cluster-replicas 1 --cluster-yes >"$dir/redis-cluster/create.log"
     for _ in $(seq 1 300); do
-      redis-cli -p 44001 CLUSTER INFO | grep -q '^cluster_state:ok' && break
+      redis-cli -p 22001 CLUSTER INFO | grep -q '^cluster_state:ok' && break
       sleep 0.2
     done
-    redis-cli -p 44001 CLUSTER INFO | grep -q '^cluster_state:ok' \
+    redis-cli -p 22001 CLUSTER INFO | grep -q '^cluster_state:ok' \
       || { echo "the Redis Cluster is not ok" >&2; cat "$dir/redis-cluster/create.log" >&2; exit 1; }
     sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" \
       -e "s|@LOG_DIRS@|$dir/kafka|g" "$template" > "$dir/kafka.properties"
