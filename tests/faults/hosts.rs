@@ -330,29 +330,6 @@ impl Hosts {
     }
 }
 
-/// Whether every replica among `nodes` that answers has its link to its master up.
-async fn replicas_in_sync(nodes: &[SocketAddr]) -> bool {
-    for node in nodes {
-        let Ok(client) = redis::Client::open(format!("redis://{node}/")) else {
-            return false;
-        };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-            return false;
-        };
-        let Ok(info) = redis::cmd("INFO")
-            .arg("replication")
-            .query_async::<String>(&mut conn)
-            .await
-        else {
-            return false;
-        };
-        if info.contains("role:slave") && !info.contains("master_link_status:up") {
-            return false;
-        }
-    }
-    true
-}
-
 impl Drop for Hosts {
     fn drop(&mut self) {
         self.remove();

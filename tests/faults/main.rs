@@ -1270,13 +1270,22 @@ impl ClusterNodes {
     }
 }
 
-/// The cluster as a scenario needs it at its start: every slot served and three masters holding
-/// slots (a failover needs the majority of them). Waits for it a while: a node restarted by the
-/// scenario before may still be syncing.
+/// The cluster as a scenario needs it at its start: every slot served, three masters holding
+/// slots (a failover needs the majority of them), and every replica synced with its master (one
+/// that is not cannot be promoted: after the whole cluster was restarted from its AOF, a master
+/// killed at once was never failed over). Waits for it a while: a node restarted by the scenario
+/// before may still be syncing.
 async fn healthy_cluster() -> ClusterNodes {
+    let base: u16 = std::env::var("STACK_REDIS_CLUSTER_PORT")
+        .ok()
+        .and_then(|port| port.parse().ok())
+        .expect("STACK_REDIS_CLUSTER_PORT (the test stack's environment)");
+    let all = (1..=6u16)
+        .map(|node| SocketAddr::from(([127, 0, 0, 1], base + node)))
+        .collect::<Vec<_>>();
     eventually(
         Duration::from_secs(60),
-        "the Redis Cluster ok with three masters serving slots",
+        "the Redis Cluster ok with three masters serving slots and its replicas synced",
         || async {
             let nodes = cluster_nodes().await;
             let serving = nodes
@@ -1284,10 +1293,33 @@ async fn healthy_cluster() -> ClusterNodes {
                 .iter()
                 .filter(|master| !master.slots.is_empty())
                 .count();
-            (nodes.ok && serving == 3).then_some(nodes)
+            (nodes.ok && serving == 3 && replicas_in_sync(&all).await).then_some(nodes)
         },
     )
     .await
+}
+
+/// Whether every replica among `nodes` that answers has its link to its master up.
+async fn replicas_in_sync(nodes: &[SocketAddr]) -> bool {
+    for node in nodes {
+        let Ok(client) = redis::Client::open(format!("redis://{node}/")) else {
+            return false;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        let Ok(info) = redis::cmd("INFO")
+            .arg("replication")
+            .query_async::<String>(&mut conn)
+            .await
+        else {
+            return false;
+        };
+        if info.contains("role:slave") && !info.contains("master_link_status:up") {
+            return false;
+        }
+    }
+    true
 }
 
 /// The slot of a partition's marks (and of every total of that partition).
