@@ -144,7 +144,7 @@ impl Hosts {
         create.extend(nodes.iter().map(String::as_str));
         create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
         redis_cli_cluster(&create).await;
-        hosts.healthy_cluster(None).await;
+        hosts.healthy_cluster().await;
         hosts
     }
 
@@ -213,28 +213,11 @@ impl Hosts {
         format!("redis+cluster://{}", seeds.join(","))
     }
 
-    /// The cluster as its nodes (all but `except`, cut off) describe it, once it is ok with three
-    /// masters serving slots.
-    async fn healthy_cluster(&self, except: Option<u16>) -> ClusterNodes {
-        let nodes: Vec<SocketAddr> = (1..=6)
-            .filter(|node| Some(*node) != except)
-            .map(Self::redis_node)
-            .collect();
-        eventually(
-            Duration::from_secs(60),
-            "the hosts' Redis Cluster ok with three masters serving slots",
-            || async {
-                let state = cluster_nodes_on(&nodes, REDIS_BASE).await;
-                let serving = state
-                    .masters()
-                    .iter()
-                    .filter(|master| !master.slots.is_empty())
-                    .count();
-                // A replica that has not synced with its master cannot be promoted.
-                (state.ok && serving == 3 && replicas_in_sync(&nodes).await).then_some(state)
-            },
-        )
-        .await
+    /// The hosts' cluster as its nodes describe it, once it is ready for a scenario
+    /// ([`healthy_cluster_on`]).
+    async fn healthy_cluster(&self) -> ClusterNodes {
+        let nodes: Vec<SocketAddr> = (1..=6).map(Self::redis_node).collect();
+        healthy_cluster_on(&nodes, REDIS_BASE).await
     }
 
     /// Sets (or, healing, deletes) `on`'s neighbour entry for `of`.
@@ -445,7 +428,7 @@ async fn a_redis_master_cut_from_the_rest_fails_over() {
     let (hosts, scenario, _ws, grpc, stream) = streaming("hosts-redis-master-cut").await;
     let slot = marks_slot(&scenario, 0).await;
     let (_, node) = hosts
-        .healthy_cluster(None)
+        .healthy_cluster()
         .await
         .master_of(slot)
         .expect("a master serves partition 0's slot");

@@ -1168,15 +1168,22 @@ async fn kill9_each_service_in_turn_mid_stream(store: Store) {
 
 // ------------------------------------------------------------------------------------ Redis Cluster
 
-/// The test stack's Redis Cluster as `CLUSTER NODES` describes it, asked of any node that answers.
-async fn cluster_nodes() -> ClusterNodes {
+/// The test stack's Redis Cluster: its nodes' addresses, and the base of their ports (node N
+/// listens on base + N).
+fn test_stack_cluster() -> (Vec<SocketAddr>, u16) {
     let base: u16 = std::env::var("STACK_REDIS_CLUSTER_PORT")
         .ok()
         .and_then(|port| port.parse().ok())
         .expect("STACK_REDIS_CLUSTER_PORT (the test stack's environment)");
     let nodes = (1..=6u16)
         .map(|node| SocketAddr::from(([127, 0, 0, 1], base + node)))
-        .collect::<Vec<_>>();
+        .collect();
+    (nodes, base)
+}
+
+/// The test stack's Redis Cluster as `CLUSTER NODES` describes it, asked of any node that answers.
+async fn cluster_nodes() -> ClusterNodes {
+    let (nodes, base) = test_stack_cluster();
     cluster_nodes_on(&nodes, base).await
 }
 
@@ -1270,30 +1277,29 @@ impl ClusterNodes {
     }
 }
 
-/// The cluster as a scenario needs it at its start: every slot served, three masters holding
-/// slots (a failover needs the majority of them), and every replica synced with its master (one
-/// that is not cannot be promoted: after the whole cluster was restarted from its AOF, a master
-/// killed at once was never failed over). Waits for it a while: a node restarted by the scenario
-/// before may still be syncing.
+/// The test stack's cluster as a scenario needs it at its start ([`healthy_cluster_on`]).
 async fn healthy_cluster() -> ClusterNodes {
-    let base: u16 = std::env::var("STACK_REDIS_CLUSTER_PORT")
-        .ok()
-        .and_then(|port| port.parse().ok())
-        .expect("STACK_REDIS_CLUSTER_PORT (the test stack's environment)");
-    let all = (1..=6u16)
-        .map(|node| SocketAddr::from(([127, 0, 0, 1], base + node)))
-        .collect::<Vec<_>>();
+    let (nodes, base) = test_stack_cluster();
+    healthy_cluster_on(&nodes, base).await
+}
+
+/// The cluster whose nodes listen at `nodes` (node N on `base` + N) as a scenario needs it at its
+/// start: every slot served, three masters holding slots (a failover needs the majority of them),
+/// and every replica synced with its master (one that is not cannot be promoted: after the whole
+/// cluster was restarted from its AOF, a master killed at once was never failed over). Waits for
+/// it a while: a node restarted by the scenario before may still be syncing.
+async fn healthy_cluster_on(nodes: &[SocketAddr], base: u16) -> ClusterNodes {
     eventually(
         Duration::from_secs(60),
         "the Redis Cluster ok with three masters serving slots and its replicas synced",
         || async {
-            let nodes = cluster_nodes().await;
-            let serving = nodes
+            let state = cluster_nodes_on(nodes, base).await;
+            let serving = state
                 .masters()
                 .iter()
                 .filter(|master| !master.slots.is_empty())
                 .count();
-            (nodes.ok && serving == 3 && replicas_in_sync(&all).await).then_some(nodes)
+            (state.ok && serving == 3 && replicas_in_sync(nodes).await).then_some(state)
         },
     )
     .await
