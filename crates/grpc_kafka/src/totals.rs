@@ -58,32 +58,44 @@ const CLUSTER_REMAKE_AFTER: Duration = Duration::from_secs(1);
 /// the redis crate's issue 2277 describes it).
 #[derive(Default)]
 pub struct ClusterShared {
-    /// The connection and when it was made.
-    current: tokio::sync::Mutex<Option<(ClusterConnection, std::time::Instant)>>,
+    /// The connection and when it was made; held only to clone or replace it.
+    current: std::sync::Mutex<Option<(ClusterConnection, std::time::Instant)>>,
+    /// Held while a connection is made: one caller makes it, the others wait for it.
+    making: tokio::sync::Mutex<()>,
 }
 
 impl ClusterShared {
-    /// The connection, made now if there is none (one caller makes it, the others wait for it).
+    fn current(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(ClusterConnection, std::time::Instant)>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection, made now if there is none.
     async fn get(
         &self,
         client: &redis::cluster::ClusterClient,
     ) -> Result<ClusterConnection, TotalsError> {
-        let mut current = self.current.lock().await;
-        if let Some((connection, _)) = current.as_ref() {
+        if let Some((connection, _)) = self.current().as_ref() {
+            return Ok(connection.clone());
+        }
+        let _making = self.making.lock().await;
+        // Made by the caller this one waited for?
+        if let Some((connection, _)) = self.current().as_ref() {
             return Ok(connection.clone());
         }
         let connection = client.get_async_connection().await?;
-        *current = Some((connection.clone(), std::time::Instant::now()));
+        *self.current() = Some((connection.clone(), std::time::Instant::now()));
         Ok(connection)
     }
 
     /// A call failed with `error`: a connection that dropped or failed on I/O is let go (unless it
     /// was made within [`CLUSTER_REMAKE_AFTER`]), so the next call makes a new one.
-    async fn failed(&self, error: &redis::RedisError) {
+    fn failed(&self, error: &redis::RedisError) {
         if !(error.is_io_error() || error.is_connection_dropped()) {
             return;
         }
-        let mut current = self.current.lock().await;
+        let mut current = self.current();
         if current
             .as_ref()
             .is_some_and(|(_, made)| made.elapsed() >= CLUSTER_REMAKE_AFTER)
@@ -113,7 +125,7 @@ impl ConnectionLike for Conn<'_> {
             Self::Cluster(conn, shared) => Box::pin(async move {
                 let outcome = conn.req_packed_command(cmd).await;
                 if let Err(error) = &outcome {
-                    shared.failed(error).await;
+                    shared.failed(error);
                 }
                 outcome
             }),
@@ -132,7 +144,7 @@ impl ConnectionLike for Conn<'_> {
             Self::Cluster(conn, shared) => Box::pin(async move {
                 let outcome = conn.req_packed_commands(cmd, offset, count).await;
                 if let Err(error) = &outcome {
-                    shared.failed(error).await;
+                    shared.failed(error);
                 }
                 outcome
             }),
