@@ -1,5 +1,5 @@
 # `nix run .#load-images` loads both images into Docker; `nix run .#up` also makes the compose
-# secrets and runs docker compose; `nix run .#smoke -- [kraft|zookeeper]` is the compose smoke
+# secrets and runs docker compose; `nix run .#smoke -- [kraft|zookeeper|cluster]` is the compose smoke
 # test CI runs (scripts/compose-smoke.sh with the Nix-built walletctl). Run them from the
 # repository: docker compose reads docker-compose.yml and .secrets/ there.
 {

@@ -9,6 +9,8 @@
 #   database_url        the websocket service's connection string, with that password
 #   redis_password      Redis' requirepass
 #   redis_url           grpc_kafka's Redis URL, with that password
+#   redis_cluster_url   the `cluster` profile's: its six nodes as seeds (redis+cluster://), with
+#                       the same password (every node's requirepass and masterauth)
 #   grafana_admin_password   Grafana's admin password (the monitoring profile)
 #   jwt-hs256.key       the development signing key of both services' tokens; mint a token for
 #                       user 123 with: JWT_HS256_SECRET_FILE=.secrets/jwt-hs256.key walletctl token --user-id 123
@@ -29,6 +31,7 @@ write postgres_password "$(random)"
 write redis_password "$(random)"
 write database_url "postgres://postgres:$(head -n1 "$DIR/postgres_password")@postgres:5432/wallet"
 write redis_url "redis://:$(head -n1 "$DIR/redis_password")@redis:6379/0"
+write redis_cluster_url "redis+cluster://:$(head -n1 "$DIR/redis_password")@$(printf 'redis-node-%d:6379,' 1 2 3 4 5 6 | sed 's/,$//')"
 write jwt-hs256.key "$(head -c 48 /dev/urandom | base64 -w0)"
 write grafana_admin_password "$(random)"
 echo "$DIR"

@@ -5,9 +5,11 @@
 #   - flake.lock is valid JSON, version 7, and pins exactly the revisions and narHashes of
 #     ../shared/nix-pins.json (when that file is beside the repository);
 #   - docker-compose.yml validates against the Compose Specification (compose-go, the loader of
-#     Docker Compose) in both profiles, kraft and zookeeper, and with the monitoring profile, plus
-#     the project's own rules (every long-running service has a health check; the services'
-#     images carry the workspace's version, the tag Nix gives them);
+#     Docker Compose) in each profile, kraft, zookeeper and cluster, and with the monitoring
+#     profile, plus the project's own rules (exactly one websocket, grpc_kafka and topic init
+#     service active; every long-running service has a health check; the services' images carry
+#     the workspace's version, the tag Nix gives them; every broker named is an active service;
+#     every secret file a setting names is mounted; both services agree on the stream and topic);
 #   - the GitHub Actions workflows pass actionlint;
 #   - the monitoring profile's Prometheus configuration passes `promtool check config`, and the
 #     Grafana dashboard is JSON whose every query names only metrics the services export.
@@ -78,7 +80,7 @@ PY
 
 # The workspace's version is the Nix-built images' tag (nix/images.nix): compose must name it.
 version="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)"
-for profile in kraft zookeeper kraft,monitoring; do
+for profile in kraft zookeeper cluster kraft,monitoring cluster,monitoring; do
   "$TOOLS/compose-check" -profile "$profile" -version "$version" docker-compose.yml
 done
 log "promtool check config scripts/monitoring/prometheus.yml"

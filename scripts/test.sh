@@ -19,7 +19,8 @@
 #      ones every later step runs);
 #   4. the Nix and compose static checks (scripts/static-checks.sh) and the flake's dependency
 #      audit against its pinned advisory-db (scripts/nix-checks.sh audit);
-#   5. the docker-compose wiring run natively, in KRaft and in ZooKeeper mode (scripts/compose-wiring.sh);
+#   5. the docker-compose wiring run natively, in KRaft, ZooKeeper and cluster mode
+#      (scripts/compose-wiring.sh);
 #   6. the flake's e2e check natively (scripts/nix-checks.sh e2e: every unit, integration and
 #      end-to-end test, in the copied source, against nix/e2e-services.sh), the tidy checks of
 #      the hand-kept documents against the code (tests/tidy), a smoke run of the
@@ -108,6 +109,9 @@ scripts/compose-wiring.sh kraft
 
 step "compose wiring, natively: ZooKeeper profile (Kafka 3.9)"
 scripts/compose-wiring.sh zookeeper
+
+step "compose wiring, natively: cluster profile (three brokers, a Redis Cluster, 2 + 3 replicas)"
+scripts/compose-wiring.sh cluster
 
 step "the flake's e2e check, natively: unit, integration and end-to-end tests (cargo test --release)"
 log="$STACK_DIR/cargo-test.log"
