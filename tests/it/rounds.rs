@@ -66,9 +66,11 @@ async fn a_round_takes_rows_in_transaction_order_only_below_the_oldest_running_t
     insert(&committed, 10, "u-3").await;
     committed.commit().await.expect("commit");
     let start = Cursor::start(4);
+    // A stream not recorded: no segment's end applies.
+    let unrecorded = Stream::new(Uuid::nil(), 4);
     // While the early transaction runs, nothing after its id may be published: it could still
     // commit a row before them in the order.
-    let taken = rounds::take_round(&client, &start, 100)
+    let taken = rounds::take_round(&client, &unrecorded, &start, 100)
         .await
         .expect("round");
     assert!(
@@ -86,7 +88,7 @@ async fn a_round_takes_rows_in_transaction_order_only_below_the_oldest_running_t
         Duration::from_secs(30),
         "all four rows below xmin",
         || async {
-            let taken = rounds::take_round(&client, &start, 100)
+            let taken = rounds::take_round(&client, &unrecorded, &start, 100)
                 .await
                 .expect("round");
             (taken.len() == 4).then_some(taken)
@@ -100,7 +102,7 @@ async fn a_round_takes_rows_in_transaction_order_only_below_the_oldest_running_t
     // A round from a cursor inside one transaction takes the rest of it, then what follows.
     let mut cursor = Cursor::start(4);
     cursor.after = Some(taken[2].key);
-    let rest = rounds::take_round(&client, &cursor, 100)
+    let rest = rounds::take_round(&client, &unrecorded, &cursor, 100)
         .await
         .expect("round");
     assert_eq!(
@@ -109,7 +111,9 @@ async fn a_round_takes_rows_in_transaction_order_only_below_the_oldest_running_t
             .collect::<Vec<_>>(),
         vec![11]
     );
-    let limited = rounds::take_round(&client, &start, 2).await.expect("round");
+    let limited = rounds::take_round(&client, &unrecorded, &start, 2)
+        .await
+        .expect("round");
     assert_eq!(limited.len(), 2);
 }
 
@@ -381,4 +385,157 @@ async fn replicas_migrating_one_new_database_together_all_start() {
             outcome.expect("every replica migrates and starts");
         }
     }
+}
+
+/// A repartition: a stream that continues another seals it at the opening transaction's id.
+/// Every purchase belongs to exactly one segment: one committed before the seal, and one of a
+/// transaction that began before it and committed after, to the old; one after, to the new. The
+/// old segment is complete only once that transaction ended and its rows are published.
+#[tokio::test]
+async fn a_stream_that_continues_another_splits_the_purchases_at_the_seal_exactly() {
+    let (db, client) = migrated().await;
+    let old = rounds::open_segment(&client, Uuid::new_v4(), 2, Some("old-topic"), None)
+        .await
+        .expect("open the old segment");
+    assert_eq!(old.starts_at, None);
+    insert(&client, 1, "u-1").await;
+    let mut early = connect_pg(&db.url).await.expect("connect");
+    let running = early.transaction().await.expect("begin");
+    insert(&running, 2, "u-2").await;
+    let new_id = Uuid::new_v4();
+    let new = rounds::open_segment(&client, new_id, 5, Some("new-topic"), Some(old.id))
+        .await
+        .expect("open the new segment");
+    assert!(
+        new.starts_at.is_some(),
+        "the new segment starts at the seal"
+    );
+    insert(&client, 3, "u-3").await;
+    // While a transaction from before the seal runs, the old segment is not complete.
+    assert!(
+        !rounds::segment_complete(&client, old, &Cursor::start(2))
+            .await
+            .expect("complete?"),
+        "complete while a transaction below its end runs"
+    );
+    running
+        .commit()
+        .await
+        .expect("commit the early transaction");
+    let taken = |stream: Stream, want: usize| {
+        let client = &client;
+        async move {
+            eventually(
+                Duration::from_secs(30),
+                "the segment's rows below xmin",
+                || async {
+                    let rows =
+                        rounds::take_round(client, &stream, &Cursor::start(stream.partitions), 100)
+                            .await
+                            .expect("round");
+                    (rows.len() >= want).then_some(rows)
+                },
+            )
+            .await
+        }
+    };
+    let old_rows = taken(old, 2).await;
+    let new_rows = taken(new, 1).await;
+    let ids = |rows: &[rounds::RoundRow]| {
+        rows.iter()
+            .map(|row| row.key.purchase_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&old_rows),
+        vec![1, 2],
+        "the old segment: before the seal"
+    );
+    assert_eq!(ids(&new_rows), vec![3], "the new segment: after the seal");
+    // Published through its last row, the old segment is complete; the new one is not sealed.
+    let mut through = Cursor::start(2);
+    through.after = Some(old_rows[1].key);
+    eventually(
+        Duration::from_secs(30),
+        "the old segment complete",
+        || async {
+            rounds::segment_complete(&client, old, &through)
+                .await
+                .expect("complete?")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !rounds::segment_complete(&client, new, &Cursor::start(5))
+            .await
+            .expect("complete?")
+    );
+    // The chain, from either end.
+    for from in [old.id, new.id] {
+        let chain = rounds::chain(&client, from).await.expect("chain");
+        let summary: Vec<(Uuid, bool, Option<&str>)> = chain
+            .iter()
+            .map(|segment| (segment.stream.id, segment.sealed, segment.topic.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (old.id, true, Some("old-topic")),
+                (new.id, false, Some("new-topic"))
+            ]
+        );
+    }
+    // What is unpublished sums over the chain: the old segment's rows once recorded leave the
+    // new one's.
+    let unpublished = || async {
+        client
+            .query_one(rounds::UNPUBLISHED, &[])
+            .await
+            .expect("unpublished")
+            .get::<_, i64>(0)
+    };
+    assert_eq!(unpublished().await, 3);
+    assert!(
+        rounds::record_round(&client, old, 0, &through)
+            .await
+            .expect("record")
+    );
+    assert_eq!(unpublished().await, 1);
+    let mut new_through = Cursor::start(5);
+    new_through.after = Some(new_rows[0].key);
+    assert!(
+        rounds::record_round(&client, new, 0, &new_through)
+            .await
+            .expect("record")
+    );
+    assert_eq!(unpublished().await, 0);
+    // Opened again, the new segment is the same; a second successor, a stream not recorded and
+    // a segment recorded continuing another are refused.
+    assert_eq!(
+        rounds::open_segment(&client, new_id, 5, Some("new-topic"), Some(old.id))
+            .await
+            .expect("again"),
+        new
+    );
+    let refused = |result: Result<Stream, RoundsError>| match result {
+        Err(RoundsError::Follows { why, .. }) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let why = refused(rounds::open_segment(&client, Uuid::new_v4(), 3, None, Some(old.id)).await);
+    assert!(
+        why.contains(&format!("continued by stream {new_id}")),
+        "{why}"
+    );
+    let why =
+        refused(rounds::open_segment(&client, Uuid::new_v4(), 3, None, Some(Uuid::new_v4())).await);
+    assert!(why.contains("not recorded"), "{why}");
+    let third = rounds::open_stream(&client, Uuid::new_v4(), 3)
+        .await
+        .expect("a third");
+    let why = refused(rounds::open_segment(&client, new_id, 5, None, Some(third.id)).await);
+    assert!(
+        why.contains(&format!("recorded continuing stream {}", old.id)),
+        "{why}"
+    );
 }

@@ -254,6 +254,14 @@ pub enum Applied {
     Refused(BTreeMap<i32, i64>),
 }
 
+/// The stream segments counted under the prefix (each with its partition count), and when they
+/// were read from Redis.
+type ReadSegments = (tokio::time::Instant, Vec<(String, u32)>);
+
+/// How long the stream segments read from Redis serve reads before they are read again: a new
+/// segment's totals join a user's total at most this late.
+const SEGMENTS_FRESH_FOR: Duration = Duration::from_secs(1);
+
 /// The one script that writes totals, dedupe sets and offsets.
 const APPLY_BATCH: &str = include_str!("apply_batch.lua");
 /// The one script that counts by sequence (`COUNT_BY=sequence`): totals and marks.
@@ -307,6 +315,9 @@ pub struct Totals {
     /// The stream's partition count, from its topic (0 until the aggregator has read it): which
     /// partition's key holds a user's total.
     partitions: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Every stream counted under the prefix, with its partition count, and when it was read:
+    /// the segments a user's total sums over (read again after [`SEGMENTS_FRESH_FOR`]).
+    segments: Arc<std::sync::Mutex<Option<ReadSegments>>>,
     /// How long a dedupe set lives after its last write.
     dedupe_horizon: Duration,
 }
@@ -327,21 +338,30 @@ impl Totals {
             sequenced: Script::new(APPLY_SEQUENCED),
             layout,
             partitions: std::sync::Arc::default(),
+            segments: Arc::default(),
             dedupe_horizon,
         }
     }
 
     /// Records the stream's partition count, read from its topic, in Redis (before anything of
-    /// the stream is counted) and here.
+    /// the stream is counted) and here, and the stream among the segments counted under the
+    /// prefix.
     pub async fn set_partitions(
         &self,
         stream: uuid::Uuid,
         partitions: u32,
     ) -> Result<(), TotalsError> {
+        let mut conn = self.redis.writer().await?;
         let () = redis::cmd("SET")
             .arg(self.keys.partitions(&stream.to_string()))
             .arg(partitions)
-            .query_async(&mut self.redis.writer().await?)
+            .query_async(&mut conn)
+            .await?;
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.keys.segments())
+            .arg(stream.to_string())
+            .arg(partitions)
+            .query_async(&mut conn)
             .await?;
         self.partitions
             .store(partitions, std::sync::atomic::Ordering::Relaxed);
@@ -378,27 +398,63 @@ impl Totals {
         self.layout
     }
 
-    /// The key of a user's total in this layout; `None` when nothing of the stream was counted
-    /// yet (its partition count is not recorded).
-    async fn total_key(
+    /// The keys whose sum is a user's total in this layout: counting by sequence, one per stream
+    /// segment counted under the prefix (the partition murmur2 gives the user among that
+    /// segment's); none while nothing of the stream was counted (its partition count is not
+    /// recorded).
+    async fn total_keys(
         &self,
         user: &str,
         conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<Option<String>, TotalsError> {
+    ) -> Result<Vec<String>, TotalsError> {
         match self.layout {
-            Layout::Offsets => Ok(Some(self.keys.total(user))),
-            Layout::Sequence { stream } => {
-                let Some(partitions) = self.partitions(stream, conn).await? else {
-                    return Ok(None);
-                };
-                let partition = sequencing::partitioner::partition_of(user.as_bytes(), partitions);
-                Ok(Some(self.keys.tagged_total(
-                    &stream.to_string(),
-                    partition,
-                    user,
-                )))
+            Layout::Offsets => Ok(vec![self.keys.total(user)]),
+            Layout::Sequence { stream } => Ok(self
+                .segments(stream, conn)
+                .await?
+                .into_iter()
+                .map(|(segment, partitions)| {
+                    let partition =
+                        sequencing::partitioner::partition_of(user.as_bytes(), partitions);
+                    self.keys.tagged_total(&segment, partition, user)
+                })
+                .collect()),
+        }
+    }
+
+    /// The stream segments counted under the prefix (`{prefix}segments`) and this stream, with
+    /// their partition counts; read from Redis at most once per [`SEGMENTS_FRESH_FOR`].
+    async fn segments(
+        &self,
+        stream: uuid::Uuid,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<Vec<(String, u32)>, TotalsError> {
+        let now = tokio::time::Instant::now();
+        if let Some((read, segments)) = &*self.segments.lock().unwrap_or_else(|e| e.into_inner()) {
+            if now.duration_since(*read) < SEGMENTS_FRESH_FOR {
+                return Ok(segments.clone());
             }
         }
+        let key = self.keys.segments();
+        let stored: Vec<(String, String)> =
+            redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+        let mut segments = stored
+            .into_iter()
+            .map(|(segment, partitions)| {
+                let partitions = partitions.parse::<u32>().ok().filter(|n| *n > 0);
+                let corrupt = || TotalsError::Corrupt { key: key.clone() };
+                Ok((segment, partitions.ok_or_else(corrupt)?))
+            })
+            .collect::<Result<Vec<_>, TotalsError>>()?;
+        // Counted before segments were recorded: this stream's own count.
+        let own = stream.to_string();
+        if !segments.iter().any(|(segment, _)| *segment == own) {
+            if let Some(partitions) = self.partitions(stream, conn).await? {
+                segments.push((own, partitions));
+            }
+        }
+        *self.segments.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, segments.clone()));
+        Ok(segments)
     }
 
     /// A partition's marks (zero and no hint when none are stored).
@@ -528,23 +584,26 @@ impl Totals {
         Ok(())
     }
 
-    /// The total of one user; zeros for a user never seen.
+    /// The total of one user, summed over the keys that hold a part of it (one per stream
+    /// segment); zeros for a user never seen. A purchase is in one segment only, so the sum never
+    /// counts one twice.
     pub async fn total(&self, user: &UserId) -> Result<Total, TotalsError> {
         let mut conn = self.redis.reader().await?;
-        let Some(key) = self.total_key(user.as_str(), &mut conn).await? else {
-            return Ok(Total::default());
-        };
-        let (cents, count): (Option<String>, Option<String>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg(totals_schema::CENTS)
-            .arg(totals_schema::COUNT)
-            .query_async(&mut conn)
-            .await?;
-        let corrupt = || TotalsError::Corrupt { key: key.clone() };
-        Ok(Total {
-            cents: cents.map_or(Ok(0), |c| c.parse()).map_err(|_| corrupt())?,
-            count: count.map_or(Ok(0), |c| c.parse()).map_err(|_| corrupt())?,
-        })
+        let mut total = Total::default();
+        for key in self.total_keys(user.as_str(), &mut conn).await? {
+            let (cents, count): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg(totals_schema::CENTS)
+                .arg(totals_schema::COUNT)
+                .query_async(&mut conn)
+                .await?;
+            let corrupt = || TotalsError::Corrupt { key: key.clone() };
+            let cents: i64 = cents.map_or(Ok(0), |c| c.parse()).map_err(|_| corrupt())?;
+            let count: u64 = count.map_or(Ok(0), |c| c.parse()).map_err(|_| corrupt())?;
+            total.cents = total.cents.checked_add(cents).ok_or_else(corrupt)?;
+            total.count = total.count.checked_add(count).ok_or_else(corrupt)?;
+        }
+        Ok(total)
     }
 
     /// The next offset to apply for a partition (0 when none is stored).

@@ -12,6 +12,33 @@
 
 use crate::partitioner::partition_of;
 
+/// The purchases not yet published in a recorded round, as one SQL query over the relay's tables
+/// (`relay_streams`, `relay_rounds`, `purchases`): for each chain of stream segments (a stream and
+/// the streams it continues), the rows of each segment (from its first transaction, below its end
+/// once sealed) after its newest round's cursor, summed over the chain; the chain furthest along
+/// counts. Every row before any stream is recorded. Shared by the relay's tests and `walletctl
+/// reconcile`, which read it the same way.
+pub const UNPUBLISHED: &str = "WITH RECURSIVE pending AS ( \
+         SELECT s.stream_id, ( \
+             SELECT count(*) FROM purchases p LEFT JOIN LATERAL ( \
+                 SELECT after_txid, after_purchase FROM relay_rounds \
+                 WHERE stream_id = s.stream_id ORDER BY round DESC LIMIT 1) r ON true \
+             WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > \
+                   (COALESCE(r.after_txid, s.starts_at, '0'::xid8), \
+                    COALESCE(r.after_purchase, '00000000-0000-0000-0000-000000000000'::uuid)) \
+               AND (s.ends_before IS NULL OR COALESCE(p.txid, '1'::xid8) < s.ends_before) \
+         ) AS n FROM relay_streams s), \
+     chains AS ( \
+         SELECT h.stream_id AS head, h.stream_id, h.follows FROM relay_streams h \
+         WHERE NOT EXISTS (SELECT 1 FROM relay_streams x WHERE x.follows = h.stream_id) \
+         UNION ALL \
+         SELECT c.head, r.stream_id, r.follows FROM chains c \
+         JOIN relay_streams r ON r.stream_id = c.follows) \
+     SELECT COALESCE( \
+         (SELECT min(total) FROM (SELECT sum(n) AS total FROM chains JOIN pending USING (stream_id) \
+                                  GROUP BY head) per_chain), \
+         (SELECT count(*) FROM purchases))::bigint";
+
 /// A purchase row's place in the order every round and every replay repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RowKey {

@@ -19,6 +19,8 @@
 //! - `{prefix}total:{tag}:{user_id}`: the total, as above;
 //! - `{prefix}partitions:{stream}`: the stream's partition count (its topic's), written before
 //!   anything of the stream is counted: which partition's key holds a user's total;
+//! - `{prefix}segments`: hash of every stream counted under the prefix to its partition count:
+//!   the segments of a chain of repartitions, whose totals a user's total sums;
 //!
 //! where `{tag}` is `{<stream>.<partition>}`, the Redis Cluster hash tag of the (stream,
 //! partition) the user's purchases go to: one batch of a partition touches one slot.
@@ -43,6 +45,8 @@ pub const NEXT: &str = "next";
 pub const HINT: &str = "hint";
 /// What follows the prefix in a stream's partition count, before the stream id.
 pub const PARTITIONS: &str = "partitions:";
+/// The key, after the prefix, of the hash of the streams counted under the prefix.
+pub const SEGMENTS: &str = "segments";
 /// What follows the prefix in readiness's probe key.
 pub const PROBE: &str = "probe";
 /// The field of a total holding its sum, in cents.
@@ -103,6 +107,11 @@ impl Keys {
     /// The partition count of `stream`.
     pub fn partitions(&self, stream: &str) -> String {
         format!("{}{PARTITIONS}{stream}", self.prefix)
+    }
+
+    /// The hash of every stream counted under the prefix to its partition count.
+    pub fn segments(&self) -> String {
+        format!("{}{SEGMENTS}", self.prefix)
     }
 
     /// A `SCAN MATCH` pattern of every dedupe set.

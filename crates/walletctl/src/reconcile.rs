@@ -245,26 +245,19 @@ pub async fn run(
     }
 }
 
-/// Purchases not yet on Kafka: those after the last recorded round of the stream furthest
-/// along (streams of earlier segments are left behind), and rows still in the outbox of a
+/// Purchases not yet on Kafka: those after the last recorded round of the chain of stream
+/// segments furthest along (`sequencing::relay::UNPUBLISHED`), and rows still in the outbox of a
 /// deployment moving from it.
 async fn unrelayed(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
-    db.query_one(
-        "SELECT (SELECT count(*) FROM purchase_outbox) + COALESCE(( \
-             SELECT min(( \
-                 SELECT count(*) FROM purchases p LEFT JOIN LATERAL ( \
-                     SELECT after_txid, after_purchase FROM relay_rounds \
-                     WHERE stream_id = s.stream_id ORDER BY round DESC LIMIT 1) r ON true \
-                 WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > \
-                       (COALESCE(r.after_txid, '0'::xid8), \
-                        COALESCE(r.after_purchase, '00000000-0000-0000-0000-000000000000'::uuid)))) \
-             FROM relay_streams s), (SELECT count(*) FROM purchases))::bigint",
-        &[],
-    )
-    .await
-    .context("cannot count the purchases not yet relayed")?
-    .try_get(0)
-    .context("the count of purchases not yet relayed")
+    let query = format!(
+        "SELECT (SELECT count(*) FROM purchase_outbox) + ({})",
+        sequencing::relay::UNPUBLISHED
+    );
+    db.query_one(&query, &[])
+        .await
+        .context("cannot count the purchases not yet relayed")?
+        .try_get(0)
+        .context("the count of purchases not yet relayed")
 }
 
 async fn ledger(db: &tokio_postgres::Client) -> anyhow::Result<Ledger> {

@@ -121,6 +121,7 @@ impl Application {
                 .map_err(StartError::Producer)?,
             topic_spec: settings.kafka.clone(),
             stream_id: settings.stream_id,
+            follows: settings.stream_follows,
             message_timeout: settings.kafka_message_timeout,
             batch_max: i64::from(settings.outbox_batch_max),
             statement_timeout: settings.database_statement_timeout,

@@ -24,6 +24,12 @@ pub enum RoundsError {
         recorded: u32,
         configured: u32,
     },
+    #[error("stream {stream} cannot continue stream {follows}: {why}")]
+    Follows {
+        stream: Uuid,
+        follows: Uuid,
+        why: String,
+    },
     #[error("bookkeeping row {round} of stream {stream} cannot be read: {why}")]
     Malformed {
         stream: Uuid,
@@ -37,6 +43,39 @@ pub enum RoundsError {
 pub struct Stream {
     pub id: Uuid,
     pub partitions: u32,
+    /// A segment that continues another holds the purchases of transactions from this id on
+    /// (the sealing transaction's, which wrote none); `None`: from the first.
+    pub starts_at: Option<u64>,
+}
+
+impl Stream {
+    /// A stream that is no segment of another (a test's, or before any repartition).
+    #[must_use]
+    pub fn new(id: Uuid, partitions: u32) -> Self {
+        Self {
+            id,
+            partitions,
+            starts_at: None,
+        }
+    }
+
+    /// Where a stream's first round starts: before its first transaction.
+    fn start(&self) -> RowKey {
+        RowKey {
+            txid: self.starts_at.unwrap_or(0),
+            purchase_id: 0,
+        }
+    }
+}
+
+/// One segment of a chain of streams (each continuing the one before: repartitions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub stream: Stream,
+    /// Where it publishes (`None`: opened before topics were recorded, and not since).
+    pub topic: Option<String>,
+    /// Whether a successor sealed it: it then holds no purchase from the seal on.
+    pub sealed: bool,
 }
 
 /// One purchase row of a round, in the round's order.
@@ -64,20 +103,86 @@ pub async fn open_stream(
     id: Uuid,
     partitions: u32,
 ) -> Result<Stream, RoundsError> {
+    open_segment(client, id, partitions, None, None).await
+}
+
+/// Opens the stream as [`open_stream`] does, recording its topic when none is, and, when it
+/// `follows` another and is new, seals that one in the same statement: the statement's
+/// transaction id is where the old segment ends and the new one starts. Refused when the other is
+/// not recorded, already continued by another stream, or the stream was recorded continuing
+/// another.
+pub async fn open_segment(
+    client: &impl GenericClient,
+    id: Uuid,
+    partitions: u32,
+    topic: Option<&str>,
+    follows: Option<Uuid>,
+) -> Result<Stream, RoundsError> {
     let configured = i32::try_from(partitions).unwrap_or(i32::MAX);
-    client
-        .execute(
-            "INSERT INTO relay_streams (stream_id, partitions, partitioner) \
-             VALUES ($1, $2, 'murmur2') ON CONFLICT (stream_id) DO NOTHING",
-            &[&id, &configured],
-        )
-        .await?;
+    let refused = |follows: Uuid, why: String| RoundsError::Follows {
+        stream: id,
+        follows,
+        why,
+    };
+    match follows {
+        Some(old) if old == id => {
+            return Err(refused(old, "a stream cannot continue itself".into()));
+        }
+        Some(old) => {
+            // One statement, one transaction: the old segment is sealed at this transaction's
+            // id, which the new one starts at. Of two replicas opening it at once, the second
+            // waits on the old row, then finds it sealed and inserts nothing.
+            client
+                .execute(
+                    "WITH sealed AS ( \
+                         UPDATE relay_streams SET ends_before = pg_current_xact_id() \
+                         WHERE stream_id = $2 AND ends_before IS NULL \
+                           AND NOT EXISTS (SELECT 1 FROM relay_streams WHERE stream_id = $1) \
+                         RETURNING ends_before) \
+                     INSERT INTO relay_streams \
+                         (stream_id, partitions, partitioner, topic, follows, starts_at) \
+                     SELECT $1, $3, 'murmur2', $4, $2, ends_before FROM sealed",
+                    &[&id, &old, &configured, &topic],
+                )
+                .await?;
+        }
+        None => {
+            client
+                .execute(
+                    "INSERT INTO relay_streams (stream_id, partitions, partitioner, topic) \
+                     VALUES ($1, $2, 'murmur2', $3) ON CONFLICT (stream_id) DO NOTHING",
+                    &[&id, &configured, &topic],
+                )
+                .await?;
+        }
+    }
     let row = client
-        .query_one(
-            "SELECT partitions FROM relay_streams WHERE stream_id = $1",
-            &[&id],
+        .query_opt(
+            "UPDATE relay_streams SET topic = COALESCE(topic, $2) WHERE stream_id = $1 \
+             RETURNING partitions, follows, starts_at::text",
+            &[&id, &topic],
         )
         .await?;
+    let Some(row) = row else {
+        // Only a stream that follows another can be missing here: the other was not sealed.
+        let old = follows.unwrap_or_default();
+        let successor = client
+            .query_opt(
+                "SELECT stream_id FROM relay_streams WHERE follows = $1",
+                &[&old],
+            )
+            .await?;
+        return Err(refused(
+            old,
+            match successor {
+                Some(other) => format!(
+                    "it is continued by stream {} already",
+                    other.try_get::<_, Uuid>(0)?
+                ),
+                None => "that stream is not recorded in this database".into(),
+            },
+        ));
+    };
     let recorded = u32::try_from(row.try_get::<_, i32>(0)?).unwrap_or(0);
     if recorded != partitions {
         return Err(RoundsError::PartitionCount {
@@ -86,19 +191,93 @@ pub async fn open_stream(
             configured: partitions,
         });
     }
-    Ok(Stream { id, partitions })
+    let recorded_follows: Option<Uuid> = row.try_get(1)?;
+    if let Some(old) = follows.filter(|old| recorded_follows != Some(*old)) {
+        return Err(refused(
+            old,
+            match recorded_follows {
+                Some(other) => format!("it was recorded continuing stream {other}"),
+                None => "it was recorded before, as a stream of its own".into(),
+            },
+        ));
+    }
+    let starts_at: Option<String> = row.try_get(2)?;
+    Ok(Stream {
+        id,
+        partitions,
+        starts_at: starts_at.and_then(|txid| txid.parse().ok()),
+    })
 }
 
-/// Purchases not yet published in a recorded round of the stream furthest along (all of them
-/// before any round): what an operator or a test asks to learn whether the relay has caught up.
-pub const UNPUBLISHED: &str = "SELECT COALESCE((SELECT min(( \
-         SELECT count(*) FROM purchases p LEFT JOIN LATERAL ( \
-             SELECT after_txid, after_purchase FROM relay_rounds \
-             WHERE stream_id = s.stream_id ORDER BY round DESC LIMIT 1) r ON true \
-         WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > \
-               (COALESCE(r.after_txid, '0'::xid8), \
-                COALESCE(r.after_purchase, '00000000-0000-0000-0000-000000000000'::uuid)))) \
-     FROM relay_streams s), (SELECT count(*) FROM purchases))::bigint";
+/// The chain of segments the stream belongs to, oldest first: the streams it continues, itself,
+/// and the streams that continue it.
+pub async fn chain(client: &impl GenericClient, id: Uuid) -> Result<Vec<Segment>, RoundsError> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE back AS ( \
+                 SELECT stream_id, follows, 0 AS depth FROM relay_streams WHERE stream_id = $1 \
+                 UNION ALL \
+                 SELECT r.stream_id, r.follows, b.depth - 1 \
+                 FROM relay_streams r JOIN back b ON r.stream_id = b.follows), \
+             ahead AS ( \
+                 SELECT stream_id, 0 AS depth FROM relay_streams WHERE stream_id = $1 \
+                 UNION ALL \
+                 SELECT r.stream_id, a.depth + 1 \
+                 FROM relay_streams r JOIN ahead a ON r.follows = a.stream_id) \
+             SELECT s.stream_id, s.partitions, s.starts_at::text, s.ends_before IS NOT NULL, \
+                    s.topic \
+             FROM (SELECT stream_id, depth FROM back UNION SELECT stream_id, depth FROM ahead) d \
+             JOIN relay_streams s USING (stream_id) ORDER BY d.depth",
+            &[&id],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let starts_at: Option<String> = row.try_get(2)?;
+            Ok(Segment {
+                stream: Stream {
+                    id: row.try_get(0)?,
+                    partitions: u32::try_from(row.try_get::<_, i32>(1)?).unwrap_or(0),
+                    starts_at: starts_at.and_then(|txid| txid.parse().ok()),
+                },
+                sealed: row.try_get(3)?,
+                topic: row.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+/// Whether a sealed segment holds nothing more to publish past `cursor`: every transaction below
+/// its end has finished (the snapshot's xmin is past it) and no row below it follows the cursor.
+/// `false` for a segment not sealed. One statement, so one snapshot.
+pub async fn segment_complete(
+    client: &impl GenericClient,
+    stream: Stream,
+    cursor: &Cursor,
+) -> Result<bool, RoundsError> {
+    let after = cursor.after.unwrap_or_else(|| stream.start());
+    let row = client
+        .query_one(
+            "SELECT s.ends_before IS NOT NULL \
+                AND pg_snapshot_xmin(pg_current_snapshot()) > s.ends_before \
+                AND NOT EXISTS (SELECT 1 FROM purchases p \
+                    WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > ($2::text::xid8, $3) \
+                      AND COALESCE(p.txid, '1'::xid8) < s.ends_before) \
+             FROM relay_streams s WHERE s.stream_id = $1",
+            &[
+                &stream.id,
+                &after.txid.to_string(),
+                &Uuid::from_u128(after.purchase_id),
+            ],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Purchases not yet published in a recorded round, of the chain of segments furthest along
+/// (all of them before any round): what an operator or a test asks to learn whether the relay has
+/// caught up.
+pub use sequencing::relay::UNPUBLISHED;
 
 /// Takes or renews the stream's lease for `holder` until `ttl` from now (PostgreSQL's clock):
 /// granted when nobody holds it, `holder` does, or the holder's lease lapsed. `false`: another
@@ -138,31 +317,35 @@ pub async fn release_lease(
     Ok(())
 }
 
-/// The rows of the next round from `cursor`: committed below the snapshot's xmin (so no row can
-/// still appear before them), after the cursor, in `(txid, purchase_id)` order, at most `limit`.
-/// Rows written before the `txid` column existed (NULL) come first, in `purchase_id` order, as
-/// transaction 1 (no transaction gets an id below 3).
+/// The rows of the next round of `stream` from `cursor`: committed below the snapshot's xmin (so
+/// no row can still appear before them), after the cursor, below the stream's end once a
+/// successor sealed it (read in the same snapshot), in `(txid, purchase_id)` order, at most
+/// `limit`. Rows written before the `txid` column existed (NULL) come first, in `purchase_id`
+/// order, as transaction 1 (no transaction gets an id below 3).
 pub async fn take_round(
     client: &impl GenericClient,
+    stream: &Stream,
     cursor: &Cursor,
     limit: i64,
 ) -> Result<Vec<RoundRow>, RoundsError> {
-    // The start of a stream is (0, nil): no transaction has id 0.
-    let after = cursor.after.unwrap_or(RowKey {
-        txid: 0,
-        purchase_id: 0,
-    });
+    // The start of a stream is (0, nil), no transaction has id 0; of a segment that continues
+    // another, (its first transaction, nil).
+    let after = cursor.after.unwrap_or_else(|| stream.start());
     let rows = client
         .query(
             "SELECT COALESCE(txid, '1'::xid8)::text, purchase_id, user_id, amount_cents, \
                     created_at, traceparent FROM purchases \
              WHERE COALESCE(txid, '1'::xid8) < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND COALESCE(txid, '1'::xid8) < COALESCE( \
+                   (SELECT ends_before FROM relay_streams WHERE stream_id = $4), \
+                   pg_snapshot_xmin(pg_current_snapshot())) \
                AND (COALESCE(txid, '1'::xid8), purchase_id) > ($1::text::xid8, $2) \
              ORDER BY COALESCE(txid, '1'::xid8), purchase_id LIMIT $3",
             &[
                 &after.txid.to_string(),
                 &Uuid::from_u128(after.purchase_id),
                 &limit,
+                &stream.id,
             ],
         )
         .await?;

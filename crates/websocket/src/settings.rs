@@ -112,6 +112,14 @@ pub struct Settings {
     )]
     pub stream_id: uuid::Uuid,
 
+    /// The stream segment this stream continues: a repartition (ARCHITECTURE.md, "Stream
+    /// segments"). The first time the stream is opened it seals that one: purchases of later
+    /// transactions belong to this stream, earlier ones to that one, which any replica finishes
+    /// publishing to its own topic first. Refused when that stream is not recorded or is
+    /// continued by another already. Unset: a stream of its own.
+    #[arg(long, env = "STREAM_FOLLOWS")]
+    pub stream_follows: Option<uuid::Uuid>,
+
     /// Largest WebSocket frame or message in bytes; a larger one closes the connection with 1009.
     #[arg(long, env = "WS_MAX_FRAME_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(64..))]
     pub ws_max_frame_bytes: u32,

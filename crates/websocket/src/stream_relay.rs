@@ -59,6 +59,9 @@ pub struct StreamRelay {
     /// The stream's topic (`STREAM_TOPIC`), created like the purchase topic when missing.
     pub topic_spec: kafka_common::TopicSpec,
     pub stream_id: Uuid,
+    /// The stream segment this one continues (`STREAM_FOLLOWS`): sealed when this one is first
+    /// opened.
+    pub follows: Option<Uuid>,
     pub message_timeout: Duration,
     pub batch_max: i64,
     /// Longest any one PostgreSQL call of a round may take.
@@ -134,10 +137,20 @@ enum RoundError {
     /// on would skip purchases or renumber them.
     #[error("{0}")]
     Forked(String),
+    #[error(
+        "segment {0} was sealed with purchases left to publish, but its topic is not recorded \
+         (it was opened by a version before segments); run a relay of that stream with this \
+         version once"
+    )]
+    Unrelayable(Uuid),
 }
 
 impl StreamRelay {
     /// Relays until `stop` is cancelled, then publishes what is left for up to `drain_for`.
+    ///
+    /// What it relays is the stream's chain of segments (repartitions): first any segment a
+    /// successor sealed that still holds unpublished purchases (to that segment's topic), then
+    /// the chain's newest segment, which is this stream unless another continues it.
     pub async fn run(
         mut self,
         stop: CancellationToken,
@@ -157,7 +170,7 @@ impl StreamRelay {
                 }
             }
         }
-        let stream = loop {
+        let own = loop {
             match self.open().await {
                 Ok(stream) => break stream,
                 Err(RoundError::Fatal(error)) => return Err(error),
@@ -169,8 +182,86 @@ impl StreamRelay {
                 }
             }
         };
-        tracing::info!(stream = %stream.id, partitions = stream.partitions, %topic, "stream relay started");
+        tracing::info!(stream = %own.id, partitions = own.partitions, %topic, follows = ?self.follows, "stream relay started");
         let holder = Uuid::new_v4();
+        while !stop.is_cancelled() {
+            let segment = match self.next_segment(own).await {
+                Ok(segment) => segment,
+                Err(error) => {
+                    self.metrics.stream_failures.inc();
+                    tracing::warn!(%error, "cannot read the stream's segments; retrying");
+                    backoff.wait(&stop).await;
+                    continue;
+                }
+            };
+            // One segment at a time: its topic is where rounds publish and loss detection reads.
+            if let Some(topic) = &segment.topic {
+                self.topic_spec.topic.clone_from(topic);
+            }
+            if segment.stream.id != own.id {
+                tracing::info!(stream = %segment.stream.id, topic = %self.topic_spec.topic, sealed = segment.sealed, "relaying another segment of the stream's chain");
+            }
+            if self
+                .relay_segment(segment.stream, holder, &stop, drain_for)
+                .await?
+            {
+                tracing::info!(stream = %segment.stream.id, "segment complete: every purchase below its end is published");
+            }
+        }
+        Ok(())
+    }
+
+    /// The segment to relay now: the oldest sealed one of the chain with purchases left to
+    /// publish, else the chain's newest.
+    async fn next_segment(&self, own: Stream) -> Result<rounds::Segment, RoundError> {
+        let conn = self.pool.get().await?;
+        let mut chain = self
+            .within("the stream's segments", rounds::chain(&*conn, own.id))
+            .await?;
+        let head = chain.pop().ok_or(RoundError::Rounds(RoundsError::Follows {
+            stream: own.id,
+            follows: own.id,
+            why: "the stream is not recorded".into(),
+        }))?;
+        for segment in chain {
+            if self.complete(&conn, segment.stream).await? {
+                continue;
+            }
+            if segment.topic.is_none() {
+                return Err(RoundError::Unrelayable(segment.stream.id));
+            }
+            return Ok(segment);
+        }
+        Ok(head)
+    }
+
+    /// Whether the segment is sealed and everything below its end is published.
+    async fn complete(
+        &self,
+        conn: &tokio_postgres::Client,
+        stream: Stream,
+    ) -> Result<bool, RoundError> {
+        let latest = self
+            .within("the latest round", rounds::latest_round(conn, stream))
+            .await?;
+        let cursor = latest.map_or_else(|| Cursor::start(stream.partitions), |round| round.cursor);
+        self.within(
+            "the segment's completeness",
+            rounds::segment_complete(conn, stream, &cursor),
+        )
+        .await
+    }
+
+    /// Relays one segment until `stop` is cancelled (then drains it: `false`) or, once a
+    /// successor sealed it, until every purchase below its end is published (`true`).
+    async fn relay_segment(
+        &mut self,
+        stream: Stream,
+        holder: Uuid,
+        stop: &CancellationToken,
+        drain_for: Duration,
+    ) -> Result<bool, StreamRelayError> {
+        let mut backoff = service_kit::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut lease = None;
         let mut check_due = Instant::now();
         while !stop.is_cancelled() {
@@ -188,7 +279,7 @@ impl StreamRelay {
                 Err(error) => {
                     self.metrics.stream_failures.inc();
                     tracing::warn!(%error, "cannot take or renew the stream's lease; retrying");
-                    backoff.wait(&stop).await;
+                    backoff.wait(stop).await;
                     continue;
                 }
             }
@@ -212,21 +303,26 @@ impl StreamRelay {
                         );
                         self.halt.set(Some(why));
                         self.metrics.stream_halted.set(1);
-                        backoff.wait(&stop).await;
+                        backoff.wait(stop).await;
                         continue;
                     }
                     Err(error) => {
                         self.metrics.stream_failures.inc();
                         tracing::warn!(%error, "stream loss detection failed; retrying");
-                        backoff.wait(&stop).await;
+                        backoff.wait(stop).await;
                         continue;
                     }
                 }
             }
             match self.round(stream).await {
                 Ok(sent) if sent as i64 == self.batch_max => backoff.reset(),
-                Ok(_) => {
+                Ok(sent) => {
                     backoff.reset();
+                    // Idle: a segment a successor sealed ends once all below its end is out.
+                    if sent == 0 && self.sealed_and_done(stream).await {
+                        self.release(stream, holder).await;
+                        return Ok(true);
+                    }
                     tokio::select! {
                         () = self.committed.notified() => {}
                         () = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -253,7 +349,7 @@ impl StreamRelay {
                         self.message_timeout,
                         &self.metrics,
                     );
-                    backoff.wait(&stop).await;
+                    backoff.wait(stop).await;
                 }
             }
         }
@@ -264,7 +360,22 @@ impl StreamRelay {
             }
             self.release(stream, holder).await;
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// [`Self::complete`], a failure read as "not yet" (asked again at the next idle round).
+    async fn sealed_and_done(&self, stream: Stream) -> bool {
+        let done = async {
+            let conn = self.pool.get().await?;
+            self.complete(&conn, stream).await
+        };
+        match done.await {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::warn!(%error, "cannot tell whether the segment is complete");
+                false
+            }
+        }
     }
 
     /// Takes or renews the stream's lease when half of it is left (`lease`: until when it is held
@@ -336,13 +447,19 @@ impl StreamRelay {
         let stream = self
             .within(
                 "the stream's opening",
-                rounds::open_stream(&*conn, self.stream_id, partitions),
+                rounds::open_segment(
+                    &*conn,
+                    self.stream_id,
+                    partitions,
+                    Some(&self.topic_spec.topic),
+                    self.follows,
+                ),
             )
             .await
             .map_err(|error| match error {
-                RoundError::Rounds(refused @ RoundsError::PartitionCount { .. }) => {
-                    RoundError::Fatal(StreamRelayError::Refused(refused))
-                }
+                RoundError::Rounds(
+                    refused @ (RoundsError::PartitionCount { .. } | RoundsError::Follows { .. }),
+                ) => RoundError::Fatal(StreamRelayError::Refused(refused)),
                 other => other,
             })?;
         self.check_no_outbox_events(stream).await?;
@@ -428,7 +545,7 @@ impl StreamRelay {
         let rows = self
             .within(
                 "the round's rows",
-                rounds::take_round(&*conn, &cursor, self.batch_max),
+                rounds::take_round(&*conn, &stream, &cursor, self.batch_max),
             )
             .await?;
         if rows.is_empty() {
