@@ -348,9 +348,9 @@ async fn counting_by_sequence_is_exact_and_keeps_no_per_purchase_keys() {
     let mut redis = tests::redis_connection().await;
     let keys = tests::redis_keys(&mut redis, &format!("{}*", pipeline.prefix)).await;
     // Seven users' totals, at most one marks hash per partition, the stream's partition count
-    // and readiness's probe: nothing per purchase.
+    // and the segments hash, and readiness's probe: nothing per purchase.
     assert!(
-        keys.len() <= 7 + PARTITIONS as usize + 2,
+        keys.len() <= 7 + PARTITIONS as usize + 3,
         "keys grow with purchases: {keys:?}"
     );
     pipeline.stop().await;
@@ -559,8 +559,9 @@ async fn redis_memory_grows_with_users_and_partitions_never_with_purchases() {
     );
     assert_eq!(keys_small, keys_large, "keys grew with purchases");
     assert!(
-        keys_large <= 1_000 + PARTITIONS as usize + 2,
-        "more keys than users, partitions, the partition count and the probe: {keys_large}"
+        keys_large <= 1_000 + PARTITIONS as usize + 3,
+        "more keys than users, partitions, the partition count, the segments and the probe: \
+         {keys_large}"
     );
     // Ten times the purchases: only the integers inside the totals grow by a digit or two.
     assert!(
@@ -768,4 +769,75 @@ async fn one_replica_relays_at_a_time_and_another_takes_over_when_it_stops() {
     standby.stop().await;
     let published = placed(&stream_topic).await;
     assert_eq!(published.len(), 150, "copies were published");
+}
+
+/// A repartition mid-stream: a second websocket opens a stream that continues the first on a
+/// topic of another partition count, both take purchases meanwhile, and the first stops. Every
+/// purchase lands on exactly one of the two topics, and `GetTotalSpent` of either grpc_kafka
+/// (one per stream, one prefix) is PostgreSQL's total: the sum over the two segments.
+#[tokio::test]
+async fn a_repartition_mid_stream_counts_every_purchase_once_summed_over_the_segments() {
+    let before = Sequenced::start_with(false).await;
+    send(before.relaying.service.addr, 0, 100).await;
+    // The new segment: its own topic with more partitions, its own grpc_kafka under the prefix.
+    let (topic, stream) = (fresh_topic(6).await, Uuid::new_v4());
+    let mut counting = tests::grpc_kafka_settings(&topic, &before.prefix, &unique("group"));
+    counting.stream_id = stream;
+    let grpc_after = tests::start_grpc_kafka(counting).await;
+    let mut relaying = websocket_settings(&before.relaying.db.url, &topic);
+    relaying.stream_id = stream;
+    relaying.stream_follows = Some(before.relaying.stream);
+    let after = start_websocket(relaying).await;
+    // Purchases through both while the old segment is sealed under them.
+    let (old_side, new_side) = tokio::join!(
+        send(before.relaying.service.addr, 100, 200),
+        send(after.addr, 300, 200)
+    );
+    assert_eq!(old_side.len() + new_side.len(), 400);
+    let Sequenced {
+        relaying:
+            Relaying {
+                db,
+                stream_topic: old_topic,
+                service: old_websocket,
+                ..
+            },
+        prefix: _,
+        grpc_kafka: grpc_before,
+    } = before;
+    old_websocket.stop().await;
+    send(after.addr, 500, 50).await;
+    let expected = db.totals().await;
+    assert_eq!(
+        expected.values().map(|(_, count)| count).sum::<i64>(),
+        550,
+        "every acked purchase is in PostgreSQL"
+    );
+    for grpc in [&grpc_before, &grpc_after] {
+        tests::await_totals(grpc.addr, &expected, Duration::from_secs(120)).await;
+    }
+    // Each purchase on one topic only.
+    let old_ids: HashSet<Uuid> = placed(&old_topic)
+        .await
+        .iter()
+        .map(|record| record.event.purchase.purchase_id)
+        .collect();
+    let new_ids: HashSet<Uuid> = placed(&topic)
+        .await
+        .iter()
+        .map(|record| record.event.purchase.purchase_id)
+        .collect();
+    assert!(
+        old_ids.is_disjoint(&new_ids),
+        "purchases on both topics: {:?}",
+        old_ids.intersection(&new_ids).take(5).collect::<Vec<_>>()
+    );
+    assert_eq!(old_ids.len() + new_ids.len(), 550);
+    assert!(
+        !new_ids.is_empty() && old_ids.len() > 100,
+        "both segments took purchases"
+    );
+    after.stop().await;
+    grpc_before.stop().await;
+    grpc_after.stop().await;
 }
