@@ -8,7 +8,13 @@
 # crane's; scripts/nix-checks.sh e2e sources it natively in a copy of the flake's source, with
 # the same function. The fault-injection suite (tests/faults) drives the native stack through
 # scripts/stack.sh and runs in scripts/test.sh instead.
-bash "$E2E_SERVICES" start
+# A start that failed ends the check here (returning from this sourced file): natively it runs
+# where `set -e` is ignored, and the tests would only have failed for want of the services.
+if ! bash "$E2E_SERVICES" start; then
+  echo "e2e: the services did not start" >&2
+  bash "$E2E_SERVICES" stop || true
+  return 1
+fi
 eval "$(bash "$E2E_SERVICES" env)"
 e2e_status=0
 {

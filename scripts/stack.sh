@@ -452,12 +452,14 @@ REPLICA_GRPC_PORT="${STACK_REPLICA_GRPC_PORT:-15050}"
 REPLICA_METRICS_PORT="${STACK_REPLICA_METRICS_PORT:-9560}"
 REPLICA_DB=wallet_replicas
 # What every replica runs with, past print_env's: the three brokers (replication 3, min.insync 2),
-# the Redis Cluster, and a database, topic, stream and consumer group of their own, so the
-# single-node services (if running) are untouched.
+# the Redis Cluster, and a database, topic, stream, consumer group and key prefix of their own, so
+# the single-node services (if running) are untouched, and so are the totals of another stream on
+# the same Redis Cluster (the compose wiring's: a user's total sums every stream under a prefix).
 replica_env() {
   echo "DATABASE_URL=postgres://$PG_USER@$HOST:$PG_PORT/$REPLICA_DB KAFKA_BROKERS=$(cluster_brokers)"
   echo "KAFKA_TOPIC=user_purchase_replicas KAFKA_TOPIC_REPLICATION_FACTOR=3 KAFKA_TOPIC_MIN_INSYNC_REPLICAS=2"
   echo "KAFKA_GROUP_ID=grpc_kafka_replicas STREAM_ID=7a1e7000-0000-4000-8000-000000000002 REDIS_URL=$(redis_cluster_url)"
+  echo "REDIS_KEY_PREFIX=wallet_replicas:"
 }
 
 # Waits until `binary healthcheck` passes with the replica's environment.
