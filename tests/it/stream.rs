@@ -771,14 +771,96 @@ async fn one_replica_relays_at_a_time_and_another_takes_over_when_it_stops() {
     assert_eq!(published.len(), 150, "copies were published");
 }
 
-/// A repartition mid-stream: a second websocket opens a stream that continues the first on a
-/// topic of another partition count, both take purchases meanwhile, and the first stops. Every
-/// purchase lands on exactly one of the two topics, and `GetTotalSpent` of either grpc_kafka
-/// (one per stream, one prefix) is PostgreSQL's total: the sum over the two segments.
+/// Waits until the stream is recorded (its relay opened it: when it continues another, the seal).
+async fn await_opened(db: &TestDb, stream: Uuid) {
+    let client = tests::connect_pg(&db.url).await.expect("connect");
+    eventually(Duration::from_secs(60), "the new stream opened", || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM relay_streams WHERE stream_id = $1",
+                &[&stream],
+            )
+            .await
+            .expect("relay_streams")
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// Each purchase is on the topic of the segment its transaction id puts it in, and on no other:
+/// below the seal (the old stream's recorded end) the old topic, from it the new one. Returns how
+/// many each holds.
+async fn assert_split_at_the_seal(
+    db: &TestDb,
+    (old_stream, old_topic): (Uuid, &str),
+    (new_stream, new_topic): (Uuid, &str),
+) -> (usize, usize) {
+    let client = tests::connect_pg(&db.url).await.expect("connect");
+    let ids = |rows: Vec<tokio_postgres::Row>| -> HashSet<Uuid> {
+        rows.iter().map(|row| row.get(0)).collect()
+    };
+    let seal: String = client
+        .query_one(
+            "SELECT ends_before::text FROM relay_streams WHERE stream_id = $1",
+            &[&old_stream],
+        )
+        .await
+        .expect("the seal")
+        .get(0);
+    let before = ids(client
+        .query(
+            "SELECT purchase_id FROM purchases WHERE COALESCE(txid, '1'::xid8) < $1::text::xid8",
+            &[&seal],
+        )
+        .await
+        .expect("before the seal"));
+    let after = ids(client
+        .query(
+            "SELECT purchase_id FROM purchases WHERE txid >= $1::text::xid8",
+            &[&seal],
+        )
+        .await
+        .expect("after the seal"));
+    for (stream, topic, want) in [
+        (old_stream, old_topic, &before),
+        (new_stream, new_topic, &after),
+    ] {
+        let records = await_distinct(topic, want.len()).await;
+        assert!(
+            records.iter().all(|record| record
+                .event
+                .sequence
+                .is_some_and(|seq| seq.stream == stream)),
+            "a record of another stream on {topic}"
+        );
+        let published: HashSet<Uuid> = records
+            .iter()
+            .map(|record| record.event.purchase.purchase_id)
+            .collect();
+        assert_eq!(
+            &published,
+            want,
+            "{topic}: not exactly the purchases of its segment ({} published, {} in it)",
+            published.len(),
+            want.len()
+        );
+    }
+    (before.len(), after.len())
+}
+
+/// A repartition mid-stream: a second websocket opens a stream that continues the first, on a
+/// topic of another partition count, while the first takes purchases; both take purchases after
+/// the seal, and the first stops. Every purchase lands on the topic of its segment only, and
+/// `GetTotalSpent` of either grpc_kafka (one per stream, one prefix) is PostgreSQL's total: the
+/// sum over the two segments.
 #[tokio::test]
 async fn a_repartition_mid_stream_counts_every_purchase_once_summed_over_the_segments() {
     let before = Sequenced::start_with(false).await;
     send(before.relaying.service.addr, 0, 100).await;
+    // Published, so recorded: a stream can only continue one its relay has opened.
+    await_distinct(&before.relaying.stream_topic, 100).await;
+    let old_addr = before.relaying.service.addr;
+    let sending = tokio::spawn(send(old_addr, 100, 200));
     // The new segment: its own topic with more partitions, its own grpc_kafka under the prefix.
     let (topic, stream) = (fresh_topic(6).await, Uuid::new_v4());
     let mut counting = tests::grpc_kafka_settings(&topic, &before.prefix, &unique("group"));
@@ -788,17 +870,19 @@ async fn a_repartition_mid_stream_counts_every_purchase_once_summed_over_the_seg
     relaying.stream_id = stream;
     relaying.stream_follows = Some(before.relaying.stream);
     let after = start_websocket(relaying).await;
-    // Purchases through both while the old segment is sealed under them.
-    let (old_side, new_side) = tokio::join!(
-        send(before.relaying.service.addr, 100, 200),
-        send(after.addr, 300, 200)
+    await_opened(&before.relaying.db, stream).await;
+    // Both websockets take purchases after the seal.
+    let (old_side, new_side) = tokio::join!(send(old_addr, 300, 100), send(after.addr, 400, 100));
+    assert_eq!(
+        sending.await.expect("sender").len() + old_side.len() + new_side.len(),
+        400
     );
-    assert_eq!(old_side.len() + new_side.len(), 400);
     let Sequenced {
         relaying:
             Relaying {
                 db,
                 stream_topic: old_topic,
+                stream: old_stream,
                 service: old_websocket,
                 ..
             },
@@ -816,27 +900,67 @@ async fn a_repartition_mid_stream_counts_every_purchase_once_summed_over_the_seg
     for grpc in [&grpc_before, &grpc_after] {
         tests::await_totals(grpc.addr, &expected, Duration::from_secs(120)).await;
     }
-    // Each purchase on one topic only.
-    let old_ids: HashSet<Uuid> = placed(&old_topic)
-        .await
-        .iter()
-        .map(|record| record.event.purchase.purchase_id)
-        .collect();
-    let new_ids: HashSet<Uuid> = placed(&topic)
-        .await
-        .iter()
-        .map(|record| record.event.purchase.purchase_id)
-        .collect();
+    let (in_old, in_new) =
+        assert_split_at_the_seal(&db, (old_stream, &old_topic), (stream, &topic)).await;
     assert!(
-        old_ids.is_disjoint(&new_ids),
-        "purchases on both topics: {:?}",
-        old_ids.intersection(&new_ids).take(5).collect::<Vec<_>>()
+        in_old >= 100 && in_new >= 250,
+        "segments of {in_old} and {in_new}"
     );
-    assert_eq!(old_ids.len() + new_ids.len(), 550);
-    assert!(
-        !new_ids.is_empty() && old_ids.len() > 100,
-        "both segments took purchases"
-    );
+    after.stop().await;
+    grpc_before.stop().await;
+    grpc_after.stop().await;
+}
+
+/// A sealed segment whose own relay is gone is finished by the successor's: purchases committed
+/// to the old stream that nobody published (its only websocket stopped first) go to the old topic,
+/// and every total stays exact.
+#[tokio::test]
+async fn the_successors_relay_finishes_a_sealed_segment_nobody_else_relays() {
+    let before = Sequenced::start_with(false).await;
+    send(before.relaying.service.addr, 0, 100).await;
+    // Published, so recorded: a stream can only continue one its relay has opened.
+    await_distinct(&before.relaying.stream_topic, 100).await;
+    let Sequenced {
+        relaying:
+            Relaying {
+                db,
+                stream_topic: old_topic,
+                stream: old_stream,
+                service: old_websocket,
+                ..
+            },
+        prefix,
+        grpc_kafka: grpc_before,
+    } = before;
+    old_websocket.stop().await;
+    // Committed while no replica relays the old stream: below the seal to come, so the old one's.
+    let client = tests::connect_pg(&db.url).await.expect("connect");
+    for n in 0..50u32 {
+        let (id, user, cents) = (Uuid::new_v4(), format!("user-{}", n % 7), i64::from(n + 1));
+        client
+            .execute(
+                "INSERT INTO purchases (purchase_id, user_id, amount_cents) VALUES ($1, $2, $3)",
+                &[&id, &user, &cents],
+            )
+            .await
+            .expect("insert");
+    }
+    let (topic, stream) = (fresh_topic(6).await, Uuid::new_v4());
+    let mut counting = tests::grpc_kafka_settings(&topic, &prefix, &unique("group"));
+    counting.stream_id = stream;
+    let grpc_after = tests::start_grpc_kafka(counting).await;
+    let mut relaying = websocket_settings(&db.url, &topic);
+    relaying.stream_id = stream;
+    relaying.stream_follows = Some(old_stream);
+    let after = start_websocket(relaying).await;
+    await_opened(&db, stream).await;
+    send(after.addr, 100, 100).await;
+    let expected = db.totals().await;
+    for grpc in [&grpc_before, &grpc_after] {
+        tests::await_totals(grpc.addr, &expected, Duration::from_secs(120)).await;
+    }
+    let split = assert_split_at_the_seal(&db, (old_stream, &old_topic), (stream, &topic)).await;
+    assert_eq!(split, (150, 100), "the old topic: its 100 and the 50 left");
     after.stop().await;
     grpc_before.stop().await;
     grpc_after.stop().await;
