@@ -877,6 +877,15 @@ async fn a_repartition_mid_stream_counts_every_purchase_once_summed_over_the_seg
         sending.await.expect("sender").len() + old_side.len() + new_side.len(),
         400
     );
+    // Once all is published, neither websocket reports a backlog: the old one's stream ends at
+    // the seal, and what follows it is the new segment's.
+    for metrics in [before.relaying.service.metrics, after.metrics] {
+        eventually(Duration::from_secs(60), "no backlog", || async {
+            let scrape = tests::scrape(metrics).await;
+            (tests::sample(&scrape, "websocket_stream_backlog_rows", &[]) == 0.0).then_some(())
+        })
+        .await;
+    }
     let Sequenced {
         relaying:
             Relaying {

@@ -274,6 +274,38 @@ pub async fn segment_complete(
     Ok(row.try_get(0)?)
 }
 
+/// The rows of the segment still to publish after `cursor` (from the segment's start, below its
+/// end once sealed), and the age in seconds of the oldest of them (0 when none): its backlog.
+///
+/// The cursor is given as parameters, read before: with its values known, the planner walks the
+/// stream's index from it (milliseconds); against the cursor joined in the same statement, it
+/// counted by scanning the whole table (seconds on tens of millions of purchases, a PostgreSQL
+/// core for as long as `/metrics` was scraped).
+pub async fn waiting(
+    client: &impl GenericClient,
+    stream: &Stream,
+    cursor: &Cursor,
+) -> Result<(i64, f64), RoundsError> {
+    let after = cursor.after.unwrap_or_else(|| stream.start());
+    let row = client
+        .query_one(
+            "SELECT count(*), \
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(p.created_at)), 0)::float8 \
+             FROM purchases p \
+             WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > ($1::text::xid8, $2) \
+               AND COALESCE(p.txid, '1'::xid8) < COALESCE( \
+                   (SELECT ends_before FROM relay_streams WHERE stream_id = $3), \
+                   '18446744073709551615'::xid8)",
+            &[
+                &after.txid.to_string(),
+                &Uuid::from_u128(after.purchase_id),
+                &stream.id,
+            ],
+        )
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
 /// Purchases not yet published in a recorded round, of the chain of segments furthest along
 /// (all of them before any round): what an operator or a test asks to learn whether the relay has
 /// caught up.

@@ -777,41 +777,37 @@ async fn check_history(
     Ok(())
 }
 
-/// The stream's backlog for `/metrics`: purchases committed after the last recorded round (not
-/// yet published, or published and not yet recorded), and the age in seconds of the oldest. A
-/// transaction left open anywhere in the cluster holds the rounds back and shows here as a growing
-/// age. None when PostgreSQL does not answer.
-///
-/// The cursor is read first and the count given it as parameters: with the cursor's values known,
-/// the planner walks the stream's index from it (milliseconds); against the cursor joined in the
-/// same statement, it counted by scanning the whole table (seconds on tens of millions of
-/// purchases, a PostgreSQL core for as long as `/metrics` was scraped).
+/// The stream's backlog for `/metrics`: the rows still to publish over its chain of segments
+/// (each committed after its newest recorded round, within its bounds: not yet published, or
+/// published and not yet recorded), and the age in seconds of the oldest; every purchase while
+/// the stream is not opened yet. A transaction left open anywhere in the cluster holds the rounds
+/// back and shows here as a growing age. `None` when PostgreSQL does not answer.
 pub async fn backlog(pool: &Pool, stream: Uuid) -> Option<(i64, f64)> {
     let conn = pool.get().await.ok()?;
-    let cursor = conn
-        .query_opt(
-            "SELECT COALESCE(after_txid, '0'::xid8)::text, \
-                    COALESCE(after_purchase, '00000000-0000-0000-0000-000000000000'::uuid) \
-             FROM relay_rounds WHERE stream_id = $1 ORDER BY round DESC LIMIT 1",
-            &[&stream],
-        )
-        .await
-        .ok()?;
-    let (txid, purchase): (String, Uuid) = match cursor {
-        Some(row) => (row.try_get(0).ok()?, row.try_get(1).ok()?),
-        None => ("0".to_owned(), Uuid::nil()),
-    };
-    let row = conn
-        .query_one(
-            "SELECT count(*), \
-                    COALESCE(EXTRACT(EPOCH FROM now() - min(p.created_at)), 0)::float8 \
-             FROM purchases p \
-             WHERE (COALESCE(p.txid, '1'::xid8), p.purchase_id) > ($1::text::xid8, $2)",
-            &[&txid, &purchase],
-        )
-        .await
-        .ok()?;
-    Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
+    let mut chain = rounds::chain(&*conn, stream).await.ok()?;
+    if chain.is_empty() {
+        chain.push(rounds::Segment {
+            stream: Stream::new(stream, 1),
+            topic: None,
+            sealed: false,
+        });
+    }
+    let (mut rows, mut age) = (0, 0.0f64);
+    for segment in chain {
+        let cursor = rounds::latest_round(&*conn, segment.stream)
+            .await
+            .ok()?
+            .map_or_else(
+                || Cursor::start(segment.stream.partitions),
+                |round| round.cursor,
+            );
+        let (waiting, oldest) = rounds::waiting(&*conn, &segment.stream, &cursor)
+            .await
+            .ok()?;
+        rows += waiting;
+        age = age.max(oldest);
+    }
+    Some((rows, age))
 }
 
 /// The stamped event of one row.
