@@ -970,6 +970,30 @@ async fn the_successors_relay_finishes_a_sealed_segment_nobody_else_relays() {
     }
     let split = assert_split_at_the_seal(&db, (old_stream, &old_topic), (stream, &topic)).await;
     assert_eq!(split, (150, 100), "the old topic: its 100 and the 50 left");
+    // The segments lost from Redis (wiped, an older copy) are recorded again by their counters.
+    let mut redis = tests::redis_connection().await;
+    let segments = totals_schema::Keys::new(prefix.as_str()).segments();
+    let _: i64 = redis::cmd("DEL")
+        .arg(&segments)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    eventually(
+        Duration::from_secs(30),
+        "both segments recorded again",
+        || {
+            let (mut redis, segments) = (redis.clone(), segments.clone());
+            async move {
+                let recorded: Vec<String> = redis::cmd("HKEYS")
+                    .arg(&segments)
+                    .query_async(&mut redis)
+                    .await
+                    .ok()?;
+                (recorded.len() == 2).then_some(())
+            }
+        },
+    )
+    .await;
     after.stop().await;
     grpc_before.stop().await;
     grpc_after.stop().await;

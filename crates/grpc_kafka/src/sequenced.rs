@@ -392,8 +392,17 @@ impl Sequenced {
         Ok(())
     }
 
-    /// Compares every partition with Redis and with its end.
+    /// Records the stream among the prefix's segments again, and compares every partition with
+    /// Redis and with its end.
     async fn check(&mut self, stop: &CancellationToken) -> Step<()> {
+        // The stream among the prefix's segments again: a Redis wiped or restored from an older
+        // copy may have lost it, and other segments' readers would leave its totals out.
+        let (totals, stream, count) = (&self.totals, self.stream, self.partitions);
+        self.retry
+            .redis("record the stream's segment", stop, || {
+                totals.set_partitions(stream, count)
+            })
+            .await?;
         let partitions: Vec<i32> = self.parts.keys().copied().collect();
         for partition in partitions {
             self.heartbeat.beat();
