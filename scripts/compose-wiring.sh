@@ -90,11 +90,21 @@ for service in migrate "$websocket" "$grpc_kafka"; do
   done
 done
 
-# Runs a binary with only the environment of its compose service, plus replica N's ports.
+# The environment of a compose service, plus replica N's ports.
+settings_of() { cat "$RUN/$1.env"; replica_env "$2"; }
+# Runs a binary with only that environment.
 run_as() { # service n binary args...
   local service=$1 n=$2 binary=$3; shift 3
   # shellcheck disable=SC2046
-  env -i PATH="$PATH" RUST_LOG=warn $(cat "$RUN/$service.env") $(replica_env "$n") "$BIN/$binary" "$@"
+  env -i PATH="$PATH" RUST_LOG=warn $(settings_of "$service" "$n") "$BIN/$binary" "$@"
+}
+# Starts replica N in the background, logging to $RUN/BINARY-N.log; `exec` makes the background
+# job's pid the binary's own, so signals reach it.
+launch() { # service n binary
+  local service=$1 n=$2 binary=$3
+  # shellcheck disable=SC2046
+  (exec >"$RUN/$binary-$n.log" 2>&1; exec env -i PATH="$PATH" RUST_LOG=warn $(settings_of "$service" "$n") "$BIN/$binary") &
+  pid_of[$binary-$n]=$!
 }
 
 log "migrate (the compose migrate step)"
@@ -122,15 +132,8 @@ cleanup() {
 }
 trap cleanup EXIT
 log "starting $ws_replicas $websocket and $grpc_replicas $grpc_kafka with their compose environment"
-# In the background, `exec` makes the background job's pid the binary's own, so signals reach it.
-for n in $(seq "$ws_replicas"); do
-  (exec > "$RUN/websocket-$n.log" 2>&1; exec env -i PATH="$PATH" RUST_LOG=warn $(cat "$RUN/$websocket.env") $(replica_env "$n") "$BIN/websocket") &
-  pid_of[websocket-$n]=$!
-done
-for n in $(seq "$grpc_replicas"); do
-  (exec > "$RUN/grpc_kafka-$n.log" 2>&1; exec env -i PATH="$PATH" RUST_LOG=warn $(cat "$RUN/$grpc_kafka.env") $(replica_env "$n") "$BIN/grpc_kafka") &
-  pid_of[grpc_kafka-$n]=$!
-done
+for n in $(seq "$ws_replicas"); do launch "$websocket" "$n" websocket; done
+for n in $(seq "$grpc_replicas"); do launch "$grpc_kafka" "$n" grpc_kafka; done
 healthy() {
   local n
   for n in $(seq "$ws_replicas"); do run_as "$websocket" "$n" websocket healthcheck 2>/dev/null || return 1; done

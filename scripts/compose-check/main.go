@@ -163,10 +163,8 @@ func rules(project *types.Project, version string) []string {
 		if name == "migrate" {
 			brokers = ""
 		}
-		for i, arg := range service.Entrypoint {
-			if arg == "--bootstrap-server" && i+1 < len(service.Entrypoint) {
-				brokers = service.Entrypoint[i+1]
-			}
+		if servers := argAfter(service.Entrypoint, "--bootstrap-server"); servers != "" {
+			brokers = servers
 		}
 		for _, broker := range strings.Split(brokers, ",") {
 			host, _, _ := strings.Cut(broker, ":")
@@ -212,12 +210,7 @@ func rules(project *types.Project, version string) []string {
 		if env(ws, "STREAM_ID") != env(grpc, "STREAM_ID") {
 			add("websocket relays STREAM_ID %q and grpc_kafka counts %q", env(ws, "STREAM_ID"), env(grpc, "STREAM_ID"))
 		}
-		topic := ""
-		for i, arg := range project.Services[roles["topic init"][0]].Entrypoint {
-			if arg == "--topic" && i+1 < len(project.Services[roles["topic init"][0]].Entrypoint) {
-				topic = project.Services[roles["topic init"][0]].Entrypoint[i+1]
-			}
-		}
+		topic := argAfter(project.Services[roles["topic init"][0]].Entrypoint, "--topic")
 		if env(ws, "KAFKA_TOPIC") != topic || env(grpc, "KAFKA_TOPIC") != topic {
 			add("topics differ: websocket %q, grpc_kafka %q, %s creates %q", env(ws, "KAFKA_TOPIC"), env(grpc, "KAFKA_TOPIC"), roles["topic init"][0], topic)
 		}
@@ -236,6 +229,16 @@ func role(name string, service types.ServiceConfig) string {
 	for _, arg := range service.Entrypoint {
 		if strings.HasSuffix(arg, "kafka-topics.sh") {
 			return "topic init"
+		}
+	}
+	return ""
+}
+
+// argAfter is the argument that follows flag in args ("" without one).
+func argAfter(args []string, flag string) string {
+	for i, arg := range args {
+		if arg == flag && i+1 < len(args) {
+			return args[i+1]
 		}
 	}
 	return ""

@@ -771,20 +771,56 @@ async fn one_replica_relays_at_a_time_and_another_takes_over_when_it_stops() {
     assert_eq!(published.len(), 150, "copies were published");
 }
 
-/// Waits until the stream is recorded (its relay opened it: when it continues another, the seal).
-async fn await_opened(db: &TestDb, stream: Uuid) {
-    let client = tests::connect_pg(&db.url).await.expect("connect");
-    eventually(Duration::from_secs(60), "the new stream opened", || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM relay_streams WHERE stream_id = $1",
-                &[&stream],
-            )
-            .await
-            .expect("relay_streams")
-            .map(|_| ())
-    })
-    .await;
+impl Sequenced {
+    /// A pipeline without an outbox whose stream is opened: `count` purchases sent and published
+    /// (so recorded: a stream can only continue one its relay has opened).
+    async fn published(count: usize) -> Self {
+        let pipeline = Self::start_with(false).await;
+        send(pipeline.relaying.service.addr, 0, count).await;
+        await_distinct(&pipeline.relaying.stream_topic, count).await;
+        pipeline
+    }
+}
+
+/// A stream that continues another (a repartition): its own topic with more partitions, a
+/// grpc_kafka counting it under the other's prefix, and a websocket relaying it.
+struct Successor {
+    topic: String,
+    stream: Uuid,
+    grpc_kafka: tests::Running,
+    websocket: tests::Running,
+}
+
+impl Successor {
+    /// Started, and returned once its relay opened it (the seal).
+    async fn start(db: &TestDb, prefix: &str, follows: Uuid) -> Self {
+        let (topic, stream) = (fresh_topic(6).await, Uuid::new_v4());
+        let mut counting = tests::grpc_kafka_settings(&topic, prefix, &unique("group"));
+        counting.stream_id = stream;
+        let grpc_kafka = tests::start_grpc_kafka(counting).await;
+        let mut relaying = websocket_settings(&db.url, &topic);
+        relaying.stream_id = stream;
+        relaying.stream_follows = Some(follows);
+        let websocket = start_websocket(relaying).await;
+        let client = tests::connect_pg(&db.url).await.expect("connect");
+        eventually(Duration::from_secs(60), "the new stream opened", || async {
+            client
+                .query_opt(
+                    "SELECT 1 FROM relay_streams WHERE stream_id = $1",
+                    &[&stream],
+                )
+                .await
+                .expect("relay_streams")
+                .map(|_| ())
+        })
+        .await;
+        Self {
+            topic,
+            stream,
+            grpc_kafka,
+            websocket,
+        }
+    }
 }
 
 /// Each purchase is on the topic of the segment its transaction id puts it in, and on no other:
@@ -796,9 +832,6 @@ async fn assert_split_at_the_seal(
     (new_stream, new_topic): (Uuid, &str),
 ) -> (usize, usize) {
     let client = tests::connect_pg(&db.url).await.expect("connect");
-    let ids = |rows: Vec<tokio_postgres::Row>| -> HashSet<Uuid> {
-        rows.iter().map(|row| row.get(0)).collect()
-    };
     let seal: String = client
         .query_one(
             "SELECT ends_before::text FROM relay_streams WHERE stream_id = $1",
@@ -807,20 +840,22 @@ async fn assert_split_at_the_seal(
         .await
         .expect("the seal")
         .get(0);
-    let before = ids(client
+    let (mut before, mut after) = (HashSet::new(), HashSet::new());
+    for row in client
         .query(
-            "SELECT purchase_id FROM purchases WHERE COALESCE(txid, '1'::xid8) < $1::text::xid8",
+            "SELECT purchase_id, COALESCE(txid, '1'::xid8) < $1::text::xid8 FROM purchases",
             &[&seal],
         )
         .await
-        .expect("before the seal"));
-    let after = ids(client
-        .query(
-            "SELECT purchase_id FROM purchases WHERE txid >= $1::text::xid8",
-            &[&seal],
-        )
-        .await
-        .expect("after the seal"));
+        .expect("the purchases")
+    {
+        let id: Uuid = row.get(0);
+        if row.get::<_, bool>(1) {
+            before.insert(id);
+        } else {
+            after.insert(id);
+        }
+    }
     for (stream, topic, want) in [
         (old_stream, old_topic, &before),
         (new_stream, new_topic, &after),
@@ -855,22 +890,15 @@ async fn assert_split_at_the_seal(
 /// sum over the two segments.
 #[tokio::test]
 async fn a_repartition_mid_stream_counts_every_purchase_once_summed_over_the_segments() {
-    let before = Sequenced::start_with(false).await;
-    send(before.relaying.service.addr, 0, 100).await;
-    // Published, so recorded: a stream can only continue one its relay has opened.
-    await_distinct(&before.relaying.stream_topic, 100).await;
+    let before = Sequenced::published(100).await;
     let old_addr = before.relaying.service.addr;
     let sending = tokio::spawn(send(old_addr, 100, 200));
-    // The new segment: its own topic with more partitions, its own grpc_kafka under the prefix.
-    let (topic, stream) = (fresh_topic(6).await, Uuid::new_v4());
-    let mut counting = tests::grpc_kafka_settings(&topic, &before.prefix, &unique("group"));
-    counting.stream_id = stream;
-    let grpc_after = tests::start_grpc_kafka(counting).await;
-    let mut relaying = websocket_settings(&before.relaying.db.url, &topic);
-    relaying.stream_id = stream;
-    relaying.stream_follows = Some(before.relaying.stream);
-    let after = start_websocket(relaying).await;
-    await_opened(&before.relaying.db, stream).await;
+    let Successor {
+        topic,
+        stream,
+        grpc_kafka: grpc_after,
+        websocket: after,
+    } = Successor::start(&before.relaying.db, &before.prefix, before.relaying.stream).await;
     // Both websockets take purchases after the seal.
     let (old_side, new_side) = tokio::join!(send(old_addr, 300, 100), send(after.addr, 400, 100));
     assert_eq!(
@@ -925,10 +953,7 @@ async fn a_repartition_mid_stream_counts_every_purchase_once_summed_over_the_seg
 /// and every total stays exact.
 #[tokio::test]
 async fn the_successors_relay_finishes_a_sealed_segment_nobody_else_relays() {
-    let before = Sequenced::start_with(false).await;
-    send(before.relaying.service.addr, 0, 100).await;
-    // Published, so recorded: a stream can only continue one its relay has opened.
-    await_distinct(&before.relaying.stream_topic, 100).await;
+    let before = Sequenced::published(100).await;
     let Sequenced {
         relaying:
             Relaying {
@@ -954,15 +979,12 @@ async fn the_successors_relay_finishes_a_sealed_segment_nobody_else_relays() {
             .await
             .expect("insert");
     }
-    let (topic, stream) = (fresh_topic(6).await, Uuid::new_v4());
-    let mut counting = tests::grpc_kafka_settings(&topic, &prefix, &unique("group"));
-    counting.stream_id = stream;
-    let grpc_after = tests::start_grpc_kafka(counting).await;
-    let mut relaying = websocket_settings(&db.url, &topic);
-    relaying.stream_id = stream;
-    relaying.stream_follows = Some(old_stream);
-    let after = start_websocket(relaying).await;
-    await_opened(&db, stream).await;
+    let Successor {
+        topic,
+        stream,
+        grpc_kafka: grpc_after,
+        websocket: after,
+    } = Successor::start(&db, &prefix, old_stream).await;
     send(after.addr, 100, 100).await;
     let expected = db.totals().await;
     for grpc in [&grpc_before, &grpc_after] {

@@ -400,7 +400,7 @@ impl Sequenced {
         let (totals, stream, count) = (&self.totals, self.stream, self.partitions);
         self.retry
             .redis("record the stream's segment", stop, || {
-                totals.set_partitions(stream, count)
+                totals.record_segment(stream, count)
             })
             .await?;
         let partitions: Vec<i32> = self.parts.keys().copied().collect();

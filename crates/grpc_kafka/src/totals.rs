@@ -256,7 +256,7 @@ pub enum Applied {
 
 /// The stream segments counted under the prefix (each with its partition count), and when they
 /// were read from Redis.
-type ReadSegments = (tokio::time::Instant, Vec<(String, u32)>);
+type ReadSegments = (tokio::time::Instant, Arc<[(String, u32)]>);
 
 /// How long the stream segments read from Redis serve reads before they are read again: a new
 /// segment's totals join a user's total at most this late.
@@ -351,20 +351,30 @@ impl Totals {
         stream: uuid::Uuid,
         partitions: u32,
     ) -> Result<(), TotalsError> {
-        let mut conn = self.redis.writer().await?;
         let () = redis::cmd("SET")
             .arg(self.keys.partitions(&stream.to_string()))
             .arg(partitions)
-            .query_async(&mut conn)
+            .query_async(&mut self.redis.writer().await?)
             .await?;
+        self.record_segment(stream, partitions).await?;
+        self.partitions
+            .store(partitions, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records the stream and its partition count among the segments counted under the prefix
+    /// (`{prefix}segments`), whose totals a user's total sums.
+    pub async fn record_segment(
+        &self,
+        stream: uuid::Uuid,
+        partitions: u32,
+    ) -> Result<(), TotalsError> {
         let _: i64 = redis::cmd("HSET")
             .arg(self.keys.segments())
             .arg(stream.to_string())
             .arg(partitions)
-            .query_async(&mut conn)
+            .query_async(&mut self.redis.writer().await?)
             .await?;
-        self.partitions
-            .store(partitions, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -412,11 +422,11 @@ impl Totals {
             Layout::Sequence { stream } => Ok(self
                 .segments(stream, conn)
                 .await?
-                .into_iter()
+                .iter()
                 .map(|(segment, partitions)| {
                     let partition =
-                        sequencing::partitioner::partition_of(user.as_bytes(), partitions);
-                    self.keys.tagged_total(&segment, partition, user)
+                        sequencing::partitioner::partition_of(user.as_bytes(), *partitions);
+                    self.keys.tagged_total(segment, partition, user)
                 })
                 .collect()),
         }
@@ -428,7 +438,7 @@ impl Totals {
         &self,
         stream: uuid::Uuid,
         conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<Vec<(String, u32)>, TotalsError> {
+    ) -> Result<Arc<[(String, u32)]>, TotalsError> {
         let now = tokio::time::Instant::now();
         if let Some((read, segments)) = &*self.segments.lock().unwrap_or_else(|e| e.into_inner()) {
             if now.duration_since(*read) < SEGMENTS_FRESH_FOR {
@@ -453,6 +463,7 @@ impl Totals {
                 segments.push((own, partitions));
             }
         }
+        let segments: Arc<[(String, u32)]> = segments.into();
         *self.segments.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, segments.clone()));
         Ok(segments)
     }

@@ -429,6 +429,14 @@ pub async fn latest_round(
     row.map(|row| read_round(stream, &row)).transpose()
 }
 
+/// Where the stream's next round starts: the cursor of its newest bookkeeping row, or the
+/// stream's start.
+pub async fn cursor(client: &impl GenericClient, stream: Stream) -> Result<Cursor, RoundsError> {
+    Ok(latest_round(client, stream)
+        .await?
+        .map_or_else(|| Cursor::start(stream.partitions), |round| round.cursor))
+}
+
 /// Forgets bookkeeping rows older than the newest `keep`: loss detection walks back at most that
 /// far (a loss older than that republishes from the stream's start, which counts nothing twice).
 pub async fn prune(

@@ -143,6 +143,8 @@ enum RoundError {
          version once"
     )]
     Unrelayable(Uuid),
+    #[error("stream {0} is no longer recorded in relay_streams")]
+    NotRecorded(Uuid),
 }
 
 impl StreamRelay {
@@ -218,11 +220,7 @@ impl StreamRelay {
         let mut chain = self
             .within("the stream's segments", rounds::chain(&*conn, own.id))
             .await?;
-        let head = chain.pop().ok_or(RoundError::Rounds(RoundsError::Follows {
-            stream: own.id,
-            follows: own.id,
-            why: "the stream is not recorded".into(),
-        }))?;
+        let head = chain.pop().ok_or(RoundError::NotRecorded(own.id))?;
         for segment in chain {
             if self.complete(&conn, segment.stream).await? {
                 continue;
@@ -241,10 +239,9 @@ impl StreamRelay {
         conn: &tokio_postgres::Client,
         stream: Stream,
     ) -> Result<bool, RoundError> {
-        let latest = self
-            .within("the latest round", rounds::latest_round(conn, stream))
+        let cursor = self
+            .within("the latest round", rounds::cursor(conn, stream))
             .await?;
-        let cursor = latest.map_or_else(|| Cursor::start(stream.partitions), |round| round.cursor);
         self.within(
             "the segment's completeness",
             rounds::segment_complete(conn, stream, &cursor),
@@ -794,13 +791,7 @@ pub async fn backlog(pool: &Pool, stream: Uuid) -> Option<(i64, f64)> {
     }
     let (mut rows, mut age) = (0, 0.0f64);
     for segment in chain {
-        let cursor = rounds::latest_round(&*conn, segment.stream)
-            .await
-            .ok()?
-            .map_or_else(
-                || Cursor::start(segment.stream.partitions),
-                |round| round.cursor,
-            );
+        let cursor = rounds::cursor(&*conn, segment.stream).await.ok()?;
         let (waiting, oldest) = rounds::waiting(&*conn, &segment.stream, &cursor)
             .await
             .ok()?;
